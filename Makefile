@@ -1,0 +1,29 @@
+# Two commands on a fresh clone: `make run` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test setup bench federation-test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The default job: the paper's Fig. 1 (toy, Top-1 vs RegTop-1 vs dense)
+# through the Flower Simulation Runtime, then its figure and table.
+run: $(STAMP)
+	$(BIN)/regtopk-fl -m experiment=fig1_toy runtime=flower hydra.sweep.dir=results/sweeps/make-run
+	$(BIN)/regtopk-plot results/sweeps/make-run --out results/fig1_toy
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_sparsifiers.py
+
+clean:
+	rm -rf results/runs results/sweeps

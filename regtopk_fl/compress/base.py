@@ -1,0 +1,95 @@
+"""Shared pieces of every sparsifier: the selection result, k from S, validation.
+
+A sparsifier works on a batch of accumulated gradients ``a`` of shape ``[N, J]``
+(one row per worker; a single worker is ``N = 1``) and returns a
+:class:`Selection`: flat indices into ``a.view(-1)``, grouped by row in row
+order and ascending within a row, plus the count per row. It never changes
+``a`` and never touches the error-feedback memory; the memory owns all state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class SparsifierError(ValueError):
+    """Invalid sparsifier parameter or input; the message names key and value."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Entries chosen for upload: ``flat_idx`` indexes ``a.view(-1)`` (row-major)."""
+
+    flat_idx: torch.Tensor  # int64 [M], grouped by row, ascending within a row
+    counts: torch.Tensor  # int64 [N], entries per row; counts.sum() == M
+
+    def row_slices(self):
+        """(start, stop) of each row's entries in ``flat_idx``."""
+        ends = torch.cumsum(self.counts, 0).tolist()
+        starts = [0] + ends[:-1]
+        return list(zip(starts, ends))
+
+
+def num_selected(sparsity: float, dim: int) -> int:
+    """k = max(1, round(S * J)) with round-half-up; validates S and J."""
+    check_sparsity(sparsity)
+    if int(dim) < 1:
+        raise SparsifierError(f"dim={dim}: the gradient must have at least one entry")
+    return max(1, min(int(dim), int(math.floor(sparsity * dim + 0.5))))
+
+
+def check_sparsity(sparsity) -> float:
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise SparsifierError(f"sparsity={sparsity!r}: must be a number in (0, 1]") from None
+    if not (0.0 < s <= 1.0):
+        raise SparsifierError(f"sparsity={sparsity!r}: must be in (0, 1]")
+    return s
+
+
+def check_positive(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SparsifierError(f"{name}={value!r}: must be a positive number") from None
+    if not (v > 0.0 and math.isfinite(v)):
+        raise SparsifierError(f"{name}={value!r}: must be a finite number > 0")
+    return v
+
+
+def check_k(k: int, dim: int) -> int:
+    if not (1 <= int(k) <= int(dim)):
+        raise SparsifierError(f"k={k}: must be in [1, J={dim}]")
+    return int(k)
+
+
+def rows_topk(score: torch.Tensor, k: int) -> Selection:
+    """Exact top-k of each row of ``score`` ([N, J]); ties broken by torch.topk.
+
+    Uses a partial selection (torch.topk), never a full sort of the row.
+    """
+    n, dim = score.shape
+    if k >= dim:
+        return all_entries(n, dim, score.device)
+    idx = torch.topk(score, k, dim=1, largest=True, sorted=False).indices
+    idx, _ = torch.sort(idx, dim=1)
+    offsets = torch.arange(n, device=score.device).mul_(dim).unsqueeze_(1)
+    flat = (idx + offsets).reshape(-1)
+    counts = torch.full((n,), k, dtype=torch.int64, device=score.device)
+    return Selection(flat, counts)
+
+
+def all_entries(n: int, dim: int, device) -> Selection:
+    flat = torch.arange(n * dim, device=device)
+    counts = torch.full((n,), dim, dtype=torch.int64, device=device)
+    return Selection(flat, counts)
+
+
+def mask_selection(mask: torch.Tensor) -> Selection:
+    """Selection from a boolean [N, J] mask (row-major, ascending)."""
+    flat = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
+    counts = mask.sum(dim=1, dtype=torch.int64)
+    return Selection(flat, counts)

@@ -1,0 +1,13 @@
+"""No compression: every entry is sent (the paper's "distributed SGD")."""
+from .base import all_entries
+
+
+class Dense:
+    name = "dense"
+    sends_indices = False  # a dense upload is the value vector alone
+
+    def __init__(self, sparsity: float = 1.0, **_):
+        self.sparsity = 1.0
+
+    def select(self, a, ctx):
+        return all_entries(a.shape[0], a.shape[1], a.device)

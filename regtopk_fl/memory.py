@@ -1,0 +1,166 @@
+"""Error-feedback memory: the only state a sparsifying worker keeps.
+
+One object holds the state of ``N`` workers (``N = 1`` for a Flower client):
+
+* ``eps``   [N, J]  residual: what was accumulated but not sent yet;
+* ``prev_local`` [M]  last round's mask, row-local indices, grouped by row;
+* ``prev_counts`` [N] entries each row sent last time it took part;
+* ``prev_sent`` [M]   the values sent then (``w_n * prev_sent`` was its contribution);
+* ``fb_g`` [M]        the global gradient of that round on those entries, NaN until
+  the server's feedback arrives (NaN reads as "unknown": RegTop-k treats it as Q);
+* ``fb_w`` [N]        the aggregation weight ``w_n`` the server gave each row then.
+
+A row that skips a round keeps all of this untouched, so its next Delta uses the
+global gradient of the round it last took part in, never one it did not see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .compress.base import Selection, SparsifierError
+
+
+@dataclass
+class SelectContext:
+    """What a sparsifier may read, for the rows taking part ([R] rows)."""
+
+    prev_flat: torch.Tensor  # [M] flat indices into the [R, J] batch
+    prev_sent: torch.Tensor  # [M]
+    fb_g: torch.Tensor  # [M], NaN where unknown
+    fb_w: torch.Tensor  # [M] weight of the entry's row in the feedback round
+    weights: torch.Tensor  # [R] aggregation weights of this round
+    worker_ids: tuple  # [R] global ids, for seeded sparsifiers
+    round: int
+
+
+class ErrorFeedbackMemory:
+    def __init__(self, num_rows: int, dim: int, dtype=torch.float32, device="cpu"):
+        self.num_rows, self.dim = int(num_rows), int(dim)
+        self.eps = torch.zeros(self.num_rows, self.dim, dtype=dtype, device=device)
+        z = torch.zeros(0, dtype=dtype, device=device)
+        self.prev_local = torch.zeros(0, dtype=torch.int64, device=device)
+        self.prev_counts = torch.zeros(self.num_rows, dtype=torch.int64, device=device)
+        self.prev_sent, self.fb_g = z, z.clone()
+        self.fb_w = torch.zeros(self.num_rows, dtype=dtype, device=device)
+
+    # -- the round ---------------------------------------------------------
+    def accumulate(self, grad: torch.Tensor, rows=None) -> torch.Tensor:
+        """a = eps + g for the given rows (all when None). Rejects bad input
+        before touching the residual, so a NaN gradient never corrupts it."""
+        n = self.num_rows if rows is None else len(rows)
+        if grad.dim() != 2 or tuple(grad.shape) != (n, self.dim):
+            raise SparsifierError(
+                f"grad.shape={tuple(grad.shape)}: expected ({n}, {self.dim})")
+        if grad.dtype != self.eps.dtype:
+            raise SparsifierError(f"grad.dtype={grad.dtype}: expected {self.eps.dtype}")
+        if not bool(torch.isfinite(grad).all()):
+            raise SparsifierError("grad: contains NaN or Inf entries")
+        if rows is None:
+            return self.eps.add_(grad)
+        return self.eps[list(rows)].add_(grad)
+
+    def context(self, weights, rows=None, worker_ids=None, round: int = 0) -> SelectContext:
+        weights = torch.as_tensor(weights, dtype=self.eps.dtype, device=self.eps.device)
+        rows_l = list(range(self.num_rows)) if rows is None else list(rows)
+        if rows is None:
+            local, counts, sent, fb_g = self.prev_local, self.prev_counts, self.prev_sent, self.fb_g
+        else:
+            local, counts, sent, fb_g = self._gather_rows(rows_l)
+        pos = torch.repeat_interleave(
+            torch.arange(len(rows_l), device=local.device), counts)
+        fb_w = self.fb_w[rows_l][pos] if rows is not None else self.fb_w[pos]
+        return SelectContext(local + pos * self.dim, sent, fb_g, fb_w, weights,
+                             tuple(worker_ids) if worker_ids is not None else tuple(rows_l),
+                             int(round))
+
+    def commit(self, a: torch.Tensor, sel: Selection, rows=None) -> torch.Tensor:
+        """Take the selected entries out of ``a``; the rest stays as residual.
+        Returns the values to send (``sent + new residual == a`` exactly)."""
+        flat_a = a.view(-1)
+        values = flat_a[sel.flat_idx]
+        flat_a[sel.flat_idx] = 0
+        n = a.shape[0]
+        pos = torch.repeat_interleave(torch.arange(n, device=a.device), sel.counts)
+        local = sel.flat_idx - pos * self.dim
+        nan = torch.full_like(values, float("nan"))
+        if rows is None:
+            self.prev_local, self.prev_counts = local, sel.counts.clone()
+            self.prev_sent, self.fb_g = values, nan
+        else:
+            self.eps[list(rows)] = a
+            self._scatter_rows(list(rows), local, sel.counts, values, nan)
+        return values
+
+    def set_feedback(self, fb_values: torch.Tensor, weights, rows=None) -> None:
+        """Server feedback for the rows' last upload: the global gradient on
+        each sent entry (aligned with ``prev_local``) and the weight ``w_n``."""
+        rows_l = list(range(self.num_rows)) if rows is None else list(rows)
+        weights = torch.as_tensor(weights, dtype=self.eps.dtype, device=self.eps.device)
+        if rows is None:
+            if fb_values.shape != self.prev_sent.shape:
+                raise SparsifierError(
+                    f"feedback length={fb_values.numel()}: expected {self.prev_sent.numel()}")
+            self.fb_g = fb_values.to(self.eps.dtype).clone()
+        else:
+            local, counts, sent, _ = self._gather_rows(rows_l)
+            if fb_values.shape != sent.shape:
+                raise SparsifierError(
+                    f"feedback length={fb_values.numel()}: expected {sent.numel()}")
+            self._scatter_rows(rows_l, local, counts, sent, fb_values.to(self.eps.dtype))
+        self.fb_w[rows_l] = weights
+
+    def feedback_from_global(self, g: torch.Tensor, weights, rows=None) -> None:
+        """Feedback from a dense global gradient g [J] (what the server does)."""
+        rows_l = list(range(self.num_rows)) if rows is None else list(rows)
+        local = self.prev_local if rows is None else self._gather_rows(rows_l)[0]
+        self.set_feedback(g[local], weights, rows)
+
+    # -- per-row bookkeeping (only on partial participation) ------------------
+    def _row_slices(self):
+        ends = torch.cumsum(self.prev_counts, 0).tolist()
+        return list(zip([0] + ends[:-1], ends))
+
+    def _gather_rows(self, rows):
+        sl = self._row_slices()
+        parts = [slice(*sl[r]) for r in rows]
+        cat = lambda t: torch.cat([t[p] for p in parts]) if parts else t[:0]
+        return (cat(self.prev_local), self.prev_counts[rows].clone(),
+                cat(self.prev_sent), cat(self.fb_g))
+
+    def _scatter_rows(self, rows, local, counts, sent, fb_g):
+        old = self._row_slices()
+        new_ends = torch.cumsum(counts, 0).tolist()
+        new = dict(zip(rows, zip([0] + new_ends[:-1], new_ends)))
+        fields = (self.prev_local, self.prev_sent, self.fb_g)
+        upd = (local, sent, fb_g)
+        out = [[], [], []]
+        for r in range(self.num_rows):
+            src, (s, e) = (upd, new[r]) if r in new else (fields, old[r])
+            for i in range(3):
+                out[i].append(src[i][s:e])
+        self.prev_local, self.prev_sent, self.fb_g = (torch.cat(o) for o in out)
+        self.prev_counts = self.prev_counts.clone()
+        self.prev_counts[rows] = counts
+
+    # -- persistence (Flower context.state, checkpoints) ----------------------
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).clone() for k in
+                ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            ref = getattr(self, k)
+            setattr(self, k, torch.as_tensor(v).to(dtype=ref.dtype, device=ref.device).clone())
+        self.eps = self.eps.reshape(self.num_rows, self.dim)
+
+
+def restore_rows(memory: ErrorFeedbackMemory, rows) -> None:
+    """The server rejected these rows' last upload: put what they sent back
+    into the residual (error feedback loses nothing) and forget the mask."""
+    local, counts, sent, _ = memory._gather_rows(list(rows))
+    pos = torch.repeat_interleave(torch.as_tensor(list(rows), device=local.device), counts)
+    memory.eps.view(-1).index_add_(0, local + pos * memory.dim, sent)
+    empty = local[:0]
+    memory._scatter_rows(list(rows), empty, torch.zeros_like(counts), sent[:0], sent[:0])

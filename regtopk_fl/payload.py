@@ -1,0 +1,155 @@
+"""The sparse upload as it travels, and honest byte counts.
+
+An upload is (indices, values, J). Raw bytes: int32 indices while J < 2^31
+(int64 beyond), values in the dtype sent; a dense upload carries no indices.
+Coded bytes: the index set coded losslessly, as the smaller of sorted deltas
+in LEB128 varints or a J-bit bitmap, plus a one-byte tag saying which. The
+information floor of a k-subset of J entries is log2(C(J, k)) bits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Upload:
+    values: torch.Tensor  # [k] values sent (dtype as sent)
+    indices: torch.Tensor | None  # [k] int64 row-local indices, ascending; None = dense
+    dim: int
+
+    @property
+    def sent(self) -> int:
+        return int(self.values.numel())
+
+    def dense(self) -> torch.Tensor:
+        if self.indices is None:
+            return self.values.clone()
+        out = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
+        out[self.indices] = self.values
+        return out
+
+
+def index_itemsize(dim: int) -> int:
+    return 4 if dim < 2**31 else 8
+
+
+def raw_bytes(up: Upload) -> int:
+    idx = 0 if up.indices is None else up.sent * index_itemsize(up.dim)
+    return idx + up.sent * up.values.element_size()
+
+
+_VARINT_STEPS = torch.tensor([1 << b for b in range(7, 63, 7)], dtype=torch.int64)
+
+
+def varint_lengths(deltas: torch.Tensor) -> torch.Tensor:
+    """LEB128 bytes of each non-negative int64: 1 + #{b in 7, 14, ..., 56: d >= 2^b}."""
+    return torch.bucketize(deltas, _VARINT_STEPS.to(deltas.device), right=True) + 1
+
+
+def coded_index_bytes_rows(idx: torch.Tensor, counts, dim: int) -> list:
+    """Coded index bytes of several uploads at once: ``idx`` is their indices
+    concatenated (each ascending), ``counts`` their lengths."""
+    idx = idx.to(torch.int64)
+    if idx.numel() == 0:
+        return [1 for _ in counts]
+    deltas = idx.clone()
+    deltas[1:] -= idx[:-1]
+    ends = torch.cumsum(torch.as_tensor(counts, dtype=torch.int64), 0)
+    starts = (ends - torch.as_tensor(counts, dtype=torch.int64))
+    nonempty = starts < idx.numel()
+    deltas[starts[nonempty]] = idx[starts[nonempty]]  # each upload codes its first index as is
+    csum = torch.cumsum(varint_lengths(deltas), 0)
+    csum = torch.cat([torch.zeros(1, dtype=torch.int64), csum])
+    varint = (csum[ends] - csum[starts]).tolist()
+    bitmap = (dim + 7) // 8
+    return [1 + min(v, bitmap) for v in varint]
+
+
+def coded_index_bytes(indices, dim: int) -> int:
+    """Bytes of the index set under the better of varint-deltas and bitmap."""
+    if indices is None:
+        return 0
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    return coded_index_bytes_rows(idx, [idx.numel()], dim)[0]
+
+
+def coded_bytes(up: Upload) -> int:
+    return coded_index_bytes(up.indices, up.dim) + up.sent * up.values.element_size()
+
+
+def _deltas(indices: np.ndarray) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64)
+    return np.diff(idx, prepend=0) if idx.size else idx
+
+
+def encode_indices(indices, dim: int) -> bytes:
+    """Lossless coding of ascending indices: tag 0 + varint deltas, or tag 1 + bitmap."""
+    idx = np.asarray(indices, dtype=np.int64)
+    deltas = _deltas(idx)
+    if int(varint_lengths(torch.from_numpy(deltas)).sum()) <= (dim + 7) // 8:
+        out = bytearray([0])
+        for d in deltas.tolist():
+            while True:
+                byte, d = d & 0x7F, d >> 7
+                out.append(byte | (0x80 if d else 0))
+                if not d:
+                    break
+        return bytes(out)
+    bitmap = np.zeros(dim, dtype=np.uint8)
+    bitmap[idx] = 1
+    return bytes([1]) + np.packbits(bitmap, bitorder="little").tobytes()
+
+
+def decode_indices(blob: bytes, dim: int) -> np.ndarray:
+    if blob[0] == 1:
+        bits = np.unpackbits(np.frombuffer(blob[1:], dtype=np.uint8), bitorder="little")
+        return np.nonzero(bits[:dim])[0].astype(np.int64)
+    out, cur, val, shift = [], 0, 0, 0
+    for byte in blob[1:]:
+        val |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            cur += val
+            out.append(cur)
+            val, shift = 0, 0
+    return np.asarray(out, dtype=np.int64)
+
+
+def info_floor_bits(dim: int, k: int) -> float:
+    """log2 C(J, k): the fewest bits any code can spend on a k-subset of J."""
+    if k <= 0 or k >= dim:
+        return 0.0
+    return (math.lgamma(dim + 1) - math.lgamma(k + 1) - math.lgamma(dim - k + 1)) / math.log(2)
+
+
+def validate_upload(indices, values, dim: int, expect_dtype=None) -> str | None:
+    """Why an upload must be dropped, or None when it is sound."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        return "values must be a 1-D tensor"
+    if not values.is_floating_point():
+        return f"values dtype {values.dtype} is not floating point"
+    if expect_dtype is not None and values.dtype != expect_dtype:
+        return f"values dtype {values.dtype} != model dtype {expect_dtype}"
+    if not bool(torch.isfinite(values).all()):
+        return "values contain NaN or Inf"
+    if indices is None:
+        return None if values.numel() == dim else f"dense length {values.numel()} != J={dim}"
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
+        return "indices must be a 1-D tensor"
+    if indices.dtype not in (torch.int32, torch.int64):
+        return f"indices dtype {indices.dtype} is not int32/int64"
+    if indices.numel() != values.numel():
+        return f"{indices.numel()} indices but {values.numel()} values"
+    if indices.numel() == 0:
+        return None
+    if int(indices.min()) < 0 or int(indices.max()) >= dim:
+        return f"index out of range [0, {dim})"
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        srt = torch.sort(indices).values
+        if bool((srt[1:] == srt[:-1]).any()):
+            return "duplicate indices"
+    return None

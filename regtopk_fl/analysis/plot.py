@@ -1,0 +1,439 @@
+"""Figures and tables of a sweep, chosen from what was swept.
+
+* ``curves``: the metric over rounds, one line per method (sparsifier, with mu
+  for RegTop-k and its distortion when that was swept), one panel per sparsity
+  when sparsity was swept (dense, if present, is drawn in every panel). Gap and
+  loss on a log scale (the paper's Figs. 1 and 2), accuracy linear;
+* ``uplink``: the metric against the cumulative uplink in MB;
+* ``heatmap``: the final gap (log10), loss (log10) or accuracy over
+  (sparsity, mu), one heatmap per sparsifier, when both were swept;
+* ``vs_<key>``: the final metric against ``num_workers`` or a heterogeneity key
+  (``task.sigma2``, ``task.alpha``, ``task.partition``...), when swept;
+* ``table.md`` / ``table.csv``: the final numbers of every job, not finished
+  ones included (with their status and reason).
+
+Only finished jobs are plotted; the others are listed on stderr. Seeds (and
+any repeat with identical settings) are drawn as their mean with a min-max
+band. Every figure is a plain ``matplotlib.figure.Figure`` (no pyplot state).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .collect import FINISHED, METRICS, CollectError, OneLineParser, curves_from, scan
+
+METRIC_LABELS = {"gap": r"$\|w - w^\star\|$", "loss": "training loss",
+                 "accuracy": "test accuracy (%)"}
+LOG_METRICS = {"gap", "loss"}
+METHOD_ORDER = ("dense", "topk", "randomk", "global_topk", "gaussiank", "regtopk",
+                "regtopk_gaussiank")
+# swept keys that the method label or the panels already show
+HANDLED = {"sparsifier", "sparsifier.name", "sparsifier.sparsity", "sparsifier.mu",
+           "sparsifier.distortion", "seed", "experiment"}
+XKEY_PREFIXES = ("task.", "data.", "dataset.", "partition")
+XKEY_LABELS = {"num_workers": "number of workers N"}
+KINDS = ("curves", "uplink", "heatmap", "vs")
+
+
+class PlotError(ValueError):
+    """Bad input; the message names the directory, job, metric or key."""
+
+
+@dataclass
+class Plots:
+    figures: dict  # name -> Figure
+    files: list = field(default_factory=list)
+    metric: str = ""
+    table: pd.DataFrame | None = None
+    skipped: pd.DataFrame | None = None
+
+
+# ------------------------------------------------------------- helpers ------
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def is_regtopk(sparsifier: pd.Series) -> pd.Series:
+    return sparsifier.astype(str).str.startswith("regtopk")
+
+
+def method_labels(df: pd.DataFrame, show_distortion: bool) -> pd.Series:
+    """``topk``, ``regtopk (μ=4)``, ``regtopk (μ=4, paper)``..."""
+    def label(row):
+        name = _fmt(row.get("sparsifier")) or "?"
+        details = []
+        if name.startswith("regtopk"):
+            if _fmt(row.get("mu")):
+                details.append(f"μ={_fmt(row.get('mu'))}")
+            if show_distortion and _fmt(row.get("distortion")):
+                details.append(_fmt(row.get("distortion")))
+        return name + (f" ({', '.join(details)})" if details else "")
+    return df.apply(label, axis=1) if len(df) else pd.Series(dtype=str)
+
+
+def line_labels(df: pd.DataFrame, extra_keys) -> pd.Series:
+    label = df["method"]
+    for key in extra_keys:
+        label = label + f", {key}=" + df[key].map(_fmt)
+    return label
+
+
+def swept(df: pd.DataFrame, keys) -> list:
+    return [k for k in keys if k in df and df[k].nunique(dropna=True) > 1]
+
+
+def is_xkey(key: str) -> bool:
+    return key == "num_workers" or key.startswith(XKEY_PREFIXES)
+
+
+def _positive(values) -> bool:
+    values = pd.Series(values).dropna()
+    return len(values) > 0 and bool((values > 0).all())
+
+
+def palette(labels) -> dict:
+    """{label: color}, in the order given (tab10, tab20 beyond ten labels)."""
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def out_file(prefix, name: str, ext: str) -> Path:
+    """``PREFIX_name.ext``, or ``PREFIX/name.ext`` when PREFIX is a directory."""
+    prefix = str(prefix)
+    if prefix.endswith(("/", "\\")) or Path(prefix).is_dir():
+        return Path(prefix) / f"{name}.{ext}"
+    return Path(f"{prefix}_{name}.{ext}")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    cells = df.map(_fmt).map(lambda s: s.replace("|", r"\|"))
+    align = ["---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df]
+    lines = ["| " + " | ".join(df.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------- the sweep ----
+
+@dataclass
+class Sweep:
+    """What was swept among the finished jobs, and how to draw it."""
+    jobs: pd.DataFrame  # finished jobs, with method/line columns
+    curves: pd.DataFrame  # their rounds, with method/line columns
+    metric: str
+    extras: list  # swept keys shown in the line label
+    sparsity_panels: list  # sparsity values, one panel each ([] = one panel)
+    experiment: str = ""
+    colors: dict = field(default_factory=dict)
+
+    def title(self, what: str) -> str:
+        return f"{self.experiment}: {what}" if self.experiment else what
+
+    def panels(self, df: pd.DataFrame):
+        """[(panel title, rows)]; dense rows go into every sparsity panel."""
+        if not self.sparsity_panels:
+            return [("", df)]
+        dense = df["sparsifier"] == "dense"
+        return [(f"sparsity {s:g}", df[dense | (df["sparsity"] == s)])
+                for s in self.sparsity_panels]
+
+    def relabel(self, df: pd.DataFrame, drop=()) -> pd.DataFrame:
+        """Line labels without the keys in ``drop`` (the x axis of a figure)."""
+        return df.assign(line=line_labels(df, [k for k in self.extras if k not in drop]))
+
+
+def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> Sweep:
+    keys = jobs.attrs.get("override_keys", [])
+    fin = jobs[jobs["status"] == FINISHED].copy()
+    reg = is_regtopk(fin["sparsifier"])
+    show_distortion = "distortion" in fin and fin.loc[reg, "distortion"].nunique() > 1
+    fin["method"] = method_labels(fin, show_distortion)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    fin["_rank"] = fin["sparsifier"].map(rank).fillna(len(rank))
+    fin = fin.sort_values("_rank", kind="stable").drop(columns="_rank")
+
+    extras = [k for k in swept(fin, keys) if k not in HANDLED]
+    fin["line"] = line_labels(fin, extras)
+    sparse = fin[fin["sparsifier"] != "dense"]
+    panels = sorted(sparse["sparsity"].dropna().unique()) if "sparsity" in fin else []
+    panels = panels if len(panels) > 1 else []
+
+    per_job = ["job_dir", "method", "line"]
+    curves = curves[curves["status"] == FINISHED].merge(fin[per_job], on="job_dir")
+    colors = palette(fin["line"].unique())
+    experiment = ", ".join(map(str, fin["experiment"].dropna().unique())) \
+        if "experiment" in fin else ""
+    return Sweep(fin, curves, metric, extras, panels, experiment, colors)
+
+
+def choose_metric(jobs: pd.DataFrame, curves: pd.DataFrame, metric=None) -> str:
+    fin = curves[curves["status"] == FINISHED] if len(curves) else curves
+    available = [m for m in METRICS if m in fin and fin[m].notna().any()]
+    if metric is not None:
+        if metric not in available:
+            raise PlotError(f"metric {metric!r}: no finished job has it in metrics.csv "
+                            f"(available: {', '.join(available) or 'none'})")
+        return metric
+    if not available:
+        raise PlotError("no finished job has a loss, gap or accuracy in metrics.csv")
+    done = jobs[jobs["status"] == FINISHED]
+    if "loss" in available and "task" in done and (done["task"] == "toy").all():
+        return "loss"  # Fig. 1
+    return next(m for m in ("gap", "accuracy", "loss") if m in available)
+
+
+# -------------------------------------------------------------- figures -----
+
+def _set_yscale(ax, metric, values):
+    if metric in LOG_METRICS and _positive(values):
+        ax.set_yscale("log")
+
+
+def _line_plot(sw: Sweep, df: pd.DataFrame, x: str, xlabel: str, what: str) -> Figure:
+    """Mean over repeats (seeds) per line and x, with a min-max band."""
+    panels = sw.panels(df)
+    fig = Figure(figsize=(4.8 * len(panels) + 1.5, 4.0), layout="constrained")
+    axs = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    m = sw.metric
+    for ax, (panel, d) in zip(axs, panels):
+        d = d.dropna(subset=[m, x])
+        stats = (d.groupby(["line", "round"], sort=False)
+                 .agg(x=(x, "mean"), mean=(m, "mean"), lo=(m, "min"), hi=(m, "max"),
+                      n=(m, "size"))
+                 .reset_index())
+        for line, s in stats.groupby("line", sort=False):
+            ax.plot(s["x"], s["mean"], label=line, color=sw.colors[line])
+            if (s["n"] > 1).any():
+                ax.fill_between(s["x"], s["lo"], s["hi"], color=sw.colors[line], alpha=0.2,
+                                linewidth=0)
+        _set_yscale(ax, m, d[m])
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axs[0].set_ylabel(METRIC_LABELS[m])
+    axs[-1].legend(fontsize="small")
+    fig.suptitle(sw.title(what))
+    return fig
+
+
+def fig_curves(sw: Sweep) -> Figure:
+    return _line_plot(sw, sw.curves, "round", "round",
+                      f"{METRIC_LABELS[sw.metric]} over rounds")
+
+
+def fig_uplink(sw: Sweep) -> Figure:
+    return _line_plot(sw, sw.curves, "uplink_mb_cum", "cumulative uplink (MB)",
+                      f"{METRIC_LABELS[sw.metric]} against uplink traffic")
+
+
+def heatmap_tables(sw: Sweep) -> dict:
+    """{panel label: pivot table mu x sparsity} of the final metric (log10 for gap, loss)."""
+    col = f"final_{sw.metric}"
+    need = {"sparsity", "mu", col}
+    if not need <= set(sw.jobs):
+        return {}
+    d = sw.jobs.dropna(subset=list(need))
+    if sw.metric in LOG_METRICS:
+        d = d.assign(value=np.log10(d[col].where(d[col] > 0)))
+    else:
+        d = d.assign(value=d[col])
+    # one heatmap per sparsifier (and distortion / other swept keys, never mixed)
+    group = d["sparsifier"].astype(str)
+    if "distortion" in d and d.loc[is_regtopk(d["sparsifier"]), "distortion"].nunique() > 1:
+        group = group + " (" + d["distortion"].map(_fmt) + ")"
+    for key in sw.extras:
+        group = group + f", {key}=" + d[key].map(_fmt)
+    tables = {}
+    for name, g in d.assign(group=group).groupby("group", sort=False):
+        if g["mu"].nunique() > 1 and g["sparsity"].nunique() > 1:
+            tables[name] = g.pivot_table(index="mu", columns="sparsity", values="value",
+                                         aggfunc="mean")
+    return tables
+
+
+def fig_heatmap(sw: Sweep, tables: dict) -> Figure:
+    log = sw.metric in LOG_METRICS
+    label = (f"log10 final {METRIC_LABELS[sw.metric]}" if log
+             else f"final {METRIC_LABELS[sw.metric]}")
+    fig = Figure(figsize=(5.0 * len(tables), 4.2), layout="constrained")
+    axs = fig.subplots(1, len(tables), squeeze=False)[0]
+    for ax, (name, table) in zip(axs, tables.items()):
+        values = table.to_numpy(dtype=float)
+        im = ax.imshow(values, origin="lower", aspect="auto",
+                       cmap="viridis_r" if log else "viridis")
+        ax.set_xticks(range(table.shape[1]), [f"{v:g}" for v in table.columns])
+        ax.set_yticks(range(table.shape[0]), [f"{v:g}" for v in table.index])
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                r, g, b, _ = im.cmap(im.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text readable on the cell
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="small",
+                        color="w" if dark else "k")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("μ")
+        ax.set_title(name)
+        fig.colorbar(im, ax=ax, label=label)
+    fig.suptitle(sw.title(f"final {METRIC_LABELS[sw.metric]} over (sparsity, μ)"))
+    return fig
+
+
+def fig_vs_key(sw: Sweep, key: str) -> Figure:
+    """Final metric against ``key`` per method (mean over repeats, min-max bars)."""
+    col = f"final_{sw.metric}"
+    d = sw.relabel(sw.jobs, drop=[key]).dropna(subset=[key, col])
+    numeric = pd.api.types.is_numeric_dtype(d[key])
+    ticks = sorted(d[key].unique(), key=str) if not numeric else None
+    d = d.assign(x=d[key] if numeric else d[key].map({v: i for i, v in enumerate(ticks)}))
+    colors = palette(d["line"].unique())
+    panels = sw.panels(d)
+    fig = Figure(figsize=(4.8 * len(panels) + 1.5, 4.0), layout="constrained")
+    axs = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (panel, p) in zip(axs, panels):
+        stats = (p.groupby(["line", "x"], sort=False)[col]
+                 .agg(["mean", "min", "max", "size"]).reset_index()
+                 .sort_values("x", kind="stable"))
+        for line, s in stats.groupby("line", sort=False):
+            color = colors[line]
+            ax.plot(s["x"], s["mean"], marker="o", label=line, color=color)
+            spread = s[s["size"] > 1]
+            if len(spread):
+                ax.vlines(spread["x"], spread["min"], spread["max"], color=color, alpha=0.5)
+        _set_yscale(ax, sw.metric, p[col])
+        if numeric and _positive(p["x"]) and p["x"].max() / p["x"].min() >= 10:
+            ax.set_xscale("log")
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+        ax.set_title(panel)
+        ax.set_xlabel(XKEY_LABELS.get(key, key))
+        ax.grid(True, alpha=0.3)
+    axs[0].set_ylabel(f"final {METRIC_LABELS[sw.metric]}")
+    axs[-1].legend(fontsize="small")
+    fig.suptitle(sw.title(f"final {METRIC_LABELS[sw.metric]} against {key}"))
+    return fig
+
+
+def build_figures(sw: Sweep, x_keys=None, kinds=KINDS) -> dict:
+    """{name: Figure} for everything of ``kinds`` that the sweep supports."""
+    figures = {}
+    if "curves" in kinds:
+        figures["curves"] = fig_curves(sw)
+    if ("uplink" in kinds and "uplink_mb_cum" in sw.curves
+            and sw.curves["uplink_mb_cum"].notna().any()):
+        figures["uplink"] = fig_uplink(sw)
+    tables = heatmap_tables(sw) if "heatmap" in kinds else {}
+    if tables:
+        figures["heatmap"] = fig_heatmap(sw, tables)
+    if x_keys is None:
+        x_keys = [k for k in sw.extras if is_xkey(k)]
+    for key in x_keys if "vs" in kinds else ():
+        figures["vs_" + re.sub(r"[^A-Za-z0-9]+", "_", key)] = fig_vs_key(sw, key)
+    return figures
+
+
+# --------------------------------------------------------------- tables -----
+
+def final_table(jobs: pd.DataFrame) -> pd.DataFrame:
+    """Final numbers of every job (finished or not), one row each."""
+    reg = is_regtopk(jobs["sparsifier"])
+    show_distortion = "distortion" in jobs and jobs.loc[reg, "distortion"].nunique() > 1
+    keys = [k for k in swept(jobs, jobs.attrs.get("override_keys", []))
+            if k not in ("sparsifier", "sparsifier.name")]
+    finals = [c for c in ("final_loss", "final_gap", "final_accuracy")
+              if c in jobs and jobs[c].notna().any()]
+    table = jobs.assign(method=method_labels(jobs, show_distortion))
+    if "uplink_bytes" in table:
+        table["uplink_mb"] = table["uplink_bytes"] / 1e6
+    columns = ["job", "method", *keys, *finals, "uplink_mb", "wall_time_s",
+               "rounds_completed", "status", "reason"]
+    return table[[c for c in columns if c in table]]
+
+
+# ----------------------------------------------------------------- main -----
+
+def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
+         kinds=KINDS, dpi=150) -> Plots:
+    """Collect ``sweep_dirs``, draw what they support (of ``kinds``: curves, uplink,
+    heatmap, vs) and (``save``) write the figures, ``PREFIX_table.md`` and
+    ``PREFIX_table.csv``. Raises PlotError on bad input."""
+    sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
+    try:
+        jobs, metrics = scan(sweep_dirs)
+    except CollectError as e:
+        raise PlotError(str(e)) from None
+    skipped = jobs.loc[jobs["status"] != FINISHED, ["job_dir", "status", "reason"]]
+    if len(skipped) == len(jobs):
+        why = "; ".join(f"{r.job_dir}: {r.status} ({r.reason})" for r in skipped.itertuples())
+        raise PlotError(f"no finished job in {', '.join(map(str, sweep_dirs))}: {why}")
+    if x is not None and (x not in jobs or jobs[x].isna().all()):
+        keys = jobs.attrs.get("override_keys", [])
+        raise PlotError(f"key {x!r}: no job has it (override keys: "
+                        f"{', '.join(keys) or 'none'})")
+    curves = curves_from(jobs, metrics)
+    metric = choose_metric(jobs, curves, metric)
+    sw = describe(jobs, curves, metric)
+    figures = build_figures(sw, None if x is None else [x], kinds)
+    table = final_table(jobs)
+    result = Plots(figures, [], metric, table, skipped)
+    if not save:
+        return result
+    prefix = out if out is not None else str(Path(sweep_dirs[0]) / "plots") + "/"
+    for name, fig in figures.items():
+        path = out_file(prefix, name, fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format=fmt, dpi=dpi)
+        result.files.append(path)
+    md, csv = out_file(prefix, "table", "md"), out_file(prefix, "table", "csv")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    heading = sw.title(f"final numbers per job (metric: {metric})")
+    md.write_text(f"# {heading}\n\n{to_markdown(table)}")
+    table.to_csv(csv, index=False)
+    result.files += [md, csv]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="regtopk-plot",
+                     description="Figures and a table of a sweep, chosen from what was swept.")
+    parser.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR",
+                        help="Hydra sweep (or single run) directory")
+    parser.add_argument("--out", default=None, metavar="PREFIX",
+                        help="output prefix: PREFIX_curves.png, PREFIX_table.md...; a "
+                             "directory when it ends with / (default: SWEEP_DIR/plots/)")
+    parser.add_argument("--format", choices=("png", "pdf"), default="png", dest="fmt")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="default: loss for the toy task, else gap, else accuracy")
+    parser.add_argument("--x", default=None, metavar="KEY",
+                        help="plot the final metric against this key (default: the swept "
+                             "num_workers / task.* keys)")
+    args = parser.parse_args(argv)
+    try:
+        result = plot(args.sweeps, args.out, args.fmt, args.metric, args.x)
+    except PlotError as e:
+        parser.error(str(e))
+    for fig in result.figures.values():
+        fig.clear()
+    if len(result.skipped):
+        print(f"regtopk-plot: {len(result.skipped)} of {len(result.table)} jobs not plotted:",
+              file=sys.stderr)
+        for r in result.skipped.itertuples():
+            print(f"  {r.job_dir}: {r.status} ({r.reason})", file=sys.stderr)
+    for path in result.files:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The in-process engine: the same task, sparsifier, memory and server code
+as the Flower runtime, in one process, all workers batched where the task can.
+
+Per round: broadcast (count bytes) -> workers apply feedback, compute local
+updates, sparsify (one batched call) -> server validates, aggregates, steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import faults
+from .fedround import Coordinator, FedServer, worker_round
+from .memory import ErrorFeedbackMemory
+
+
+def corrupt(reply):
+    reply.upload.values = torch.full_like(reply.upload.values, float("nan"))
+    return reply
+
+
+class InProcessRun:
+    """State of one in-process run; ``round(t)`` advances it by one round."""
+
+    def __init__(self, task, sparsifier, lr, momentum=0.0, weight_decay=0.0, local_steps=1,
+                 local_lr=None, seed=0, fault_cfg=None, device="cpu"):
+        self.task, self.sparsifier = task, sparsifier
+        self.local_steps, self.local_lr = int(local_steps), local_lr
+        self.seed, self.fault_cfg = int(seed), fault_cfg or {}
+        params = task.init_params().to(device)
+        buffers = task.init_buffers()
+        self.coord = Coordinator(FedServer(
+            params, None if buffers is None else buffers.to(device), lr, momentum, weight_decay))
+        self.memory = ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype, device)
+        self.sizes = task.num_examples()
+
+    @property
+    def server(self):
+        return self.coord.server
+
+    def round(self, t: int) -> dict:
+        n_all = list(range(self.task.num_workers))
+        downlink = self.coord.broadcast_bytes(n_all)
+        alive = [n for n in n_all if not faults.drops(self.fault_cfg, self.seed, n, t)]
+        replies = []
+        if alive:
+            total = float(sum(self.sizes[n] for n in alive))
+            weights = [self.sizes[n] / total for n in alive]
+            replies = worker_round(
+                self.task, self.memory, self.sparsifier, self.server.params, self.server.buffers,
+                self.coord.feedback_for(alive), alive, t, self.local_steps, self.local_lr,
+                weights, rows=None if len(alive) == len(n_all) else alive)
+            replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
+                       for r in replies]
+        out = self.coord.collect(replies)
+        return {"outcome": out, "downlink_bytes": downlink,
+                "missing": len(n_all) - len(alive), "replies": len(replies)}
+
+    def state_dict(self) -> dict:
+        return {"coord": self.coord.state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.coord.load_state_dict(state["coord"])
+        self.memory.load_state_dict(state["memory"])

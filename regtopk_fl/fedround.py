@@ -1,0 +1,272 @@
+"""One federated round without any framework: the worker side (memory ->
+sparsifier -> uploads) and the server side (validate -> aggregate -> step ->
+feedback). The Flower ClientApp/strategy and the in-process engine both call
+these functions, so the two runtimes do the same arithmetic in the same order.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .memory import ErrorFeedbackMemory, restore_rows
+from .payload import Upload, coded_index_bytes_rows, raw_bytes, validate_upload
+
+log = logging.getLogger(__name__)
+
+
+# -- what the server sends back about a worker's last upload -----------------
+@dataclass
+class Feedback:
+    """Delivered with the worker's next model broadcast: the global gradient on
+    the entries it sent (aligned with its upload) and its weight w_n then; or
+    ``rejected`` when the server dropped that upload."""
+
+    values: torch.Tensor | None
+    weight: float = 0.0
+    rejected: bool = False
+
+    def nbytes(self) -> int:
+        # values in the model dtype + one float64 weight + one status byte
+        return (0 if self.values is None else self.values.numel() * self.values.element_size()) + 9
+
+
+def apply_feedback(memory: ErrorFeedbackMemory, feedbacks: list, rows=None) -> None:
+    """Apply each row's pending feedback (None: nothing pending) to the memory."""
+    rows_l = list(range(memory.num_rows)) if rows is None else list(rows)
+    if rows is None and feedbacks and all(f is not None and not f.rejected for f in feedbacks):
+        memory.set_feedback(torch.cat([f.values for f in feedbacks]) if len(feedbacks) > 1
+                            else feedbacks[0].values, [f.weight for f in feedbacks])
+        return
+    for row, f in zip(rows_l, feedbacks):
+        if f is None:
+            continue
+        if f.rejected:
+            restore_rows(memory, [row])
+        else:
+            memory.set_feedback(f.values, [f.weight], rows=[row])
+
+
+# -- worker side -------------------------------------------------------------
+def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weights,
+             rows=None, worker_ids=None, round: int = 0) -> list:
+    """Error feedback + selection for a batch of workers ([R, J] gradients).
+    Returns one :class:`Upload` per row; the memory is updated in place."""
+    a = memory.accumulate(grad, rows)
+    ctx = memory.context(weights, rows, worker_ids, round)
+    sel = sparsifier.select(a, ctx)
+    values = memory.commit(a, sel, rows)
+    counts = sel.counts.tolist()
+    dim = memory.dim
+    local = sel.flat_idx - torch.repeat_interleave(
+        torch.arange(len(counts), device=a.device) * dim, sel.counts)
+    dense = not getattr(sparsifier, "sends_indices", True)
+    return [Upload(v, None if dense else i, dim)
+            for v, i in zip(torch.split(values, counts), torch.split(local, counts))]
+
+
+# -- server side -------------------------------------------------------------
+@dataclass
+class Reply:
+    """One worker's reply as the server receives it."""
+
+    worker: int
+    upload: Upload
+    num_examples: int
+    loss: float = float("nan")
+    buffers: torch.Tensor | None = None
+
+
+@dataclass
+class RoundOutcome:
+    grad: torch.Tensor  # aggregated global gradient g [J]
+    weights: dict  # worker -> w_n used
+    feedback: dict  # worker -> g on that worker's uploaded entries
+    accepted: list
+    rejected: dict = field(default_factory=dict)  # worker -> reason
+    loss: float = float("nan")  # weighted training loss of the accepted workers
+    uplink_raw: int = 0
+    uplink_coded: int = 0
+    sent: int = 0
+
+
+class FedServer:
+    """Global model, server optimizer and the aggregation rule g = sum w_n g_n.
+
+    w_n = num_examples_n / sum over accepted replies (paper eq. 1, reweighted
+    over the replies present). A reply that fails validation is dropped with a
+    logged reason; a round with no valid reply leaves the model unchanged.
+    """
+
+    def __init__(self, params: torch.Tensor, buffers=None, lr: float = 0.01,
+                 momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params = params.detach().clone()
+        self.buffers = None if buffers is None else buffers.detach().clone()
+        self.opt = torch.optim.SGD([self.params], lr=lr, momentum=momentum,
+                                   weight_decay=weight_decay)
+
+    @property
+    def dim(self) -> int:
+        return self.params.numel()
+
+    def check(self, reply: Reply):
+        up = reply.upload
+        if up.dim != self.dim:
+            return f"upload J={up.dim} != model J={self.dim}"
+        why = validate_upload(up.indices, up.values, self.dim, self.params.dtype)
+        if why is None and (not isinstance(reply.num_examples, int) or reply.num_examples < 1):
+            why = f"num_examples={reply.num_examples!r} must be a positive integer"
+        if why is None and reply.buffers is not None and self.buffers is not None:
+            b = reply.buffers
+            if b.shape != self.buffers.shape or not bool(torch.isfinite(b).all()):
+                why = "buffers have the wrong shape or non-finite entries"
+        return why
+
+    def _all_sound(self, replies) -> bool:
+        """Vectorised check of every reply at once (the common case)."""
+        if any(r.upload.dim != self.dim or r.upload.values.dtype != self.params.dtype
+               or r.upload.values.dim() != 1 or not isinstance(r.num_examples, int)
+               or r.num_examples < 1 or (r.buffers is not None) != (self.buffers is not None)
+               for r in replies):
+            return False
+        vals = torch.cat([r.upload.values for r in replies])
+        if not bool(torch.isfinite(vals).all()):
+            return False
+        if self.buffers is not None:
+            bufs = torch.stack([r.buffers for r in replies]) if all(
+                r.buffers.shape == self.buffers.shape for r in replies) else None
+            if bufs is None or not bool(torch.isfinite(bufs).all()):
+                return False
+        sparse = [r.upload for r in replies if r.upload.indices is not None]
+        if any(u.indices.dtype not in (torch.int32, torch.int64) or u.indices.dim() != 1
+               or u.indices.numel() != u.values.numel() for u in sparse):
+            return False
+        if any(u.indices is None and u.values.numel() != self.dim for u in
+               (r.upload for r in replies)):
+            return False
+        sparse = [u for u in sparse if u.indices.numel()]
+        if not sparse:
+            return True
+        idx = torch.cat([u.indices.to(torch.int64) for u in sparse])
+        if int(idx.min()) < 0 or int(idx.max()) >= self.dim:
+            return False
+        # strictly ascending within each upload (so no duplicates)
+        step = idx[1:] - idx[:-1]
+        starts = torch.cumsum(torch.tensor([u.indices.numel() for u in sparse]), 0)[:-1] - 1
+        ok = step > 0
+        ok[starts] = True
+        return bool(ok.all())
+
+    def step(self, replies: list) -> RoundOutcome:
+        replies = sorted(replies, key=lambda r: r.worker)  # same order in every runtime
+        if self._all_sound(replies):
+            ok, rejected = replies, {}
+        else:
+            ok, rejected = [], {}
+            for r in replies:
+                why = self.check(r)
+                if why is None:
+                    ok.append(r)
+                else:
+                    rejected[r.worker] = why
+                    log.warning("dropped the upload of worker %s: %s", r.worker, why)
+        g = torch.zeros_like(self.params)
+        out = RoundOutcome(g, {}, {}, [r.worker for r in ok], rejected)
+        if not ok:
+            log.warning("no valid reply this round; the model is left unchanged")
+            return out
+        total = float(sum(r.num_examples for r in ok))
+        weights = [r.num_examples / total for r in ok]
+        out.weights = {r.worker: w for r, w in zip(ok, weights)}
+        sparse = [(r.upload, w) for r, w in zip(ok, weights) if r.upload.indices is not None]
+        for r, w in zip(ok, weights):
+            if r.upload.indices is None:
+                g.add_(r.upload.values, alpha=w)
+        if sparse:
+            # one scatter-add over all uploads, in worker order: the same
+            # sequence of additions as adding them one by one
+            idx = torch.cat([u.indices.to(torch.int64) for u, _ in sparse])
+            counts = [u.sent for u, _ in sparse]
+            wrep = torch.repeat_interleave(
+                torch.tensor([w for _, w in sparse], dtype=g.dtype), torch.tensor(counts))
+            g.index_add_(0, idx, torch.cat([u.values for u, _ in sparse]) * wrep)
+        fb = iter(torch.split(g[idx], counts) if sparse else ())
+        for r in ok:
+            out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
+        out.sent = sum(r.upload.sent for r in ok)
+        out.uplink_raw = sum(raw_bytes(r.upload) for r in ok)
+        out.uplink_coded = sum(raw_bytes(r.upload) for r in ok if r.upload.indices is None)
+        if sparse:
+            out.uplink_coded += sum(coded_index_bytes_rows(idx, counts, self.dim)) + sum(
+                u.sent * u.values.element_size() for u, _ in sparse)
+        out.loss = sum(w * float(r.loss) for r, w in zip(ok, weights))
+        if self.buffers is not None:
+            self.buffers = torch.stack([r.buffers for r in ok]).mul_(
+                torch.tensor(weights, dtype=self.buffers.dtype)[:, None]).sum(0)
+        self.params.grad = g
+        self.opt.step()
+        self.params.grad = None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"params": self.params.clone(),
+                "buffers": None if self.buffers is None else self.buffers.clone(),
+                "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.params.copy_(state["params"])
+        if state.get("buffers") is not None:
+            self.buffers = state["buffers"].clone()
+        self.opt.load_state_dict(state["opt"])
+
+
+def worker_round(task, memory, sparsifier, params, buffers, feedbacks, workers, round,
+                 local_steps=1, local_lr=None, weights=None, rows=None) -> list:
+    """Everything a worker does in a round, for one or many workers at once:
+    apply the server's feedback, compute the local update, sparsify, reply."""
+    apply_feedback(memory, feedbacks, rows)
+    res = task.local_update(params, buffers, workers, round, local_steps, local_lr)
+    if weights is None:
+        weights = [1.0 / len(workers)] * len(workers)
+    uploads = sparsify(memory, res.grad, sparsifier, weights, rows, workers, round)
+    m = task.num_examples()
+    return [Reply(n, up, int(m[n]), float(loss), None if res.buffers is None else res.buffers[i])
+            for i, (n, up, loss) in enumerate(zip(workers, uploads, res.loss))]
+
+
+class Coordinator:
+    """The server's side of the protocol around :class:`FedServer`: which
+    feedback each worker is owed, and the honest downlink byte count."""
+
+    def __init__(self, server: FedServer):
+        self.server = server
+        self.pending: dict = {}  # worker -> Feedback owed with its next broadcast
+
+    def broadcast_bytes(self, workers) -> int:
+        s = self.server
+        model = s.params.numel() * s.params.element_size()
+        if s.buffers is not None:
+            model += s.buffers.numel() * s.buffers.element_size()
+        return sum(model + (self.pending[n].nbytes() if n in self.pending else 0)
+                   for n in workers)
+
+    def feedback_for(self, workers) -> list:
+        return [self.pending.get(n) for n in workers]
+
+    def collect(self, replies) -> RoundOutcome:
+        out = self.server.step(replies)
+        for n, values in out.feedback.items():
+            self.pending[n] = Feedback(values, out.weights[n])
+        for n in out.rejected:
+            self.pending[n] = Feedback(None, 0.0, rejected=True)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"server": self.server.state_dict(),
+                "pending": {int(n): (f.values, f.weight, f.rejected) for n, f in self.pending.items()}}
+
+    def load_state_dict(self, state) -> None:
+        self.server.load_state_dict(state["server"])
+        self.pending = {int(n): Feedback(*v) for n, v in state["pending"].items()}

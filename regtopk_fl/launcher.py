@@ -1,0 +1,79 @@
+"""The ``regtopk-fl`` command (also ``python -m regtopk_fl``): Hydra's CLI over
+conf/, validation before any work, then one run (or a sweep with -m)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .settings import CONF_DIR, ConfigError, validate
+
+GROUPS = ("task", "sparsifier", "runtime", "experiment")
+
+
+def _fail(msg: str) -> None:
+    print(f"regtopk-fl: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_group_choices(argv) -> None:
+    """Unknown config choices fail in one line, before Hydra starts."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if key.startswith("override "):
+            key = key.split(" ", 1)[1]
+        if key not in GROUPS:
+            continue
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and not (key == "experiment" and choice == "null"):
+                _fail(f"{key}={choice!r}: unknown choice; available: {', '.join(options)}")
+
+
+def _discard_run_dir(run_dir: Path) -> None:
+    """A run that never started leaves nothing behind that looks like a run."""
+    if run_dir.exists() and not (run_dir / "metrics.csv").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        try:  # an emptied sweep directory goes too
+            if parent.name and not any(p for p in parent.iterdir() if p.name != "multirun.yaml"):
+                shutil.rmtree(parent, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        _discard_run_dir(run_dir)
+        _fail(str(exc))
+    for name in ("flwr", "ray", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from .runner import run_experiment
+
+    summary = run_experiment(cfg, run_dir)
+    final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
+    print(f"{summary['task']}/{summary['sparsifier']} S={summary['sparsity']:g}: {final} "
+          f"({summary['wall_time_s']:.1f} s) -> {run_dir}")
+
+
+def main() -> None:
+    check_group_choices(sys.argv[1:])
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    _main()
+
+
+if __name__ == "__main__":
+    main()

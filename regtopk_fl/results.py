@@ -1,0 +1,107 @@
+"""What every run writes into its run directory (a contract other tools use).
+
+* ``metrics.csv``: one row per round (see COLUMNS), rewritten atomically;
+* ``summary.json``: the run's identity and final numbers, written atomically,
+  with ``status`` "running" while it goes and "finished" at the end.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
+           "uplink_coded_bytes", "downlink_bytes", "sent", "replies", "missing",
+           "rejected", "wall_s"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cell(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return v
+
+
+class RunRecorder:
+    """Collects per-round rows and writes the run's files."""
+
+    def __init__(self, run_dir, identity: dict, flush_every_s: float = 2.0):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.identity = dict(identity)
+        self.rows: list = []
+        self.flush_every_s = flush_every_s
+        self.t0 = time.perf_counter()
+        self.offset_s = 0.0  # wall time of a resumed run's earlier part
+        self._last_flush = 0.0
+
+    def elapsed(self) -> float:
+        return self.offset_s + time.perf_counter() - self.t0
+
+    def add(self, row: dict) -> None:
+        row = dict(row)
+        row.setdefault("wall_s", self.elapsed())
+        self.rows.append(row)
+        if time.perf_counter() - self._last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for row in self.rows:
+            w.writerow([_cell(row.get(c)) for c in COLUMNS])
+        atomic_write_text(self.dir / "metrics.csv", buf.getvalue())
+        self._last_flush = time.perf_counter()
+
+    def final(self) -> dict:
+        out = {}
+        for key in ("loss", "gap", "accuracy"):
+            vals = [r.get(key) for r in self.rows
+                    if r.get(key) is not None and not (isinstance(r.get(key), float) and math.isnan(r.get(key)))]
+            if vals:
+                out[key] = vals[-1]
+        return out
+
+    def summary(self, status: str) -> dict:
+        s = dict(self.identity)
+        s.update({
+            "status": status,
+            "rounds_done": max((int(r["round"]) for r in self.rows), default=0),
+            "final": self.final(),
+            "uplink_bytes": int(sum(r.get("uplink_bytes", 0) for r in self.rows)),
+            "uplink_coded_bytes": int(sum(r.get("uplink_coded_bytes", 0) for r in self.rows)),
+            "downlink_bytes": int(sum(r.get("downlink_bytes", 0) for r in self.rows)),
+            "wall_time_s": self.elapsed(),
+        })
+        return s
+
+    def write_summary(self, status: str) -> dict:
+        s = self.summary(status)
+        atomic_write_text(self.dir / "summary.json", json.dumps(s, indent=2, sort_keys=True) + "\n")
+        return s
+
+    def close(self, status: str = "finished") -> dict:
+        self.flush()
+        return self.write_summary(status)

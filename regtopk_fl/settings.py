@@ -1,0 +1,176 @@
+"""One settings schema for every entry point (Hydra launcher, Flower apps
+under ``flwr run``): validation before any work, and the flat run-config form.
+
+``validate(cfg)`` raises :class:`ConfigError` with one line naming the key,
+the value and what is allowed; the launcher prints it and exits with 2.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+
+SPARSIFIERS = ("dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk",
+               "global_topk")
+USES_MU = ("regtopk", "regtopk_gaussiank")
+TASKS = ("toy", "linreg", "cifar10", "tiny_image")
+RUNTIMES = ("inprocess", "flower")
+
+
+class ConfigError(ValueError):
+    """A user setting is invalid; str(e) is the one-line message."""
+
+
+def _get(cfg, key, default=None):
+    return OmegaConf.select(cfg, key, default=default)
+
+
+def _fail(key, value, allowed):
+    raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, integer=False,
+         required=True, allowed=None):
+    v = _get(cfg, key)
+    if v is None:
+        if required:
+            _fail(key, v, allowed or "is required")
+        return None
+    ok_type = isinstance(v, int) and not isinstance(v, bool) if integer else (
+        isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not ok_type or (not integer and not math.isfinite(float(v))):
+        _fail(key, v, allowed or f"must be {'an integer' if integer else 'a finite number'}")
+    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (
+        hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        _fail(key, v, allowed)
+    return v
+
+
+def _choice(cfg, key, options):
+    v = _get(cfg, key)
+    if v not in options:
+        _fail(key, v, f"must be one of {', '.join(map(str, options))}")
+    return v
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every user-settable key; raise ConfigError on the first bad one."""
+    task = _choice(cfg, "task.name", TASKS)
+    sp = _choice(cfg, "sparsifier.name", SPARSIFIERS)
+    runtime = _choice(cfg, "runtime.name", RUNTIMES)
+    _num(cfg, "sparsifier.sparsity", 0, 1, lo_open=True, allowed="must be in (0, 1]")
+    if sp in USES_MU:
+        _num(cfg, "sparsifier.mu", 0, lo_open=True, allowed="must be a finite number > 0")
+        _choice(cfg, "sparsifier.distortion", ("reference", "paper"))
+        _num(cfg, "sparsifier.q", 0, lo_open=True, allowed="must be a finite number > 0")
+    n = _num(cfg, "num_workers", 1, integer=True, allowed="must be an integer >= 1")
+    _num(cfg, "rounds", 1, integer=True, allowed="must be an integer >= 1")
+    _num(cfg, "lr", 0, lo_open=True, allowed="must be a finite number > 0")
+    _num(cfg, "momentum", 0, 1, hi_open=True, allowed="must be in [0, 1)")
+    _num(cfg, "weight_decay", 0, allowed="must be >= 0")
+    _num(cfg, "seed", 0, integer=True, allowed="must be an integer >= 0")
+    _num(cfg, "eval_every", 1, integer=True, allowed="must be an integer >= 1")
+    steps = _num(cfg, "local_steps", 1, integer=True, allowed="must be an integer >= 1")
+    if steps > 1:
+        _num(cfg, "local_lr", 0, lo_open=True, allowed="must be a finite number > 0")
+    _num(cfg, "faults.drop_prob", 0, 1, hi_open=True, allowed="must be in [0, 1)")
+    _num(cfg, "faults.nan_prob", 0, 1, allowed="must be in [0, 1]")
+    _num(cfg, "checkpoint.every", 0, integer=True, allowed="must be an integer >= 0 (0 = off)")
+    _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    if _get(cfg, "device") == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            _fail("device", "cuda", "no CUDA device is available here (use auto or cpu)")
+    if runtime == "flower":
+        if sp == "global_topk":
+            _fail("sparsifier", sp, "the global top-k oracle needs every worker in one "
+                  "process: use runtime=inprocess")
+        _num(cfg, "runtime.client_cpus", 0, lo_open=True, allowed="must be > 0")
+        _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be in [0, 1]")
+    if task == "toy" and n != 2:
+        _fail("num_workers", n, "the toy task (Fig. 1) has exactly 2 workers")
+    if task == "linreg":
+        _num(cfg, "task.dim", 1, integer=True, allowed="must be an integer >= 1")
+        m = _num(cfg, "task.samples_per_worker", 1, integer=True, allowed="must be an integer >= 1")
+        for key in ("task.sigma2", "task.h2", "task.noise_var"):
+            _num(cfg, key, 0, allowed="must be >= 0")
+        _num(cfg, "task.size_ratio", 1, allowed="must be >= 1 (1 = equal sizes)")
+        ratio = _get(cfg, "task.size_ratio")
+        if ratio > 1 and m * n < 2 * n:
+            _fail("num_workers", n, f"more workers than data points ({m * n})")
+    if task in ("cifar10", "tiny_image"):
+        _num(cfg, "task.batch_size", 1, integer=True, allowed="must be an integer >= 1")
+        _choice(cfg, "task.partition", ("iid", "dirichlet", "unequal"))
+        if _get(cfg, "task.partition") == "dirichlet":
+            _num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")
+        if _get(cfg, "task.partition") == "unequal":
+            _num(cfg, "task.size_ratio", 1, allowed="must be >= 1")
+    if task == "tiny_image":
+        per = _num(cfg, "task.samples", 1, integer=True, allowed="must be an integer >= 1")
+        if n > per:
+            _fail("num_workers", n, f"more workers than data points ({per})")
+    if task == "cifar10":
+        _choice(cfg, "task.stem", ("cifar", "imagenet"))
+        path = _get(cfg, "task.data_path")
+        if not _get(cfg, "task.download", False):
+            if path is None or not os.path.exists(resolve_path(path)):
+                _fail("task.data_path", path, "does not exist (point it at "
+                      "cifar10-jpeg.tar.gz or a torchvision CIFAR-10 folder)")
+        sub = _get(cfg, "task.subset_per_class")
+        if sub is not None:
+            _num(cfg, "task.subset_per_class", 1, integer=True, allowed="must be an integer >= 1")
+            if n > 10 * sub:
+                _fail("num_workers", n, f"more workers than data points ({10 * sub})")
+        elif n > 50000:
+            _fail("num_workers", n, "more workers than data points (50000)")
+
+
+def resolve_path(path) -> str:
+    """Relative data paths are relative to the project root, wherever we run."""
+    p = Path(os.path.expanduser(str(path)))
+    return str(p if p.is_absolute() else PROJECT_ROOT / p)
+
+
+# -- the flat form used as Flower's run config ---------------------------------
+RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "num_workers", "rounds",
+            "lr", "momentum", "weight_decay", "seed", "eval_every", "local_steps", "local_lr",
+            "device", "experiment")
+
+
+def to_run_config(cfg: DictConfig) -> dict:
+    """Flatten the resolved settings to Flower run-config pairs ("a.b" -> scalar).
+    None becomes "" (run config values must be int, float, str or bool)."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, (list, tuple)):
+            flat[prefix] = ",".join(str(x) for x in node)
+        else:
+            flat[prefix] = "" if node is None else node
+
+    for key in RUN_KEYS:
+        if key in tree:
+            walk(key, tree[key])
+    return flat
+
+
+def from_run_config(run_config: dict) -> DictConfig:
+    """Inverse of :func:`to_run_config` ("" -> None)."""
+    tree: dict = {}
+    for key, value in run_config.items():
+        node = tree
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = None if value == "" else value
+    return OmegaConf.create(tree)

@@ -1,0 +1,67 @@
+"""What every task gives the runtimes: a flat model, its data split, local
+updates and a central evaluation. Both runtimes (Flower and in-process) call
+exactly these methods, which is what makes their trajectories equal.
+
+Conventions:
+* the model is a flat vector ``params`` [J] (dtype ``task.dtype``); tasks with
+  normalisation statistics (BatchNorm) also have flat ``buffers`` [B], which
+  are averaged, not sparsified;
+* ``local_update`` is stateless: which minibatch worker n uses at round t and
+  local step s is a pure function of (seed, n, t, s), so both runtimes, a
+  resumed run and a re-run all see the same batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LocalResult:
+    grad: torch.Tensor  # [R, J] gradient (local_steps=1) or pseudo-gradient
+    loss: list  # [R] mean training loss over the local steps
+    buffers: torch.Tensor | None = None  # [R, B] buffers after the local steps
+
+
+class Task:
+    name = "task"
+    dtype = torch.float32
+    dim: int
+    num_workers: int
+    has_closed_form = False  # a known minimiser w*, so the gap ||w - w*|| is reported
+
+    def num_examples(self) -> list:
+        raise NotImplementedError
+
+    def init_params(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_buffers(self):
+        return None
+
+    def gradients(self, params: torch.Tensor, buffers, workers: list, round: int, step: int):
+        """Minibatch gradients of the given workers at ``params`` ([R, J], one
+        row per worker). Returns (grads [R, J], losses [R], buffers [R, B] | None)."""
+        raise NotImplementedError
+
+    def local_update(self, params, buffers, workers, round, local_steps=1, local_lr=None):
+        """One gradient (local_steps=1, the paper's distributed SGD) or the
+        pseudo-gradient (w_start - w_end) / local_lr of local SGD."""
+        if local_steps == 1:
+            rows = params.unsqueeze(0).expand(len(workers), -1)
+            grads, losses, bufs = self.gradients(rows, buffers, workers, round, 0)
+            return LocalResult(grads, list(losses), bufs)
+        w = params.unsqueeze(0).repeat(len(workers), 1)
+        total = [0.0] * len(workers)
+        bufs = None if buffers is None else buffers.unsqueeze(0).repeat(len(workers), 1)
+        for step in range(local_steps):
+            grads, losses, bufs = self.gradients(w, bufs, workers, round, step)
+            w.sub_(grads, alpha=local_lr)
+            total = [t + float(l) for t, l in zip(total, losses)]
+        pseudo = (params.unsqueeze(0) - w) / local_lr
+        return LocalResult(pseudo, [t / local_steps for t in total], bufs)
+
+    def evaluate(self, params, buffers) -> dict:
+        """Central metrics of the global model: any of loss, gap, accuracy."""
+        raise NotImplementedError

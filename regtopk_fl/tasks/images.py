@@ -1,0 +1,307 @@
+"""Image classification tasks: CIFAR-10 with ResNet-18 (``cifar10``) and a
+synthetic CPU-sized task (``tiny_image``) with a small CNN.
+
+Both follow :mod:`regtopk_fl.tasks.base`: a flat parameter vector [J], the
+BatchNorm running statistics as flat buffers [B], and a stateless
+``gradients``: the minibatch of worker n at round t (from 1), local step s is
+a pure function of (seed, n, t, s). Worker n walks through per-epoch
+permutations of its own partition; with g = (t - 1) * local_steps + s the
+global step, its batch is slice ``g % steps_per_epoch`` of the permutation of
+epoch ``g // steps_per_epoch``, that permutation drawn from a
+``torch.Generator`` seeded by (seed, n, epoch). ``steps_per_epoch`` is
+``len(partition) // batch_size`` (the last incomplete batch of an epoch is
+dropped; a partition smaller than a batch is one batch). The optional
+augmentation (random crop with zero padding + horizontal flip) is seeded by
+(seed, n, g) the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import vector_to_parameters
+
+from . import data as D
+from .base import Task
+from .models import buffer_tensors, flat_buffers, flat_params, resnet18, tiny_cnn
+
+_TENSORS: dict = {}  # process-level: (data key, device) -> tensors on that device
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _seed_int(*words) -> int:
+    """A 63-bit generator seed from non-negative integer words."""
+    ss = np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words])
+    return int(ss.generate_state(1, dtype=np.uint64)[0]) & 0x7FFFFFFFFFFFFFFF
+
+
+_PERM, _AUG = 0x5045524D, 0x41554721  # stream tags ("PERM", "AUG!")
+
+
+class _ImageTask(Task):
+    """The shared machinery; subclasses set up data, model and partitions
+    through :meth:`_setup`."""
+
+    dtype = torch.float32
+    has_closed_form = False
+    num_classes = 10
+
+    def _setup(self, x_train, y_train, x_test, y_test, model, *, num_workers, seed,
+               batch_size, local_steps, partition, alpha, size_ratio, min_partition_size,
+               augment, eval_batch_size, device, mean=None, std=None):
+        """x_*: uint8 or float tensors [N, C, H, W] already on ``device``; y_*: int64."""
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.local_steps = int(local_steps)
+        self.augment = bool(augment)
+        self.eval_batch_size = int(eval_batch_size)
+        self.device = device
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        if mean is not None:
+            self._mean = torch.tensor(mean, dtype=self.dtype, device=device).view(1, -1, 1, 1)
+            self._std = torch.tensor(std, dtype=self.dtype, device=device).view(1, -1, 1, 1)
+        else:
+            self._mean = self._std = None
+        parts = D.partition_indices(y_train.cpu().numpy(), self.num_workers, partition,
+                                    seed=self.seed, alpha=alpha,
+                                    min_partition_size=min_partition_size,
+                                    size_ratio=size_ratio)
+        self.partitions = [torch.from_numpy(p) for p in parts]
+        self.partition_scheme = partition
+        self.model = model.to(device=device, dtype=self.dtype)
+        self._params = list(self.model.parameters())
+        self._buffers = buffer_tensors(self.model)
+        self._init_params = flat_params(self.model)
+        self._init_buffers = flat_buffers(self.model)
+        self.dim = self._init_params.numel()
+        self.num_buffers = 0 if self._init_buffers is None else self._init_buffers.numel()
+        self._perm_cache: dict = {}
+
+    # -- the Task interface ---------------------------------------------------------
+    def num_examples(self) -> list:
+        return [len(p) for p in self.partitions]
+
+    def init_params(self) -> torch.Tensor:
+        return self._init_params.clone()
+
+    def init_buffers(self):
+        return None if self._init_buffers is None else self._init_buffers.clone()
+
+    def gradients(self, params, buffers, workers, round, step):
+        if not 0 <= int(step) < self.local_steps:
+            raise ValueError(
+                f"step {step} outside 0..{self.local_steps - 1}: this task was built with "
+                f"local_steps={self.local_steps}, which fixes the batch schedule")
+        workers = [int(n) for n in workers]
+        R = len(workers)
+        if params.dim() == 1:
+            params = params.unsqueeze(0).expand(R, -1)
+        grads = torch.empty(R, self.dim, dtype=self.dtype, device=self.device)
+        bufs_out = (torch.empty(R, self.num_buffers, dtype=self.dtype, device=self.device)
+                    if self.num_buffers else None)
+        losses = []
+        model = self.model
+        model.train()
+        for r, n in enumerate(workers):
+            b = None if buffers is None else (buffers if buffers.dim() == 1 else buffers[r])
+            self._load(params[r], b)
+            x, y = self.batch(n, round, step)
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                       for p in self._params], out=grads[r])
+            if bufs_out is not None:
+                torch.cat([t.reshape(-1) for t in self._buffers], out=bufs_out[r])
+            losses.append(float(loss.detach()))
+        model.zero_grad(set_to_none=True)
+        return grads, losses, bufs_out
+
+    @torch.no_grad()
+    def evaluate(self, params, buffers) -> dict:
+        """Test accuracy (%) and mean cross-entropy of the model in eval mode.
+        ``buffers=None`` evaluates with the initial BatchNorm statistics."""
+        self._load(params, buffers)
+        self.model.eval()
+        n = self.y_test.numel()
+        correct, total = 0, 0.0
+        for i in range(0, n, self.eval_batch_size):
+            x = self._prepare(self.x_test[i:i + self.eval_batch_size])
+            y = self.y_test[i:i + self.eval_batch_size]
+            logits = self.model(x)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        return {"accuracy": 100.0 * correct / max(n, 1), "loss": total / max(n, 1)}
+
+    # -- batches --------------------------------------------------------------------------
+    def steps_per_epoch(self, worker: int) -> int:
+        m = len(self.partitions[worker])
+        return max(1, m // min(self.batch_size, m))
+
+    def _perm(self, worker: int, epoch: int) -> torch.Tensor:
+        key = (worker, epoch)
+        p = self._perm_cache.get(key)
+        if p is None:
+            if len(self._perm_cache) > 4 * self.num_workers:
+                self._perm_cache.clear()
+            g = torch.Generator().manual_seed(_seed_int(self.seed, _PERM, worker, epoch))
+            p = torch.randperm(len(self.partitions[worker]), generator=g)
+            self._perm_cache[key] = p
+        return p
+
+    def batch_indices(self, worker: int, round: int, step: int) -> torch.Tensor:
+        """Training-set indices of worker ``worker``'s minibatch at (round, step)."""
+        part = self.partitions[worker]
+        bsz = min(self.batch_size, len(part))
+        g = (int(round) - 1) * self.local_steps + int(step)
+        epoch, pos = divmod(g, self.steps_per_epoch(worker))
+        return part[self._perm(worker, epoch)[pos * bsz:(pos + 1) * bsz]]
+
+    def batch(self, worker: int, round: int, step: int):
+        """(inputs, labels) on the task's device, augmented and normalised."""
+        idx = self.batch_indices(worker, round, step).to(self.device)
+        x, y = self.x_train[idx], self.y_train[idx]
+        if self.augment:
+            g = (int(round) - 1) * self.local_steps + int(step)
+            x = self._augment(x, _seed_int(self.seed, _AUG, worker, g))
+        return self._prepare(x), y
+
+    def _augment(self, x, seed):
+        """Random crop (zero padding of H/8 pixels) and horizontal flip."""
+        b, _, h, w = x.shape
+        pad = max(1, h // 8)
+        gen = torch.Generator().manual_seed(seed)
+        off = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen).tolist()
+        flip = (torch.rand(b, generator=gen) < 0.5).tolist()
+        xp = F.pad(x, (pad, pad, pad, pad))
+        out = torch.stack([xp[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(off)])
+        if any(flip):
+            fl = torch.tensor(flip, device=x.device)
+            out[fl] = out[fl].flip(-1)
+        return out
+
+    def _prepare(self, x):
+        if x.dtype == torch.uint8:
+            x = x.to(self.dtype).div_(255.0)
+        if self._mean is not None:
+            x = (x - self._mean) / self._std
+        return x
+
+    # -- flat vectors <-> model -------------------------------------------------------------
+    def _load(self, params, buffers):
+        """Point the model's parameters at ``params`` (no copy; nothing
+        writes into them) and copy ``buffers`` into the BatchNorm statistics
+        (train-mode BatchNorm updates those in place)."""
+        vec = params.detach().to(device=self.device, dtype=self.dtype)
+        vector_to_parameters(vec, self._params)
+        if self.num_buffers:
+            src = self._init_buffers if buffers is None else buffers
+            src = src.detach().to(device=self.device, dtype=self.dtype)
+            off = 0
+            for t in self._buffers:
+                k = t.numel()
+                t.copy_(src[off:off + k].view_as(t))
+                off += k
+
+
+class ImageTask(_ImageTask):
+    """CIFAR-10 with ResNet-18 (``stem``: cifar | imagenet), from the offline
+    archive by default (see :func:`regtopk_fl.tasks.data.load_cifar10`)."""
+
+    name = "cifar10"
+
+    def __init__(self, num_workers: int = 10, seed: int = 0, batch_size: int = 20,
+                 local_steps: int = 1, partition: str = "iid", alpha: float = 0.5,
+                 size_ratio: float = 5.0, min_partition_size: int = 10,
+                 data_path: str | None = None, cache_dir: str | None = None,
+                 subset_per_class: int | None = None, test_subset: int | None = None,
+                 stem: str = "cifar", augment: bool = False, eval_batch_size: int = 500,
+                 device: str = "cpu", download: bool = False):
+        dev = resolve_device(device)
+        arrs = D.load_cifar10(data_path, cache_dir, subset_per_class, test_subset, download)
+        key = (id(arrs), str(dev))
+        if key not in _TENSORS or _TENSORS[key][0] is not arrs:
+            def t(x):  # uint8 HWC numpy -> uint8 CHW tensor on the device, once
+                return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev)
+
+            _TENSORS[key] = (arrs, t(arrs.x_train), torch.from_numpy(arrs.y_train).to(dev),
+                             t(arrs.x_test), torch.from_numpy(arrs.y_test).to(dev))
+        _, xtr, ytr, xte, yte = _TENSORS[key]
+        self.stem = stem
+        self.source = arrs.source
+        self._setup(xtr, ytr, xte, yte, resnet18(10, stem, seed),
+                    num_workers=num_workers, seed=seed, batch_size=batch_size,
+                    local_steps=local_steps, partition=partition, alpha=alpha,
+                    size_ratio=size_ratio, min_partition_size=min_partition_size,
+                    augment=augment, eval_batch_size=eval_batch_size, device=dev,
+                    mean=D.CIFAR10_MEAN, std=D.CIFAR10_STD)
+
+
+def make_tiny_images(num_train: int = 2000, num_test: int = 500, image_size: int = 8,
+                     num_classes: int = 10, noise: float = 1.0, seed: int = 0):
+    """Synthetic 3-channel images: a smooth random pattern per class (4x4
+    noise upsampled to ``image_size``), scaled by a random contrast in
+    [0.5, 1.5], shifted by up to one pixel, plus Gaussian pixel noise of std
+    ``noise``. Labels are balanced and interleaved (0, 1, ..., C-1, 0, ...).
+    Returns float32 x_train [N, 3, S, S], y_train, x_test, y_test."""
+    g = torch.Generator().manual_seed(_seed_int(seed, 0x54494E59))
+    protos = torch.randn(num_classes, 3, 4, 4, generator=g)
+    protos = F.interpolate(protos, size=(image_size, image_size), mode="bilinear",
+                           align_corners=False)
+    protos = (protos - protos.mean(dim=(1, 2, 3), keepdim=True)) \
+        / protos.std(dim=(1, 2, 3), keepdim=True)
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        contrast = torch.rand(n, 1, 1, 1, generator=g) + 0.5
+        x = protos[y] * contrast
+        shifts = torch.randint(-1, 2, (n, 2), generator=g).tolist()
+        x = torch.stack([torch.roll(x[i], shifts=(sy, sx), dims=(1, 2))
+                         for i, (sy, sx) in enumerate(shifts)])
+        x = x + noise * torch.randn(x.shape, generator=g)
+        return x.float().contiguous(), y.long()
+
+    xtr, ytr = make(num_train)
+    xte, yte = make(num_test)
+    return xtr, ytr, xte, yte
+
+
+class TinyImageTask(_ImageTask):
+    """Synthetic 10-class images (made in-process from the seed) and a small
+    CNN with one BatchNorm: a CPU-sized stand-in for CIFAR-10 that trains in
+    seconds. The CIFAR-only options (data_path, cache_dir, stem, ...) are
+    accepted and ignored so one config can switch tasks; ``test_subset``
+    sets the test-set size."""
+
+    name = "tiny_image"
+
+    def __init__(self, num_workers: int = 4, seed: int = 0, batch_size: int = 20,
+                 local_steps: int = 1, partition: str = "iid", alpha: float = 0.5,
+                 size_ratio: float = 5.0, min_partition_size: int = 10,
+                 augment: bool = False, eval_batch_size: int = 500, device: str = "cpu",
+                 image_size: int = 8, num_train: int = 2000, num_test: int = 500,
+                 noise: float = 1.0, width: int = 16, data_seed: int | None = None,
+                 data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
+                 stem=None, download=False):
+        dev = resolve_device(device)
+        if test_subset is not None:
+            num_test = int(test_subset)
+        ds = seed if data_seed is None else data_seed
+        key = ("tiny", int(ds), int(num_train), int(num_test), int(image_size), float(noise),
+               str(dev))
+        if key not in _TENSORS:
+            _TENSORS[key] = tuple(t.to(dev) for t in make_tiny_images(
+                num_train, num_test, image_size, 10, noise, ds))
+        xtr, ytr, xte, yte = _TENSORS[key]
+        self._setup(xtr, ytr, xte, yte, tiny_cnn(3, 10, width, image_size, seed),
+                    num_workers=num_workers, seed=seed, batch_size=batch_size,
+                    local_steps=local_steps, partition=partition, alpha=alpha,
+                    size_ratio=size_ratio, min_partition_size=min_partition_size,
+                    augment=augment, eval_batch_size=eval_batch_size, device=dev)

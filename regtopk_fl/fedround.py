@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compress.base import row_of_entry
 from .memory import ErrorFeedbackMemory, restore_rows
 from .payload import Upload, coded_index_bytes_rows, raw_bytes, validate_upload
 
@@ -59,8 +60,7 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
     values = memory.commit(a, sel, rows)
     counts = sel.counts.tolist()
     dim = memory.dim
-    local = sel.flat_idx - torch.repeat_interleave(
-        torch.arange(len(counts), device=a.device) * dim, sel.counts)
+    local = sel.flat_idx - row_of_entry(counts, a.device) * dim
     dense = not getattr(sparsifier, "sends_indices", True)
     return [Upload(v, None if dense else i, dim)
             for v, i in zip(torch.split(values, counts), torch.split(local, counts))]
@@ -188,8 +188,7 @@ class FedServer:
             # sequence of additions as adding them one by one
             idx = torch.cat([u.indices.to(torch.int64) for u, _ in sparse])
             counts = [u.sent for u, _ in sparse]
-            wrep = torch.repeat_interleave(
-                torch.tensor([w for _, w in sparse], dtype=g.dtype), torch.tensor(counts))
+            wrep = torch.tensor([w for _, w in sparse], dtype=g.dtype)[row_of_entry(counts)]
             g.index_add_(0, idx, torch.cat([u.values for u, _ in sparse]) * wrep)
         fb = iter(torch.split(g[idx], counts) if sparse else ())
         for r in ok:
@@ -255,8 +254,13 @@ class Coordinator:
     def feedback_for(self, workers) -> list:
         return [self.pending.get(n) for n in workers]
 
-    def collect(self, replies) -> RoundOutcome:
+    def collect(self, replies, rejected=None) -> RoundOutcome:
+        """Aggregate the replies; ``rejected`` holds replies already refused
+        upstream (undecodable messages), worker -> reason."""
         out = self.server.step(replies)
+        for n, why in (rejected or {}).items():
+            log.warning("dropped the reply of worker %s: %s", n, why)
+            out.rejected[n] = why
         for n, values in out.feedback.items():
             self.pending[n] = Feedback(values, out.weights[n])
         for n in out.rejected:

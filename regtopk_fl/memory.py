@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compress.base import Selection, SparsifierError
+from .compress.base import Selection, SparsifierError, row_of_entry
 
 
 @dataclass
@@ -68,8 +68,7 @@ class ErrorFeedbackMemory:
             local, counts, sent, fb_g = self.prev_local, self.prev_counts, self.prev_sent, self.fb_g
         else:
             local, counts, sent, fb_g = self._gather_rows(rows_l)
-        pos = torch.repeat_interleave(
-            torch.arange(len(rows_l), device=local.device), counts)
+        pos = row_of_entry(counts, local.device)
         fb_w = self.fb_w[rows_l][pos] if rows is not None else self.fb_w[pos]
         return SelectContext(local + pos * self.dim, sent, fb_g, fb_w, weights,
                              tuple(worker_ids) if worker_ids is not None else tuple(rows_l),
@@ -82,7 +81,7 @@ class ErrorFeedbackMemory:
         values = flat_a[sel.flat_idx]
         flat_a[sel.flat_idx] = 0
         n = a.shape[0]
-        pos = torch.repeat_interleave(torch.arange(n, device=a.device), sel.counts)
+        pos = row_of_entry(sel.counts, a.device)
         local = sel.flat_idx - pos * self.dim
         nan = torch.full_like(values, float("nan"))
         if rows is None:
@@ -160,7 +159,7 @@ def restore_rows(memory: ErrorFeedbackMemory, rows) -> None:
     """The server rejected these rows' last upload: put what they sent back
     into the residual (error feedback loses nothing) and forget the mask."""
     local, counts, sent, _ = memory._gather_rows(list(rows))
-    pos = torch.repeat_interleave(torch.as_tensor(list(rows), device=local.device), counts)
+    pos = torch.as_tensor(list(rows), device=local.device)[row_of_entry(counts, local.device)]
     memory.eps.view(-1).index_add_(0, local + pos * memory.dim, sent)
     empty = local[:0]
     memory._scatter_rows(list(rows), empty, torch.zeros_like(counts), sent[:0], sent[:0])

@@ -188,6 +188,7 @@ class _ImageTask(Task):
         return out
 
     def _prepare(self, x):
+        x = x.contiguous()
         if x.dtype == torch.uint8:
             x = x.to(self.dtype).div_(255.0)
         if self._mean is not None:
@@ -228,8 +229,9 @@ class ImageTask(_ImageTask):
         arrs = D.load_cifar10(data_path, cache_dir, subset_per_class, test_subset, download)
         key = (id(arrs), str(dev))
         if key not in _TENSORS or _TENSORS[key][0] is not arrs:
-            def t(x):  # uint8 HWC numpy -> uint8 CHW tensor on the device, once
-                return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev)
+            def t(x):  # uint8 HWC numpy -> uint8 [N, C, H, W] on the device (on the CPU a
+                # view of the cached array: no second copy; batches are made contiguous)
+                return torch.from_numpy(x).permute(0, 3, 1, 2).to(dev)
 
             _TENSORS[key] = (arrs, t(arrs.x_train), torch.from_numpy(arrs.y_train).to(dev),
                              t(arrs.x_test), torch.from_numpy(arrs.y_test).to(dev))

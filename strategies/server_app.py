@@ -1,0 +1,113 @@
+"""The Flower ServerApp, and the Hydra launcher's ``runtime=flower`` path.
+
+``run_server`` is the whole server side of a run: initial model, central
+evaluation every ``eval_every`` rounds, one metrics row per round, the same
+files as an in-process run. Under the launcher it runs inside
+``flwr.simulation.run_simulation`` (Ray backend); under ``flwr run`` the
+module-level ``app`` reads the same settings from the run config.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import torch  # noqa: E402
+from flwr.app import ConfigRecord, Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
+from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
+
+from .sparse_strategy import SparseAggregation, model_record  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, cfg, task, recorder, device: str = "cpu") -> FedServer:
+    buffers = task.init_buffers()
+    server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
+                       lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    coord = Coordinator(server)
+    rounds = int(cfg.rounds)
+    recorder.add(round_row(0, None, _evaluate(task, server, device), 0, 0, 0))
+    bar = Progress(rounds, cfg.progress, f"{cfg.sparsifier.name} (flower)")
+
+    def on_round(t: int, info: dict) -> None:
+        ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
+        row = round_row(t, info["outcome"], ev, info["downlink_bytes"], info["missing"],
+                        info["replies"])
+        row["rejected"] += info.get("rejected_extra", 0)
+        recorder.add(row)
+        bar.update(row)
+
+    strategy = SparseAggregation(coord, int(cfg.num_workers), on_round)
+    strategy.start(grid=grid, initial_arrays=model_record(server.params, server.buffers),
+                   num_rounds=rounds, timeout=float(OmegaConf.select(cfg, "runtime.round_timeout_s",
+                                                                     default=3600.0)),
+                   train_config=ConfigRecord())
+    bar.close()
+    torch.save({"params": server.params, "buffers": server.buffers}, recorder.dir / "model.pt")
+    return server
+
+
+def _evaluate(task, server, device):
+    with torch.no_grad():
+        bufs = None if server.buffers is None else server.buffers.to(device)
+        return task.evaluate(server.params.to(device), bufs)
+
+
+def run_simulation(cfg, task, recorder) -> None:
+    """The launcher's runtime=flower: Flower's Simulation Runtime, Ray backend."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from clients.client_app import make_client_app
+    from regtopk_fl.runner import resolve_device
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("hydra", None)
+    device = resolve_device(cfg)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, task, recorder, device)
+
+    gpus = float(cfg.runtime.client_gpus) if device == "cuda" else 0.0
+    level = str(cfg.runtime.log_level).upper()
+    logging.getLogger("flwr").setLevel(level)
+    backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},
+               "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
+                             "include_dashboard": False}}
+    flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
+                        num_supernodes=int(cfg.num_workers), backend_config=backend)
+
+
+# -- `flwr run` entry point -----------------------------------------------------
+app = ServerApp()
+
+
+@app.main()
+def flwr_main(grid: Grid, context: Context) -> None:
+    from regtopk_fl.results import RunRecorder
+    from regtopk_fl.runner import build, identity, resolve_device
+    from regtopk_fl.settings import from_run_config, validate
+
+    cfg = from_run_config(dict(context.run_config))
+    validate(cfg)
+    task, sparsifier = build(cfg)
+    out = OmegaConf.select(cfg, "output_dir") or "results/runs/flwr-run"
+    recorder = RunRecorder(out, identity(cfg, sparsifier))
+    recorder.write_summary("running")
+    try:
+        run_server(grid, cfg, task, recorder, resolve_device(cfg))
+    except BaseException:
+        recorder.flush()
+        recorder.write_summary("failed")
+        raise
+    recorder.close("finished")

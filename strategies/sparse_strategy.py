@@ -1,0 +1,135 @@
+"""A Flower strategy that aggregates sparse uploads and broadcasts the model.
+
+Round t: ``configure_train`` sends every node the global model plus the
+feedback it is owed on its last upload (the global gradient on the entries it
+sent and its weight w_n, or "rejected"); ``aggregate_train`` decodes the
+replies, and the framework-free :class:`~regtopk_fl.fedround.Coordinator`
+validates them (a bad upload is dropped with a logged reason), scatter-adds
+g = sum_n w_n g_hat_n without densifying any upload, and steps the server
+optimizer. The in-process engine runs the very same Coordinator.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from regtopk_fl.fedround import Coordinator, Reply
+from regtopk_fl.payload import Upload
+
+log = logging.getLogger(__name__)
+
+
+def model_record(params: torch.Tensor, buffers) -> ArrayRecord:
+    rec = {"params": Array(params.detach().cpu().numpy())}
+    if buffers is not None:
+        rec["buffers"] = Array(buffers.detach().cpu().numpy())
+    return ArrayRecord(rec)
+
+
+def decode_reply(msg: Message, dim: int, dtype) -> tuple:
+    """(worker, Reply) from a reply message; raises ValueError when malformed."""
+    content = msg.content
+    metrics = content["metrics"]
+    worker = int(metrics["partition-id"])
+    up = content["upload"]
+    values = torch.from_numpy(up["values"].numpy())
+    indices = torch.from_numpy(up["indices"].numpy()) if "indices" in up else None
+    if indices is not None and indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices dtype {indices.dtype} is not int32/int64")
+    buffers = torch.from_numpy(up["buffers"].numpy()) if "buffers" in up else None
+    n_ex = metrics["num-examples"]
+    return worker, Reply(worker, Upload(values, indices, dim), n_ex if isinstance(n_ex, int) else -1,
+                         float(metrics.get("loss", float("nan"))), buffers)
+
+
+class SparseAggregation(Strategy):
+    """Sparse uploads in, dense model out; every node, every round."""
+
+    def __init__(self, coordinator: Coordinator, num_nodes: int,
+                 on_round: Callable[[int, dict], None] | None = None,
+                 wait_for_nodes_s: float = 600.0):
+        self.coord = coordinator
+        self.num_nodes = int(num_nodes)
+        self.on_round = on_round
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.node_worker: dict = {}  # Flower node id -> worker (partition id)
+        self._round_info: dict = {}
+
+    # -- train -----------------------------------------------------------------
+    def _nodes(self, grid: Grid) -> list:
+        deadline = time.monotonic() + self.wait_for_nodes_s
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < self.num_nodes and time.monotonic() < deadline:
+            time.sleep(0.2)
+            nodes = sorted(grid.get_node_ids())
+        return nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = self._nodes(grid)
+        workers = [self.node_worker.get(n) for n in nodes]
+        self._round_info = {"nodes": len(nodes), "downlink": self.coord.broadcast_bytes(workers)}
+        msgs = []
+        for node, worker in zip(nodes, workers):
+            content = RecordDict({"arrays": arrays,
+                                  "config": ConfigRecord({"server-round": server_round})})
+            fb = self.coord.pending.get(worker) if worker is not None else None
+            if fb is not None:
+                content["feedback-meta"] = ConfigRecord({"weight": float(fb.weight),
+                                                         "rejected": bool(fb.rejected)})
+                if fb.values is not None:
+                    content["feedback"] = ArrayRecord({"values": Array(fb.values.cpu().numpy())})
+            msgs.append(Message(content=content, dst_node_id=node,
+                                message_type=MessageType.TRAIN, group_id=str(server_round)))
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server = self.coord.server
+        good, rejected, failed, undecodable = [], {}, 0, 0
+        for msg in replies:
+            if msg.has_error():
+                failed += 1
+                log.info("round %d: node %s failed: %s", server_round,
+                         msg.metadata.src_node_id, msg.error.reason)
+                continue
+            try:
+                worker, reply = decode_reply(msg, server.dim, server.params.dtype)
+            except Exception as exc:  # malformed or hostile message: drop, never crash
+                log.warning("round %d: dropped an undecodable reply from node %s: %s",
+                            server_round, msg.metadata.src_node_id, exc)
+                worker = self.node_worker.get(msg.metadata.src_node_id)
+                if worker is not None:
+                    rejected[worker] = f"undecodable reply: {exc}"
+                else:
+                    undecodable += 1
+                continue
+            self.node_worker[msg.metadata.src_node_id] = worker
+            good.append(reply)
+        outcome = self.coord.collect(good, rejected)
+        nodes = self._round_info.get("nodes", self.num_nodes)
+        info = {"outcome": outcome, "downlink_bytes": self._round_info.get("downlink", 0),
+                "missing": failed + max(0, self.num_nodes - nodes),
+                "replies": len(good) + len(rejected) + undecodable,
+                "rejected_extra": undecodable}
+        if self.on_round is not None:
+            self.on_round(server_round, info)
+        metrics = MetricRecord({"sent": int(outcome.sent), "uplink-bytes": int(outcome.uplink_raw),
+                                "accepted": len(outcome.accepted),
+                                "rejected": len(outcome.rejected)})
+        return model_record(server.params, server.buffers), metrics
+
+    # -- evaluation is central (the ServerApp's), not federated ----------------
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    def summary(self) -> None:
+        log.info("SparseAggregation: %d nodes, sparse scatter-add, server SGD", self.num_nodes)

@@ -37,7 +37,7 @@ class InProcessRun:
     def server(self):
         return self.coord.server
 
-    def round(self, t: int) -> dict:
+    def round(self, t: int, observer=None) -> dict:
         n_all = list(range(self.task.num_workers))
         downlink = self.coord.broadcast_bytes(n_all)
         alive = [n for n in n_all if not faults.drops(self.fault_cfg, self.seed, n, t)]
@@ -48,7 +48,7 @@ class InProcessRun:
             replies = worker_round(
                 self.task, self.memory, self.sparsifier, self.server.params, self.server.buffers,
                 self.coord.feedback_for(alive), alive, t, self.local_steps, self.local_lr,
-                weights, rows=None if len(alive) == len(n_all) else alive)
+                weights, rows=None if len(alive) == len(n_all) else alive, observer=observer)
             replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
                        for r in replies]
         out = self.coord.collect(replies)

@@ -51,12 +51,15 @@ def apply_feedback(memory: ErrorFeedbackMemory, feedbacks: list, rows=None) -> N
 
 # -- worker side -------------------------------------------------------------
 def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weights,
-             rows=None, worker_ids=None, round: int = 0) -> list:
+             rows=None, worker_ids=None, round: int = 0, observer=None) -> list:
     """Error feedback + selection for a batch of workers ([R, J] gradients).
-    Returns one :class:`Upload` per row; the memory is updated in place."""
+    Returns one :class:`Upload` per row; the memory is updated in place.
+    ``observer(a, selection)``, when given, sees the accumulated gradients."""
     a = memory.accumulate(grad, rows)
     ctx = memory.context(weights, rows, worker_ids, round)
     sel = sparsifier.select(a, ctx)
+    if observer is not None:
+        observer(a, sel)
     values = memory.commit(a, sel, rows)
     counts = sel.counts.tolist()
     dim = memory.dim
@@ -91,6 +94,34 @@ class RoundOutcome:
     sent: int = 0
 
 
+class ServerSGD:
+    """SGD on the flat global model, with the arithmetic of torch.optim.SGD
+    (weight decay, momentum with dampening 0, no Nesterov) but without its
+    per-step dispatch overhead, which dominated small models' rounds."""
+
+    def __init__(self, params: torch.Tensor, lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0):
+        self.params, self.lr = params, float(lr)
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.buf = None
+
+    def step(self, g: torch.Tensor) -> None:
+        d = g.add(self.params, alpha=self.weight_decay) if self.weight_decay else g
+        if self.momentum:
+            if self.buf is None:
+                self.buf = d.clone()
+            else:
+                self.buf.mul_(self.momentum).add_(d)
+            d = self.buf
+        self.params.add_(d, alpha=-self.lr)
+
+    def state_dict(self) -> dict:
+        return {"buf": None if self.buf is None else self.buf.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf = None if state.get("buf") is None else state["buf"].clone()
+
+
 class FedServer:
     """Global model, server optimizer and the aggregation rule g = sum w_n g_n.
 
@@ -103,8 +134,7 @@ class FedServer:
                  momentum: float = 0.0, weight_decay: float = 0.0):
         self.params = params.detach().clone()
         self.buffers = None if buffers is None else buffers.detach().clone()
-        self.opt = torch.optim.SGD([self.params], lr=lr, momentum=momentum,
-                                   weight_decay=weight_decay)
+        self.opt = ServerSGD(self.params, lr, momentum, weight_decay)
 
     @property
     def dim(self) -> int:
@@ -203,9 +233,7 @@ class FedServer:
         if self.buffers is not None:
             self.buffers = torch.stack([r.buffers for r in ok]).mul_(
                 torch.tensor(weights, dtype=self.buffers.dtype)[:, None]).sum(0)
-        self.params.grad = g
-        self.opt.step()
-        self.params.grad = None
+        self.opt.step(g)
         return out
 
     def state_dict(self) -> dict:
@@ -222,14 +250,14 @@ class FedServer:
 
 
 def worker_round(task, memory, sparsifier, params, buffers, feedbacks, workers, round,
-                 local_steps=1, local_lr=None, weights=None, rows=None) -> list:
+                 local_steps=1, local_lr=None, weights=None, rows=None, observer=None) -> list:
     """Everything a worker does in a round, for one or many workers at once:
     apply the server's feedback, compute the local update, sparsify, reply."""
     apply_feedback(memory, feedbacks, rows)
     res = task.local_update(params, buffers, workers, round, local_steps, local_lr)
     if weights is None:
         weights = [1.0 / len(workers)] * len(workers)
-    uploads = sparsify(memory, res.grad, sparsifier, weights, rows, workers, round)
+    uploads = sparsify(memory, res.grad, sparsifier, weights, rows, workers, round, observer)
     m = task.num_examples()
     return [Reply(n, up, int(m[n]), float(loss), None if res.buffers is None else res.buffers[i])
             for i, (n, up, loss) in enumerate(zip(workers, uploads, res.loss))]

@@ -137,8 +137,16 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder) -> N
     else:
         recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers), 0, 0, 0))
     bar = Progress(int(cfg.rounds), cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
+    obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
+    observer = None
+    if obs_every:
+        from .observe import GradientObserver
+        observer = GradientObserver(recorder.dir, sparsifier.sparsity)
     for t in range(start, int(cfg.rounds) + 1):
-        r = run.round(t)
+        watch = observer is not None and (t == 1 or t % obs_every == 0)
+        if watch:
+            observer.round = t
+        r = run.round(t, observer if watch else None)
         ev = task.evaluate(run.server.params, run.server.buffers) if evaluate_due(task, t, cfg) else {}
         row = round_row(t, r["outcome"], ev, r["downlink_bytes"], r["missing"], r["replies"])
         if not r["outcome"].accepted:
@@ -150,6 +158,8 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder) -> N
             _atomic_torch_save({"fingerprint": fingerprint, "round": t, "run": run.state_dict(),
                                 "rows": recorder.rows, "elapsed": recorder.elapsed()}, ckpt_path)
     bar.close()
+    if observer is not None:
+        observer.write()
     torch.save({"params": run.server.params, "buffers": run.server.buffers},
                recorder.dir / "model.pt")
 

@@ -83,6 +83,8 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "faults.nan_prob", 0, 1, allowed="must be in [0, 1]")
     _num(cfg, "checkpoint.every", 0, integer=True, allowed="must be an integer >= 0 (0 = off)")
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
+    _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")
     if _get(cfg, "device") == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -93,6 +95,11 @@ def validate(cfg: DictConfig) -> None:
                   "process: use runtime=inprocess")
         _num(cfg, "runtime.client_cpus", 0, lo_open=True, allowed="must be > 0")
         _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be in [0, 1]")
+        _num(cfg, "runtime.round_timeout_s", 0, lo_open=True, required=False,
+             allowed="must be > 0")
+        _num(cfg, "runtime.wait_for_nodes_s", 0, required=False, allowed="must be >= 0")
+        _num(cfg, "runtime.poll_interval_s", 0, lo_open=True, required=False,
+             allowed="must be > 0")
     if task == "toy" and n != 2:
         _fail("num_workers", n, "the toy task (Fig. 1) has exactly 2 workers")
     if task == "linreg":
@@ -140,7 +147,7 @@ def resolve_path(path) -> str:
 # -- the flat form used as Flower's run config ---------------------------------
 RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "num_workers", "rounds",
             "lr", "momentum", "weight_decay", "seed", "eval_every", "local_steps", "local_lr",
-            "device", "experiment")
+            "device", "experiment", "observe", "threads", "progress", "output_dir")
 
 
 def to_run_config(cfg: DictConfig) -> dict:
@@ -165,7 +172,12 @@ def to_run_config(cfg: DictConfig) -> dict:
 
 
 def from_run_config(run_config: dict) -> DictConfig:
-    """Inverse of :func:`to_run_config` ("" -> None)."""
+    """Inverse of :func:`to_run_config` ("" -> None).
+
+    A Flower run config holds every key the app declares in pyproject.toml
+    ([tool.flwr.app.config]: the union over all task/sparsifier/runtime
+    choices), so keys that belong only to *other* choices of a group (e.g.
+    ``task.dim`` of linreg in a cifar10 run) are dropped here."""
     tree: dict = {}
     for key, value in run_config.items():
         node = tree
@@ -173,4 +185,30 @@ def from_run_config(run_config: dict) -> DictConfig:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = None if value == "" else value
+    _drop_foreign_keys(tree)
     return OmegaConf.create(tree)
+
+
+GROUP_KEYS = ("task", "sparsifier", "runtime")
+
+
+def group_option_keys(group: str) -> dict:
+    """{option name: set of its keys} for one config group under conf/."""
+    out = {}
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        out[path.stem] = set(OmegaConf.load(path).keys()) - {"defaults"}
+    return out
+
+
+def _drop_foreign_keys(tree: dict) -> None:
+    for group in GROUP_KEYS:
+        node = tree.get(group)
+        if not isinstance(node, dict) or not (CONF_DIR / group).is_dir():
+            continue
+        options = group_option_keys(group)
+        own = options.get(node.get("name"))
+        if own is None:  # an option we do not know: leave it to validate()
+            continue
+        foreign = set().union(*options.values()) - own
+        for key in foreign & set(node):
+            del node[key]

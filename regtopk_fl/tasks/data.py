@@ -376,12 +376,12 @@ def load_cifar10(data_path=None, cache_dir=None, subset_per_class=None, test_sub
 
 
 # -- partitions ----------------------------------------------------------------------
-def _local_dataset(labels: np.ndarray, num_classes: int | None = None):
+def _local_dataset(labels: np.ndarray, class_names=None):
     import datasets
 
     labels = np.asarray(labels, np.int64)
-    k = int(num_classes or (labels.max() + 1 if labels.size else 1))
-    names = list(CIFAR10_CLASSES) if k == 10 else [str(c) for c in range(k)]
+    k = int(labels.max() + 1 if labels.size else 1)
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
     feats = datasets.Features({"label": datasets.ClassLabel(names=names),
                                "idx": datasets.Value("int64")})
     # from_dict(..., features) encodes row by row; an Arrow table does not
@@ -488,10 +488,11 @@ class _FixedPartitioner:
         return p
 
 
-def plot_label_distribution(labels, partitions, path, title=None, size_unit="absolute"):
+def plot_label_distribution(labels, partitions, path, title=None, size_unit="absolute",
+                            class_names=CIFAR10_CLASSES):
     """Bar plot of the label counts per worker (flwr-datasets'
     ``plot_label_distributions``) saved as a PNG. Returns the counts
-    DataFrame (workers x classes)."""
+    DataFrame (workers x classes). ``class_names=None``: the label numbers."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -501,7 +502,7 @@ def plot_label_distribution(labels, partitions, path, title=None, size_unit="abs
 
     if os.environ.get("FLWR_TELEMETRY_ENABLED") != "1":
         telemetry.FLWR_TELEMETRY_ENABLED = "0"
-    p = _FixedPartitioner(_local_dataset(labels), partitions)
+    p = _FixedPartitioner(_local_dataset(labels, class_names), partitions)
     fig, _, df = plot_label_distributions(
         p, label_name="label", plot_type="bar", size_unit=size_unit, legend=True,
         title=title or f"Label distribution over {len(partitions)} workers")

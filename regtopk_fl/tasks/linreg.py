@@ -55,6 +55,8 @@ class LinRegTask(Task):
         self.inv_m = 1.0 / torch.tensor(self.sizes, dtype=torch.float64)
         self.w_star = torch.linalg.solve(gram.sum(0), z.sum(0))
         self._total = float(sum(self.sizes))
+        # the global objective sum_n (m_n / M) f_n = (w'Gw - 2 z'w + y'y) / M
+        self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
         if init == "zeros":
             self._w0 = torch.zeros(j, dtype=torch.float64)
         elif init == "uniform":  # torch.nn.Linear's default, as the authors' model
@@ -69,20 +71,19 @@ class LinRegTask(Task):
     def init_params(self):
         return self._w0.clone()
 
-    def _local_losses(self, w, rows):
-        gw = torch.einsum("nij,nj->ni", self.gram[rows], w)
-        quad = (w * gw).sum(1) - 2 * (self.z[rows] * w).sum(1) + self.yy[rows]
-        return gw, quad * self.inv_m[rows]
-
     def gradients(self, params, buffers, workers, round, step):
         rows = list(workers)
-        gw, loss = self._local_losses(params, rows)
-        grads = 2.0 * self.inv_m[rows, None] * (gw - self.z[rows])
+        if rows == list(range(self.num_workers)):  # everyone: no gathers
+            gram, z, yy, inv_m = self.gram, self.z, self.yy, self.inv_m
+        else:
+            gram, z, yy, inv_m = self.gram[rows], self.z[rows], self.yy[rows], self.inv_m[rows]
+        gw = torch.bmm(gram, params.unsqueeze(2)).squeeze(2)
+        loss = ((params * gw).sum(1) - 2 * (z * params).sum(1) + yy) * inv_m
+        grads = 2.0 * inv_m[:, None] * (gw - z)
         return grads, loss.tolist(), None
 
     def evaluate(self, params, buffers=None):
-        w = params.unsqueeze(0).expand(self.num_workers, -1)
-        _, loss = self._local_losses(w, list(range(self.num_workers)))
-        weights = torch.tensor(self.sizes, dtype=torch.float64) / self._total
-        return {"loss": float((weights * loss).sum()),
-                "gap": float(torch.linalg.vector_norm(params - self.w_star))}
+        w = params.to(torch.float64)
+        quad = float(w @ (self._g_sum @ w)) - 2.0 * float(self._z_sum @ w) + self._yy_sum
+        return {"loss": quad / self._total,
+                "gap": float(torch.linalg.vector_norm(w - self.w_star))}

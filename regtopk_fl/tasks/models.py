@@ -28,8 +28,41 @@ def _seeded(seed: int, build):
         return build()
 
 
-def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0) -> nn.Module:
+def _narrow_resnet18(num_classes: int, width: int) -> nn.Module:
+    """ResNet-18 (CIFAR stem) with base width ``width`` instead of 64: the same
+    18-layer topology, every channel count scaled by width/64 (the CPU preset)."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    def layer(inp, out, stride):
+        down = None
+        if stride != 1 or inp != out:
+            down = nn.Sequential(conv1x1(inp, out, stride), nn.BatchNorm2d(out))
+        return nn.Sequential(BasicBlock(inp, out, stride, down), BasicBlock(out, out))
+
+    w = int(width)
+    m = nn.Sequential()
+    m.conv1 = nn.Conv2d(3, w, kernel_size=3, stride=1, padding=1, bias=False)
+    m.bn1, m.relu = nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+    m.layer1, m.layer2 = layer(w, w, 1), layer(w, 2 * w, 2)
+    m.layer3, m.layer4 = layer(2 * w, 4 * w, 2), layer(4 * w, 8 * w, 2)
+    m.avgpool, m.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten(1)
+    m.fc = nn.Linear(8 * w, num_classes)
+    for mod in m.modules():  # torchvision's ResNet init
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.constant_(mod.weight, 1)
+            nn.init.constant_(mod.bias, 0)
+    return m
+
+
+def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: int = 64) -> nn.Module:
     import torchvision
+
+    if int(width) != 64:
+        if stem != "cifar":
+            raise ValueError(f"task.width={width}: a narrowed ResNet-18 needs stem=cifar")
+        return _seeded(seed, lambda: _narrow_resnet18(num_classes, width))
 
     def build():
         m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -71,7 +104,7 @@ def tiny_cnn(in_channels: int = 3, num_classes: int = 10, width: int = 16,
 
 def build_model(name: str, num_classes: int = 10, seed: int = 0, **kw) -> nn.Module:
     if name == "resnet18":
-        return resnet18(num_classes, kw.get("stem", "cifar"), seed)
+        return resnet18(num_classes, kw.get("stem", "cifar"), seed, kw.get("width", 64))
     if name == "tiny_cnn":
         return tiny_cnn(kw.get("in_channels", 3), num_classes, kw.get("width", 16),
                         kw.get("image_size", 8), seed)

@@ -44,7 +44,7 @@ def save_memory(context: Context, mem: ErrorFeedbackMemory) -> None:
 
 
 def read_feedback(content: RecordDict, device):
-    if "feedback" not in content:
+    if "feedback-meta" not in content:
         return None
     meta = content["feedback-meta"]
     if bool(meta["rejected"]):

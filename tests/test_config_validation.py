@@ -1,0 +1,99 @@
+"""Fail fast: every bad setting stops the launcher before any work with one
+line naming the key and the value, exit status 2, no traceback, and no run
+directory left behind that looks like a run."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regtopk_fl.settings import ConfigError, validate
+
+BAD = [  # (overrides, key named in the message)
+    (["sparsifier.sparsity=0"], "sparsifier.sparsity=0"),
+    (["sparsifier.sparsity=1.5"], "sparsifier.sparsity=1.5"),
+    (["sparsifier.sparsity=-0.1"], "sparsifier.sparsity=-0.1"),
+    (["sparsifier.sparsity=abc"], "sparsifier.sparsity='abc'"),
+    (["sparsifier=regtopk", "sparsifier.mu=0"], "sparsifier.mu=0"),
+    (["sparsifier=regtopk", "sparsifier.mu=-2"], "sparsifier.mu=-2"),
+    (["sparsifier=regtopk", "sparsifier.distortion=nope"], "sparsifier.distortion='nope'"),
+    (["num_workers=0"], "num_workers=0"),
+    (["num_workers=2.5"], "num_workers=2.5"),
+    (["rounds=0"], "rounds=0"),
+    (["lr=0"], "lr=0"),
+    (["lr=-0.1"], "lr=-0.1"),
+    (["momentum=1.0"], "momentum=1.0"),
+    (["weight_decay=-1"], "weight_decay=-1"),
+    (["local_steps=0"], "local_steps=0"),
+    (["local_steps=2", "local_lr=0"], "local_lr=0"),
+    (["eval_every=0"], "eval_every=0"),
+    (["seed=-1"], "seed=-1"),
+    (["faults.drop_prob=1.0"], "faults.drop_prob=1.0"),
+    (["faults.nan_prob=2"], "faults.nan_prob=2"),
+    (["checkpoint.every=-5"], "checkpoint.every=-5"),
+    (["device=tpu"], "device='tpu'"),
+    (["threads=0"], "threads=0"),
+    (["task=toy", "num_workers=3"], "num_workers=3"),
+    (["task=linreg", "task.dim=0"], "task.dim=0"),
+    (["task=linreg", "task.sigma2=-1"], "task.sigma2=-1"),
+    (["task=linreg", "task.size_ratio=0.5"], "task.size_ratio=0.5"),
+    (["task=tiny_image", "task.batch_size=0"], "task.batch_size=0"),
+    (["task=tiny_image", "task.partition=weird"], "task.partition='weird'"),
+    (["task=tiny_image", "task.partition=dirichlet", "task.alpha=0"], "task.alpha=0"),
+    (["task=tiny_image", "num_workers=5000"], "num_workers=5000"),
+    (["task=cifar10", "task.data_path=/nonexistent/cifar.tar.gz"], "task.data_path='/nonexistent/cifar.tar.gz'"),
+    (["task=cifar10", "task.stem=vgg"], "task.stem='vgg'"),
+    (["task=cifar10", "task.subset_per_class=1", "num_workers=11"], "num_workers=11"),
+    (["sparsifier=global_topk", "runtime=flower"], "sparsifier='global_topk'"),
+    (["runtime=flower", "runtime.client_gpus=2"], "runtime.client_gpus=2"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_setting_is_named(make_cfg, overrides, named):
+    cfg = make_cfg(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(named + ":"), msg
+
+
+def test_default_and_presets_are_valid(make_cfg):
+    for overrides in ([], ["experiment=fig1_toy"], ["experiment=fig2_linreg"],
+                      ["experiment=fig3_cifar10_cpu"], ["experiment=gaussiank"],
+                      ["task=tiny_image", "num_workers=4"], ["runtime=flower"]):
+        validate(make_cfg(overrides))
+
+
+def _launch(tmp_path, *args):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "-m", "regtopk_fl", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["sparsifier.sparsity=1.5"], "sparsifier.sparsity=1.5"),
+    (["sparsifier=regtopk", "sparsifier.mu=0"], "sparsifier.mu=0"),
+    (["task=cifar10", "task.data_path=/no/such/file"], "task.data_path='/no/such/file'"),
+    (["sparsifier=nosuch"], "sparsifier='nosuch'"),
+    (["runtime=nosuch"], "runtime='nosuch'"),
+    (["-m", "sparsifier=topk,nosuch"], "sparsifier='nosuch'"),
+])
+def test_launcher_exits_2_in_one_line(tmp_path, args, named):
+    run_dir = tmp_path / "run"
+    proc = _launch(tmp_path, *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert named in lines[0] and "Traceback" not in proc.stderr
+    assert not run_dir.exists() and not (tmp_path / "sweep").exists()
+
+
+def test_bad_value_in_a_sweep_leaves_no_job_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _launch(tmp_path, "-m", "task=toy", "num_workers=2", "rounds=1", "lr=-1",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2 and "lr=-1" in proc.stderr
+    assert not any(Path(sweep).glob("*/metrics.csv")) if sweep.exists() else True

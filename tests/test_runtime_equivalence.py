@@ -50,3 +50,24 @@ def test_linreg_flower_equals_inprocess(make_cfg, tmp_path):
     # the model actually moved and RegTop-k's feedback path ran (downlink > model bytes)
     assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])
     assert int(r_ip[2]["downlink_bytes"]) > int(r_ip[1]["downlink_bytes"])
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_tiny_image_flower_equals_inprocess(make_cfg, tmp_path):
+    """A CNN with BatchNorm buffers: sparse gradients plus averaged buffers."""
+    ip, fl = _both(make_cfg, tmp_path, ["task=tiny_image", "num_workers=3", "rounds=5",
+                                        "sparsifier=regtopk", "sparsifier.sparsity=0.05",
+                                        "sparsifier.mu=2", "lr=0.1", "eval_every=5",
+                                        "task.samples=300", "task.partition=dirichlet",
+                                        "task.alpha=1.0", "device=cpu"])
+    m_ip, m_fl = _final_model(ip), _final_model(fl)
+    assert _rel(m_fl["params"], m_ip["params"]) <= 1e-6
+    assert _rel(m_fl["buffers"], m_ip["buffers"]) <= 1e-6
+    last_ip, last_fl = _rows(ip)[-1], _rows(fl)[-1]
+    assert last_ip["accuracy"] and last_fl["accuracy"] == last_ip["accuracy"]
+    assert abs(float(last_fl["loss"]) - float(last_ip["loss"])) <= 1e-6 * float(last_ip["loss"])
+    first = torch.load(ip / "model.pt", weights_only=False)["params"]
+    from regtopk_fl.runner import build
+    task, _ = build(make_cfg(["task=tiny_image", "num_workers=3", "task.samples=300"]))
+    assert not torch.equal(first, task.init_params())  # training moved the model

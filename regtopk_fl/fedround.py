@@ -5,6 +5,7 @@ these functions, so the two runtimes do the same arithmetic in the same order.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -60,10 +61,9 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
     sel = sparsifier.select(a, ctx)
     if observer is not None:
         observer(a, sel)
-    values = memory.commit(a, sel, rows)
+    values, local = memory.commit(a, sel, rows)
     counts = sel.counts.tolist()
     dim = memory.dim
-    local = sel.flat_idx - row_of_entry(counts, a.device) * dim
     dense = not getattr(sparsifier, "sends_indices", True)
     return [Upload(v, None if dense else i, dim)
             for v, i in zip(torch.split(values, counts), torch.split(local, counts))]
@@ -153,44 +153,57 @@ class FedServer:
                 why = "buffers have the wrong shape or non-finite entries"
         return why
 
-    def _all_sound(self, replies) -> bool:
+    @staticmethod
+    def _concat(replies):
+        """The sparse replies' indices (int64), values and lengths, concatenated."""
+        sparse = [r for r in replies if r.upload.indices is not None]
+        if not sparse:
+            return sparse, None, None, []
+        idx = torch.cat([r.upload.indices for r in sparse])
+        if idx.dtype != torch.int64:
+            idx = idx.to(torch.int64)
+        return sparse, idx, torch.cat([r.upload.values for r in sparse]), [
+            r.upload.values.numel() for r in sparse]
+
+    def _all_sound(self, replies, packed) -> bool:
         """Vectorised check of every reply at once (the common case)."""
-        if any(r.upload.dim != self.dim or r.upload.values.dtype != self.params.dtype
-               or r.upload.values.dim() != 1 or not isinstance(r.num_examples, int)
-               or r.num_examples < 1 or (r.buffers is not None) != (self.buffers is not None)
-               for r in replies):
-            return False
-        vals = torch.cat([r.upload.values for r in replies])
+        dtype, has_buf, dim = self.params.dtype, self.buffers is not None, self.dim
+        for r in replies:
+            u = r.upload
+            if (u.dim != dim or u.values.dtype != dtype or u.values.dim() != 1
+                    or type(r.num_examples) is not int or r.num_examples < 1
+                    or (r.buffers is not None) != has_buf):
+                return False
+            if u.indices is None:
+                if u.values.numel() != dim or not bool(torch.isfinite(u.values).all()):
+                    return False
+            elif (u.indices.dtype not in (torch.int32, torch.int64) or u.indices.dim() != 1
+                  or u.indices.numel() != u.values.numel()):
+                return False
+        if has_buf:
+            if any(r.buffers.shape != self.buffers.shape for r in replies):
+                return False
+            if not bool(torch.isfinite(torch.stack([r.buffers for r in replies])).all()):
+                return False
+        sparse, idx, vals, counts = packed
+        if idx is None or idx.numel() == 0:
+            return True
         if not bool(torch.isfinite(vals).all()):
             return False
-        if self.buffers is not None:
-            bufs = torch.stack([r.buffers for r in replies]) if all(
-                r.buffers.shape == self.buffers.shape for r in replies) else None
-            if bufs is None or not bool(torch.isfinite(bufs).all()):
-                return False
-        sparse = [r.upload for r in replies if r.upload.indices is not None]
-        if any(u.indices.dtype not in (torch.int32, torch.int64) or u.indices.dim() != 1
-               or u.indices.numel() != u.values.numel() for u in sparse):
-            return False
-        if any(u.indices is None and u.values.numel() != self.dim for u in
-               (r.upload for r in replies)):
-            return False
-        sparse = [u for u in sparse if u.indices.numel()]
-        if not sparse:
-            return True
-        idx = torch.cat([u.indices.to(torch.int64) for u in sparse])
-        if int(idx.min()) < 0 or int(idx.max()) >= self.dim:
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= dim:
             return False
         # strictly ascending within each upload (so no duplicates)
-        step = idx[1:] - idx[:-1]
-        starts = torch.cumsum(torch.tensor([u.indices.numel() for u in sparse]), 0)[:-1] - 1
-        ok = step > 0
-        ok[starts] = True
+        ok = idx[1:] > idx[:-1]
+        bounds = [e - 1 for e in itertools.accumulate(counts[:-1]) if 0 < e < idx.numel()]
+        if bounds:
+            ok[torch.tensor(bounds)] = True
         return bool(ok.all())
 
     def step(self, replies: list) -> RoundOutcome:
         replies = sorted(replies, key=lambda r: r.worker)  # same order in every runtime
-        if self._all_sound(replies):
+        packed = self._concat(replies)
+        if self._all_sound(replies, packed):
             ok, rejected = replies, {}
         else:
             ok, rejected = [], {}
@@ -201,6 +214,7 @@ class FedServer:
                 else:
                     rejected[r.worker] = why
                     log.warning("dropped the upload of worker %s: %s", r.worker, why)
+            packed = self._concat(ok)
         g = torch.zeros_like(self.params)
         out = RoundOutcome(g, {}, {}, [r.worker for r in ok], rejected)
         if not ok:
@@ -209,26 +223,25 @@ class FedServer:
         total = float(sum(r.num_examples for r in ok))
         weights = [r.num_examples / total for r in ok]
         out.weights = {r.worker: w for r, w in zip(ok, weights)}
-        sparse = [(r.upload, w) for r, w in zip(ok, weights) if r.upload.indices is not None]
         for r, w in zip(ok, weights):
             if r.upload.indices is None:
                 g.add_(r.upload.values, alpha=w)
+        sparse, idx, vals, counts = packed
         if sparse:
             # one scatter-add over all uploads, in worker order: the same
             # sequence of additions as adding them one by one
-            idx = torch.cat([u.indices.to(torch.int64) for u, _ in sparse])
-            counts = [u.sent for u, _ in sparse]
-            wrep = torch.tensor([w for _, w in sparse], dtype=g.dtype)[row_of_entry(counts)]
-            g.index_add_(0, idx, torch.cat([u.values for u, _ in sparse]) * wrep)
-        fb = iter(torch.split(g[idx], counts) if sparse else ())
+            wrep = torch.tensor([out.weights[r.worker] for r in sparse],
+                                dtype=g.dtype)[row_of_entry(counts)]
+            g.index_add_(0, idx, vals * wrep)
+            fb = iter(torch.split(g[idx], counts))
         for r in ok:
             out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
-        out.sent = sum(r.upload.sent for r in ok)
+        out.sent = sum(r.upload.values.numel() for r in ok)
         out.uplink_raw = sum(raw_bytes(r.upload) for r in ok)
         out.uplink_coded = sum(raw_bytes(r.upload) for r in ok if r.upload.indices is None)
         if sparse:
-            out.uplink_coded += sum(coded_index_bytes_rows(idx, counts, self.dim)) + sum(
-                u.sent * u.values.element_size() for u, _ in sparse)
+            out.uplink_coded += sum(coded_index_bytes_rows(idx, counts, self.dim)) + (
+                vals.numel() * vals.element_size())
         out.loss = sum(w * float(r.loss) for r, w in zip(ok, weights))
         if self.buffers is not None:
             self.buffers = torch.stack([r.buffers for r in ok]).mul_(

@@ -44,6 +44,7 @@ class ErrorFeedbackMemory:
         self.prev_counts = torch.zeros(self.num_rows, dtype=torch.int64, device=device)
         self.prev_sent, self.fb_g = z, z.clone()
         self.fb_w = torch.zeros(self.num_rows, dtype=dtype, device=device)
+        self._flat = None  # cached (flat index, row) of prev_local
 
     # -- the round ---------------------------------------------------------
     def accumulate(self, grad: torch.Tensor, rows=None) -> torch.Tensor:
@@ -65,32 +66,38 @@ class ErrorFeedbackMemory:
         weights = torch.as_tensor(weights, dtype=self.eps.dtype, device=self.eps.device)
         rows_l = list(range(self.num_rows)) if rows is None else list(rows)
         if rows is None:
-            local, counts, sent, fb_g = self.prev_local, self.prev_counts, self.prev_sent, self.fb_g
+            sent, fb_g = self.prev_sent, self.fb_g
+            if self._flat is None:  # (flat index, row) of every previous entry
+                pos = row_of_entry(self.prev_counts, self.prev_local.device)
+                self._flat = (self.prev_local + pos * self.dim, pos)
+            flat, pos = self._flat
+            fb_w = self.fb_w[pos]
         else:
             local, counts, sent, fb_g = self._gather_rows(rows_l)
-        pos = row_of_entry(counts, local.device)
-        fb_w = self.fb_w[rows_l][pos] if rows is not None else self.fb_w[pos]
-        return SelectContext(local + pos * self.dim, sent, fb_g, fb_w, weights,
+            pos = row_of_entry(counts, local.device)
+            flat, fb_w = local + pos * self.dim, self.fb_w[rows_l][pos]
+        return SelectContext(flat, sent, fb_g, fb_w, weights,
                              tuple(worker_ids) if worker_ids is not None else tuple(rows_l),
                              int(round))
 
-    def commit(self, a: torch.Tensor, sel: Selection, rows=None) -> torch.Tensor:
+    def commit(self, a: torch.Tensor, sel: Selection, rows=None):
         """Take the selected entries out of ``a``; the rest stays as residual.
-        Returns the values to send (``sent + new residual == a`` exactly)."""
+        Returns (values to send, their row-local indices); ``sent + new
+        residual == a`` exactly."""
         flat_a = a.view(-1)
         values = flat_a[sel.flat_idx]
         flat_a[sel.flat_idx] = 0
-        n = a.shape[0]
         pos = row_of_entry(sel.counts, a.device)
         local = sel.flat_idx - pos * self.dim
         nan = torch.full_like(values, float("nan"))
         if rows is None:
             self.prev_local, self.prev_counts = local, sel.counts.clone()
             self.prev_sent, self.fb_g = values, nan
+            self._flat = (sel.flat_idx, pos)
         else:
             self.eps[list(rows)] = a
             self._scatter_rows(list(rows), local, sel.counts, values, nan)
-        return values
+        return values, local
 
     def set_feedback(self, fb_values: torch.Tensor, weights, rows=None) -> None:
         """Server feedback for the rows' last upload: the global gradient on
@@ -140,6 +147,7 @@ class ErrorFeedbackMemory:
             for i in range(3):
                 out[i].append(src[i][s:e])
         self.prev_local, self.prev_sent, self.fb_g = (torch.cat(o) for o in out)
+        self._flat = None
         self.prev_counts = self.prev_counts.clone()
         self.prev_counts[rows] = counts
 
@@ -152,6 +160,7 @@ class ErrorFeedbackMemory:
         for k, v in state.items():
             ref = getattr(self, k)
             setattr(self, k, torch.as_tensor(v).to(dtype=ref.dtype, device=ref.device).clone())
+        self._flat = None
         self.eps = self.eps.reshape(self.num_rows, self.dim)
 
 

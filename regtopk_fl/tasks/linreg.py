@@ -77,7 +77,10 @@ class LinRegTask(Task):
             gram, z, yy, inv_m = self.gram, self.z, self.yy, self.inv_m
         else:
             gram, z, yy, inv_m = self.gram[rows], self.z[rows], self.yy[rows], self.inv_m[rows]
-        gw = torch.bmm(gram, params.unsqueeze(2)).squeeze(2)
+        if params.stride(0) == 0:  # every row is the same model (local_steps=1): one mat-vec
+            gw = (gram.reshape(-1, self.dim) @ params[0]).reshape(len(rows), self.dim)
+        else:
+            gw = torch.bmm(gram, params.unsqueeze(2)).squeeze(2)
         loss = ((params * gw).sum(1) - 2 * (z * params).sum(1) + yy) * inv_m
         grads = 2.0 * inv_m[:, None] * (gw - z)
         return grads, loss.tolist(), None

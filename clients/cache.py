@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 from omegaconf import OmegaConf
 
 _CACHE: dict = {}
+log = logging.getLogger(__name__)
 
 
 def settings_of(context, settings=None):
@@ -20,11 +22,31 @@ def settings_of(context, settings=None):
     return OmegaConf.create(settings)
 
 
+# SuperNode --node-config keys that override a task setting on that node only
+NODE_OVERRIDES = {"data-path": "data_path", "cache-dir": "cache_dir"}
+
+
+def apply_node_config(cfg, node_config) -> None:
+    """A SuperNode's own paths (``--node-config 'data-path="/data/cifar10-jpeg.tar.gz"'``)
+    replace the run config's ``task.data_path`` / ``task.cache_dir`` on that node.
+    Ignored (with a log line) for tasks without that setting."""
+    for node_key, task_key in NODE_OVERRIDES.items():
+        value = node_config.get(node_key)
+        if value in (None, ""):
+            continue
+        if task_key in cfg.task:
+            cfg.task[task_key] = str(value)
+        else:
+            log.info("node config %s=%r ignored: task %s has no %s", node_key, value,
+                     cfg.task.name, task_key)
+
+
 def settings_and_build(context, settings=None):
     """(cfg, task, sparsifier, device), built once per process and config."""
     from regtopk_fl.runner import build, resolve_device
 
     cfg = settings_of(context, settings)
+    apply_node_config(cfg, getattr(context, "node_config", None) or {})
     key = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True),
                                     sort_keys=True, default=str).encode()).hexdigest()
     if key not in _CACHE:

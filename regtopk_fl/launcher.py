@@ -59,8 +59,19 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         _discard_run_dir(run_dir)
         _fail(str(exc))
-    for name in ("flwr", "ray", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    if cfg.get("print_flwr_run"):  # print the Deployment Runtime's `flwr run`, run nothing
+        from .deploy import DEFAULT_CONNECTION, flwr_run_command
+
+        conn = cfg.print_flwr_run if isinstance(cfg.print_flwr_run, str) else DEFAULT_CONNECTION
+        _discard_run_dir(run_dir)  # the ServerApp creates it (on the SuperLink's machine)
+        try:
+            print(flwr_run_command(cfg, conn, output_dir=run_dir))
+        except (ConfigError, ValueError) as exc:
+            _fail(str(exc))
+        return
+    if cfg.get("threads"):
+        import torch
+        torch.set_num_threads(int(cfg.threads))
     from .runner import run_experiment
 
     summary = run_experiment(cfg, run_dir)
@@ -72,7 +83,10 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     check_group_choices(sys.argv[1:])
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    _main()
+    try:
+        _main()
+    except ValueError as exc:  # Hydra's own usage errors (e.g. -m with --cfg)
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import torch  # noqa: E402
-from flwr.app import ConfigRecord, Context  # noqa: E402
+from flwr.app import DEFAULT_TTL, ConfigRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -36,7 +36,8 @@ def run_server(grid: Grid, cfg, task, recorder, device: str = "cpu") -> FedServe
     coord = Coordinator(server)
     rounds = int(cfg.rounds)
     recorder.add(round_row(0, None, _evaluate(task, server, device), 0, 0, 0))
-    bar = Progress(rounds, cfg.progress, f"{cfg.sparsifier.name} (flower)")
+    bar = Progress(rounds, bool(OmegaConf.select(cfg, "progress", default=False)),
+                   f"{cfg.sparsifier.name} (flower)")
 
     def on_round(t: int, info: dict) -> None:
         ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
@@ -46,11 +47,13 @@ def run_server(grid: Grid, cfg, task, recorder, device: str = "cpu") -> FedServe
         recorder.add(row)
         bar.update(row)
 
-    strategy = SparseAggregation(coord, int(cfg.num_workers), on_round)
+    timeout = float(OmegaConf.select(cfg, "runtime.round_timeout_s", default=3600.0))
+    strategy = SparseAggregation(coord, int(cfg.num_workers), on_round,
+                                 wait_for_nodes_s=float(OmegaConf.select(
+                                     cfg, "runtime.wait_for_nodes_s", default=600.0)),
+                                 message_ttl_s=min(timeout, float(DEFAULT_TTL)))
     strategy.start(grid=grid, initial_arrays=model_record(server.params, server.buffers),
-                   num_rounds=rounds, timeout=float(OmegaConf.select(cfg, "runtime.round_timeout_s",
-                                                                     default=3600.0)),
-                   train_config=ConfigRecord())
+                   num_rounds=rounds, timeout=timeout, train_config=ConfigRecord())
     bar.close()
     torch.save({"params": server.params, "buffers": server.buffers}, recorder.dir / "model.pt")
     return server
@@ -92,6 +95,22 @@ def run_simulation(cfg, task, recorder) -> None:
 app = ServerApp()
 
 
+def _log_to_run_stream() -> None:
+    """The strategy's INFO lines (failed / missing replies per round) into the
+    ServerApp's output, which `flwr log <run-id>` shows."""
+    import sys
+
+    for name in ("strategies", "regtopk_fl"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_regtopk", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            handler._regtopk = True
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(logging.INFO)
+
+
 @app.main()
 def flwr_main(grid: Grid, context: Context) -> None:
     from regtopk_fl.results import RunRecorder
@@ -100,10 +119,16 @@ def flwr_main(grid: Grid, context: Context) -> None:
 
     cfg = from_run_config(dict(context.run_config))
     validate(cfg)
+    _log_to_run_stream()
     task, sparsifier = build(cfg)
-    out = OmegaConf.select(cfg, "output_dir") or "results/runs/flwr-run"
+    # a relative output_dir is relative to the SuperLink's working directory
+    out = OmegaConf.select(cfg, "output_dir") or f"results/runs/flwr-run-{context.run_id}"
     recorder = RunRecorder(out, identity(cfg, sparsifier))
     recorder.write_summary("running")
+    poll_s = OmegaConf.select(cfg, "runtime.poll_interval_s", default=None)
+    if poll_s:  # HttpGrid waits a fixed 3 s between pulls; poll faster
+        from .polling_grid import PollingGrid
+        grid = PollingGrid(grid, float(poll_s))
     try:
         run_server(grid, cfg, task, recorder, resolve_device(cfg))
     except BaseException:

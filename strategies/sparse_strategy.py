@@ -53,21 +53,32 @@ class SparseAggregation(Strategy):
 
     def __init__(self, coordinator: Coordinator, num_nodes: int,
                  on_round: Callable[[int, dict], None] | None = None,
-                 wait_for_nodes_s: float = 600.0):
+                 wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None):
         self.coord = coordinator
+        # a train message expires when the server stops waiting for its reply,
+        # so a node that was away (restarted) never works on a stale round
+        self.message_ttl_s = message_ttl_s
         self.num_nodes = int(num_nodes)
         self.on_round = on_round
         self.wait_for_nodes_s = wait_for_nodes_s
         self.node_worker: dict = {}  # Flower node id -> worker (partition id)
+        self.upload_round: dict = {}  # worker -> round of its last upload the server got
         self._round_info: dict = {}
+        self._started = False
 
     # -- train -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list:
+        """The connected nodes. Before the first round: wait up to
+        ``wait_for_nodes_s`` for all ``num_nodes``; later rounds go on with the
+        nodes that are online (a node that died is counted as missing; one that
+        comes back is used again) and only wait while none is online."""
         deadline = time.monotonic() + self.wait_for_nodes_s
         nodes = sorted(grid.get_node_ids())
-        while len(nodes) < self.num_nodes and time.monotonic() < deadline:
+        want = 1 if self._started else self.num_nodes
+        while len(nodes) < want and time.monotonic() < deadline:
             time.sleep(0.2)
             nodes = sorted(grid.get_node_ids())
+        self._started = True
         return nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -83,20 +94,24 @@ class SparseAggregation(Strategy):
             if fb is not None:
                 content["feedback-meta"] = ConfigRecord({"weight": float(fb.weight),
                                                          "rejected": bool(fb.rejected)})
+                if worker in self.upload_round:  # which upload this feedback is about
+                    content["feedback-meta"]["round"] = int(self.upload_round[worker])
                 if fb.values is not None:
                     content["feedback"] = ArrayRecord({"values": Array(fb.values.cpu().numpy())})
             msgs.append(Message(content=content, dst_node_id=node,
-                                message_type=MessageType.TRAIN, group_id=str(server_round)))
+                                message_type=MessageType.TRAIN, group_id=str(server_round),
+                                ttl=self.message_ttl_s))
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server = self.coord.server
+        replies = list(replies)
         good, rejected, failed, undecodable = [], {}, 0, 0
         for msg in replies:
             if msg.has_error():
                 failed += 1
-                log.info("round %d: node %s failed: %s", server_round,
-                         msg.metadata.src_node_id, msg.error.reason)
+                log.info("round %d: node %s failed: [code %s] %s", server_round,
+                         msg.metadata.src_node_id, msg.error.code, msg.error.reason)
                 continue
             try:
                 worker, reply = decode_reply(msg, server.dim, server.params.dtype)
@@ -112,9 +127,15 @@ class SparseAggregation(Strategy):
             self.node_worker[msg.metadata.src_node_id] = worker
             good.append(reply)
         outcome = self.coord.collect(good, rejected)
+        for worker in [r.worker for r in good] + list(rejected):
+            self.upload_round[worker] = server_round
         nodes = self._round_info.get("nodes", self.num_nodes)
+        no_reply = max(0, nodes - len(replies))  # timed out (round_timeout_s)
+        if no_reply or nodes < self.num_nodes:
+            log.info("round %d: %d of %d nodes online, %d replies, %d without reply in time",
+                     server_round, nodes, self.num_nodes, len(replies), no_reply)
         info = {"outcome": outcome, "downlink_bytes": self._round_info.get("downlink", 0),
-                "missing": failed + max(0, self.num_nodes - nodes),
+                "missing": failed + no_reply + max(0, self.num_nodes - nodes),
                 "replies": len(good) + len(rejected) + undecodable,
                 "rejected_extra": undecodable}
         if self.on_round is not None:

@@ -1,0 +1,329 @@
+"""Deployment Runtime (SuperLink + SuperNodes, `flwr run`): the run config
+in pyproject.toml, the `flwr run` command builder, the Flower app bundle, the
+ClientApp's restart / stale-feedback handling and the strategy's behaviour
+when nodes go away -- all without a network. The loopback proof with real
+processes (TLS, node authentication, 3 SuperNodes, a killed node) is
+``make federation-test`` (scripts/federation_test.py); here it runs only when
+REGTOPK_DEPLOY_TESTS=1: it takes ~11 minutes on 2 shared cores (20 + 12
+rounds at ~17 s per round, plus a ~55 s wait for the SuperLink to notice the
+killed node), too long for `make test`.
+"""
+import os
+import shlex
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.config import fuse_dicts, parse_config_args
+from omegaconf import OmegaConf
+
+from regtopk_fl import deploy
+from regtopk_fl.settings import PROJECT_ROOT, from_run_config, to_run_config
+
+REPO = PROJECT_ROOT
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Message() needs the process's task identity (Flower sets it in its processes)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 77)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+# -- pyproject.toml / flwr run --------------------------------------------------
+def test_pyproject_run_config_matches_conf():
+    declared = deploy.pyproject_app_config()
+    assert declared == deploy.app_config_defaults(), (
+        "pyproject.toml [tool.flwr.app.config] is out of date: "
+        "python -m regtopk_fl.deploy pyproject --write")
+    for key in ("task.name", "sparsifier.sparsity", "runtime.round_timeout_s", "output_dir",
+                "num_workers", "rounds"):
+        assert key in declared
+
+
+def _fused(cmd: str) -> dict:
+    """What the apps receive: pyproject defaults fused with the command's overrides."""
+    argv = shlex.split(cmd)
+    overrides = parse_config_args([argv[argv.index("--run-config") + 1]])
+    return fuse_dicts(deploy.pyproject_app_config(), overrides)  # raises on undeclared keys
+
+
+@pytest.mark.parametrize("overrides", [
+    ["task=linreg", "num_workers=3", "sparsifier=regtopk", "sparsifier.sparsity=0.3", "rounds=20"],
+    ["task=tiny_image", "sparsifier=topk", "num_workers=4", "task.samples=200", "lr=1"],
+    ["experiment=fig1_toy", "sparsifier=dense", "runtime=flower", "runtime.round_timeout_s=30"],
+])
+@pytest.mark.parametrize("only_changed", [True, False])
+def test_flwr_run_command_round_trips(make_cfg, overrides, only_changed, tmp_path):
+    cfg = make_cfg(overrides)
+    cmd = deploy.flwr_run_command(cfg, "mylink", output_dir=tmp_path / "out",
+                                  only_changed=only_changed)
+    assert cmd.startswith("flwr run . mylink --run-config ")
+    got = from_run_config(_fused(cmd))
+    want = from_run_config(deploy.deploy_run_config(cfg, tmp_path / "out"))
+    assert OmegaConf.to_container(got) == OmegaConf.to_container(want)
+    # the apps see the config's own keys (no keys of other task/sparsifier choices)
+    assert set(got.task) == set(cfg.task) and set(got.sparsifier) == set(cfg.sparsifier)
+    for key in ("num_workers", "rounds", "lr", "seed"):
+        assert got[key] == cfg[key] and type(got[key]) is type(cfg[key])
+    assert OmegaConf.to_container(got.task) == OmegaConf.to_container(cfg.task, resolve=True)
+    assert got.runtime.name == "flower" and got.output_dir == str(tmp_path / "out")
+
+
+def test_flwr_run_command_rejects_undeclared_keys(make_cfg):
+    cfg = make_cfg(["+task.not_a_key=1"])
+    with pytest.raises(ValueError, match="not declared"):
+        deploy.flwr_run_command(cfg)
+
+
+def test_from_run_config_is_inverse_for_real_configs(make_cfg):
+    cfg = make_cfg(["task=tiny_image", "sparsifier=gaussiank"])
+    flat = to_run_config(cfg)
+    assert to_run_config(from_run_config(flat)) == flat
+
+
+@pytest.mark.slow
+def test_launcher_print_flwr_run(tmp_path):
+    run_dir = tmp_path / "sweep" / "run"  # (the launcher also removes an emptied parent)
+    r = subprocess.run([sys.executable, "-m", "regtopk_fl", "num_workers=3", "rounds=7",
+                        "print_flwr_run=mylink", f"hydra.run.dir={run_dir}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("flwr run . mylink --run-config ")
+    assert "rounds=7" in line and "num_workers=3" in line and f'output_dir="{run_dir}"' in line
+    assert not run_dir.exists()  # nothing ran
+
+
+# -- the Flower app bundle ----------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec, inside flwr build
+def test_fab_ships_the_apps_and_imports_from_its_copy(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(REPO)
+    assert len(fab) < 1_000_000
+    path = tmp_path / "app.fab"
+    path.write_bytes(fab)
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "app")
+    for must in ("pyproject.toml", "clients/client_app.py", "strategies/server_app.py",
+                 "strategies/sparse_strategy.py", "regtopk_fl/settings.py",
+                 "regtopk_fl/tasks/linreg.py", "conf/config.yaml", "conf/task/linreg.yaml"):
+        assert must in names
+    assert not any(n.startswith(("tests/", "results/", "docs/", ".venv/")) for n in names)
+    # Flower's own loader, as flwr-serverapp / flwr-clientapp use it on the FAB copy
+    code = (
+        "import sys\n"
+        "from flwr.supercore.object_ref import load_app\n"
+        "sa = load_app('strategies.server_app:app', RuntimeError, project_dir=sys.argv[1])\n"
+        "ca = load_app('clients.client_app:app', RuntimeError, project_dir=sys.argv[1])\n"
+        "import clients, strategies, regtopk_fl.settings as s\n"
+        "for m in (clients, strategies, s):\n"
+        "    assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
+        "assert (s.CONF_DIR / 'task' / 'linreg.yaml').exists(), s.CONF_DIR\n"
+        "print(type(sa).__name__, type(ca).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "app")], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ServerApp", "ClientApp"]
+
+
+# -- ClientApp: node config, restarts, stale feedback -------------------------
+def _linreg_cfg(make_cfg, **kw):
+    over = ["task=linreg", "num_workers=3", "sparsifier=regtopk", "sparsifier.sparsity=0.3",
+            "task.dim=40", "task.samples_per_worker=30", "runtime=flower", "device=cpu"]
+    return make_cfg(over + [f"{k}={v}" for k, v in kw.items()])
+
+
+class _Federation:
+    """The ServerApp's strategy and N ClientApps wired together in-process,
+    with hooks to restart a node (fresh Context) or lose its reply."""
+
+    def __init__(self, cfg, node_config_extra=None):
+        from regtopk_fl.fedround import Coordinator, FedServer
+        from regtopk_fl.runner import build
+        from strategies.sparse_strategy import SparseAggregation
+
+        self.cfg = cfg
+        self.run_config = to_run_config(cfg)
+        task, _ = build(cfg)
+        self.server = FedServer(task.init_params(), None, lr=cfg.lr)
+        self.strategy = SparseAggregation(Coordinator(self.server), cfg.num_workers,
+                                          wait_for_nodes_s=0)
+        self.n = int(cfg.num_workers)
+        self.extra = node_config_extra or {}
+        self.contexts = {100 + i: self.new_context(i) for i in range(self.n)}
+        self.rows = []
+        self.strategy.on_round = lambda _t, info: self.rows.append(info)
+
+    def new_context(self, i):
+        node_config = {"partition-id": i, "num-partitions": self.n, **self.extra.get(i, {})}
+        return Context(run_id=77, node_id=100 + i, node_config=node_config, state=RecordDict(),
+                       run_config=dict(self.run_config))
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def round(self, t, restart=(), lose=()):
+        from clients.client_app import handle_train
+        from strategies.sparse_strategy import model_record
+
+        for i in restart:
+            self.contexts[100 + i] = self.new_context(i)
+        arrays = model_record(self.server.params, None)
+        msgs = self.strategy.configure_train(t, arrays, ConfigRecord(), self)
+        replies = []
+        for m in msgs:
+            reply = handle_train(m, self.contexts[m.metadata.dst_node_id])
+            assert not reply.has_error(), reply.error
+            if m.metadata.dst_node_id - 100 not in lose:
+                replies.append(reply)
+        self.strategy.aggregate_train(t, replies)
+        return self.rows[-1]
+
+
+def test_node_config_data_path_overrides_task_path(make_cfg):
+    from clients.cache import apply_node_config
+
+    cfg = make_cfg(["task=cifar10"])
+    apply_node_config(cfg, {"data-path": "/node/data", "cache-dir": "/node/cache"})
+    assert cfg.task.data_path == "/node/data" and cfg.task.cache_dir == "/node/cache"
+    lin = make_cfg(["task=linreg"])
+    apply_node_config(lin, {"data-path": "/node/data"})  # linreg has no data: ignored
+    assert "data_path" not in lin.task
+
+
+def test_restarted_node_with_state_dir_resumes_exactly(make_cfg, task_identity, tmp_path):
+    """Node 1 loses its Context (a killed + restarted SuperNode) before rounds
+    3 and 5; with a state dir the run is bit-identical to the uninterrupted one."""
+    cfg = _linreg_cfg(make_cfg)
+    ref, fed = _Federation(cfg), _Federation(cfg, {1: {"state-dir": str(tmp_path / "s1")}})
+    for t in range(1, 7):
+        ref.round(t)
+        fed.round(t, restart=(1,) if t in (3, 5) else ())
+    assert torch.equal(ref.server.params, fed.server.params)
+    assert (tmp_path / "s1" / "run-77-partition-1.pt").exists()
+    assert not list((tmp_path / "s1").glob(".*tmp"))  # atomic writes leave no temp file
+
+
+def test_fresh_node_ignores_feedback_instead_of_crashing(make_cfg, task_identity, caplog):
+    """Without a state dir a restarted node has an empty memory: the server's
+    feedback about its last upload is ignored (logged), the round goes on."""
+    cfg = _linreg_cfg(make_cfg)
+    fed = _Federation(cfg)
+    for t in (1, 2):
+        fed.round(t)
+    with caplog.at_level("WARNING", logger="clients.client_app"):
+        info = fed.round(3, restart=(2,))
+    assert "ignoring feedback" in caplog.text
+    assert len(info["outcome"].accepted) == 3 and info["missing"] == 0
+    assert torch.isfinite(fed.server.params).all()
+
+
+def test_lost_upload_goes_back_into_the_residual(make_cfg, task_identity, caplog):
+    """Node 0's round-2 reply never reaches the server: next round the server's
+    feedback is about round 1, so the client puts its round-2 upload back into
+    the residual (as for a rejected upload): nothing of its gradient is lost."""
+    from clients.client_app import load_memory
+    from regtopk_fl.runner import build
+
+    cfg = _linreg_cfg(make_cfg)
+    fed = _Federation(cfg)
+    task, _ = build(cfg)
+    fed.round(1)
+    ctx = fed.contexts[100]
+    before = load_memory(ctx, task, "cpu").eps.clone()  # residual after round 1
+    p2 = fed.server.params.clone()
+    info = fed.round(2, lose=(0,))
+    assert info["missing"] == 1 and len(info["outcome"].accepted) == 2
+    p3 = fed.server.params.clone()
+    with caplog.at_level("WARNING", logger="clients.client_app"):
+        fed.round(3)
+    assert "never received" in caplog.text
+    mem = load_memory(ctx, task, "cpu")
+    sent = torch.zeros(task.dim, dtype=mem.eps.dtype)
+    sent[mem.prev_local] = mem.prev_sent
+    g2 = task.local_update(p2, None, [0], 2, 1, cfg.lr).grad[0]
+    g3 = task.local_update(p3, None, [0], 3, 1, cfg.lr).grad[0]
+    # residual + what the server got in round 3 == residual after round 1 + both gradients
+    torch.testing.assert_close(mem.eps[0] + sent, before[0] + g2 + g3, rtol=1e-5, atol=1e-6)
+
+
+# -- strategy: nodes that go away ------------------------------------------------
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_strategy_waits_for_all_nodes_only_before_round_one():
+    import time
+
+    from regtopk_fl.fedround import Coordinator, FedServer
+    from strategies.sparse_strategy import SparseAggregation
+
+    s = SparseAggregation(Coordinator(FedServer(torch.zeros(4))), 3, wait_for_nodes_s=0.5)
+    t0 = time.monotonic()
+    assert s._nodes(_Grid([1, 2])) == [1, 2] and time.monotonic() - t0 >= 0.5
+    t0 = time.monotonic()
+    assert s._nodes(_Grid([1, 2])) == [1, 2] and time.monotonic() - t0 < 0.3
+
+
+def test_polling_grid_polls_fast_and_honours_timeout(task_identity):
+    import time
+
+    from strategies.polling_grid import PollingGrid
+
+    class Fake:
+        def __init__(self):
+            self.pulls = 0
+
+        def push_messages(self, msgs):
+            self.msgs = list(msgs)
+            return [f"id{i}" for i in range(len(self.msgs))]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.pulls < 3:
+                return []
+            out = []
+            for i in sorted(ids):
+                ins = Message(RecordDict(), dst_node_id=5, message_type="train")
+                ins.metadata.__dict__["_message_id"] = i
+                if i != "id1" or self.pulls >= 5:
+                    out.append(Message(RecordDict(), reply_to=ins))
+            return out
+
+    fake = Fake()
+    grid = PollingGrid(fake, poll_s=0.05)
+    t0 = time.monotonic()
+    got = grid.send_and_receive([object(), object()], timeout=10)
+    assert len(got) == 2 and time.monotonic() - t0 < 1.0
+    fake2 = Fake()
+    fake2.pull_messages = lambda ids: []
+    t0 = time.monotonic()
+    assert list(PollingGrid(fake2, 0.05).send_and_receive([object()], timeout=0.3)) == []
+    assert 0.25 < time.monotonic() - t0 < 1.5
+
+
+# -- the loopback proof with real processes (slow: opt-in) ------------------------
+@pytest.mark.deploy
+@pytest.mark.skipif(os.environ.get("REGTOPK_DEPLOY_TESTS") != "1",
+                    reason="real SuperLink/SuperNodes on 127.0.0.1, ~11 min: "
+                           "REGTOPK_DEPLOY_TESTS=1 or make federation-test")
+def test_federation_on_loopback():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import federation_test
+
+    assert federation_test.main([]) == 0

@@ -17,7 +17,7 @@ setup: $(STAMP)
 # through the Flower Simulation Runtime, then its figure and table.
 run: $(STAMP)
 	$(BIN)/regtopk-fl -m experiment=fig1_toy runtime=flower hydra.sweep.dir=results/sweeps/make-run
-	$(BIN)/regtopk-plot results/sweeps/make-run --out results/fig1_toy
+	$(BIN)/regtopk-plot results/sweeps/make-run --out results/fig1_toy/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -89,6 +89,9 @@ def _deltas(indices: np.ndarray) -> np.ndarray:
 def encode_indices(indices, dim: int) -> bytes:
     """Lossless coding of ascending indices: tag 0 + varint deltas, or tag 1 + bitmap."""
     idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx[0] < 0 or idx[-1] >= dim or bool((np.diff(idx) <= 0).any())):
+        # a negative delta would loop forever below; duplicates would not survive a bitmap
+        raise ValueError(f"indices must be strictly ascending in [0, {dim})")
     deltas = _deltas(idx)
     if int(varint_lengths(torch.from_numpy(deltas)).sum()) <= (dim + 7) // 8:
         out = bytearray([0])

@@ -7,32 +7,142 @@ count lies outside [2k/3, 4k/3], halve t (too few) or multiply it by 1.5 (too
 many), at most 3 times, as the authors' GaussianK-SGD does. The row sends
 every entry above the final threshold: about k, not exactly k; the count is
 in ``Selection.counts``. Cost: a few elementwise passes, no sort or top-k.
+
+Passes over J (CPU, the cost that matters at J = 11M): ``torch.std`` (two
+passes; bitwise the std of ``torch.std_mean``), a chunked mean (one; see
+``row_mean``), then per threshold tried one compare + count, and one
+``nonzero``. Neither ``|a|`` nor the regularized score is materialized:
+``|a| > t`` is ``a > t or a < -t``, and RegTop-k's score differs from ``|a|``
+only on last round's mask (O(k) overrides). A threshold at or above the last
+fully evaluated one selects a subset of that pass's entries, so it is counted
+on those entries (extracted once) instead of in another pass over J. The
+selection is exactly that of comparing the materialized score against each
+threshold in turn.
 """
 import torch
 
-from .base import check_sparsity, mask_selection, num_selected
-from .regtopk import RegTopK, regularized_abs
+from .base import Selection, check_sparsity, num_selected
+from .regtopk import RegTopK, off_mask_scale, prev_scores
 
 MAX_REFINE = 3
+MEAN_CHUNK = 8192  # < torch's parallel grain (32768): one chunk is never split
 
 
-def threshold_select(a: torch.Tensor, score: torch.Tensor, sparsity: float):
-    """Entries of ``score`` (>= 0) above the normal-fit threshold of ``a``."""
+def row_mean(a: torch.Tensor) -> torch.Tensor:
+    """Mean of each row ([N, 1], a's dtype), independent of the thread count.
+
+    One reduction over fixed chunks of ``MEAN_CHUNK`` entries (torch reduces
+    each chunk on one thread, as there are several outputs), then the chunk
+    sums are added in float64 in a fixed order. A single-row ``a.mean(dim=1)``
+    splits the row across threads, so its last bits depend on their number;
+    ``torch.std_mean``'s Welford pass costs 5x a sum, and widening blocks to
+    float64 first was slow and allocator-dependent. The result can differ from
+    the float64-exact mean in the last bits of float32 (float32 chunk sums);
+    as ``|mean| + std * z`` is dominated by the std term, the threshold is
+    almost always bitwise the same.
+    """
+    n, dim = a.shape
+    full = dim // MEAN_CHUNK
+    total = torch.zeros(n, 1, dtype=torch.float64, device=a.device)
+    if full:
+        part = a[:, :full * MEAN_CHUNK].reshape(n, full, MEAN_CHUNK).sum(dim=2)
+        total += part.to(torch.float64).sum(dim=1, keepdim=True)
+    if full * MEAN_CHUNK < dim:
+        total += a[:, full * MEAN_CHUNK:].to(torch.float64).sum(dim=1, keepdim=True)
+    return (total / dim).to(a.dtype)
+
+
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Entries set in each row of a boolean [N, J] mask, as int64 [N, 1].
+
+    On CPU ``count_nonzero`` of one row is ~10x faster than ``mask.sum(dim=1)``
+    (which widens every bool to int64 on the way)."""
+    if mask.device.type == "cpu":
+        return torch.stack([torch.count_nonzero(row) for row in mask]).unsqueeze(1)
+    return mask.sum(dim=1, keepdim=True, dtype=torch.int64)
+
+
+class DenseScore:
+    """A materialized score [N, J]."""
+
+    def __init__(self, score: torch.Tensor):
+        self.score = score
+
+    def above(self, thr, out=None):
+        return torch.gt(self.score, thr, out=out) if out is not None else self.score > thr
+
+    def at(self, flat_idx):
+        return self.score.reshape(-1)[flat_idx]
+
+
+class AbsScore:
+    """The score ``|a|``, except at a few flat positions ``fix_idx`` where it is
+    ``fix_val`` (RegTop-k's regularized entries); never materialized."""
+
+    def __init__(self, a: torch.Tensor, fix_idx=None, fix_val=None):
+        self.a = a
+        self.fix = None
+        if fix_idx is not None and fix_idx.numel():
+            order = torch.argsort(fix_idx)
+            self.fix = (fix_idx[order], fix_val[order])
+
+    def above(self, thr, out=None):
+        a = self.a
+        mask = torch.gt(a, thr, out=out) if out is not None else a > thr
+        mask |= a < -thr  # |a| > t  <=>  a > t or a < -t  (exact, t >= 0 or NaN)
+        if self.fix is not None:
+            idx, val = self.fix
+            mask.view(-1)[idx] = val > thr.reshape(-1)[idx // a.shape[1]]
+        return mask
+
+    def at(self, flat_idx):
+        v = self.a.reshape(-1)[flat_idx].abs()
+        if self.fix is not None and flat_idx.numel():
+            idx, val = self.fix
+            pos = torch.searchsorted(idx, flat_idx).clamp_(max=idx.numel() - 1)
+            v = torch.where(idx[pos] == flat_idx, val[pos], v)
+        return v
+
+
+def refine_select(a: torch.Tensor, sparsity: float, score) -> Selection:
+    """Gaussian-k's threshold search on ``score`` (a DenseScore or AbsScore)."""
     n, dim = a.shape
     k = num_selected(sparsity, dim)
-    std, mean = torch.std_mean(a, dim=1, keepdim=True)
+    std = torch.std(a, dim=1, keepdim=True)
+    mean = row_mean(a)
     z = torch.special.ndtri(torch.tensor(1.0 - sparsity / 2.0, dtype=torch.float64)).item()
     thr = mean.abs() + std * z
     lo, hi = 2.0 * k / 3.0, 4.0 * k / 3.0
-    mask = score > thr
+    mask = score.above(thr)  # the last full pass, valid for mask_thr
+    mask_thr, cnt = thr, row_counts(mask)
+    base = None  # (flat idx, score, row) of exactly the entries with score > mask_thr
+    sel = None  # (flat idx, row) of the entries above thr, when not the mask itself
     for _ in range(MAX_REFINE):
-        cnt = mask.sum(dim=1, keepdim=True)
         few, many = cnt < lo, cnt > hi
         if not bool((few | many).any()):
             break
         thr = torch.where(few, thr * 0.5, torch.where(many, thr * 1.5, thr))
-        mask = score > thr
-    return mask_selection(mask)
+        if bool((thr >= mask_thr).all()):
+            # {score > thr} lies inside {score > mask_thr}: filter those entries
+            if base is None:
+                idx = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
+                base = (idx, score.at(idx), idx // dim)
+            idx, val, row = base
+            keep = val > thr.reshape(-1)[row]
+            sel = (idx[keep], row[keep])
+            cnt = torch.bincount(sel[1], minlength=n).unsqueeze(1)
+        else:
+            mask = score.above(thr, out=mask)
+            mask_thr, cnt, base, sel = thr, row_counts(mask), None, None
+    if sel is not None:
+        return Selection(sel[0], cnt.reshape(-1))
+    flat = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
+    return Selection(flat, cnt.reshape(-1))
+
+
+def threshold_select(a: torch.Tensor, score: torch.Tensor, sparsity: float) -> Selection:
+    """Entries of ``score`` (>= 0) above the normal-fit threshold of ``a``."""
+    return refine_select(a, sparsity, DenseScore(score))
 
 
 class GaussianK:
@@ -43,7 +153,7 @@ class GaussianK:
         self.sparsity = check_sparsity(sparsity)
 
     def select(self, a, ctx):
-        return threshold_select(a, a.abs(), self.sparsity)
+        return refine_select(a, self.sparsity, AbsScore(a))
 
 
 class RegTopKGaussianK(RegTopK):
@@ -52,4 +162,9 @@ class RegTopKGaussianK(RegTopK):
     name = "regtopk_gaussiank"
 
     def select(self, a, ctx):
-        return threshold_select(a, self.score(a, ctx), self.sparsity)
+        if off_mask_scale(self.mu, self.q) != 1.0:  # huge mu: every entry rescaled
+            return threshold_select(a, self.score(a, ctx), self.sparsity)
+        fix = (None, None)
+        if ctx.prev_flat.numel():
+            fix = prev_scores(a, ctx, self.mu, self.distortion, self.q)
+        return refine_select(a, self.sparsity, AbsScore(a, *fix))

@@ -27,21 +27,33 @@ from .base import SparsifierError, check_positive, check_sparsity, num_selected,
 DISTORTIONS = ("reference", "paper")
 
 
+def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float):
+    """The regularized score on last round's mask only: ``(flat idx, score)``,
+    O(k). Every other entry's score is ``|a| * tanh(|1 + Q| / mu)``."""
+    idx = ctx.prev_flat
+    a_prev = a.view(-1)[idx]
+    contrib = ctx.fb_w * ctx.prev_sent
+    den = contrib if distortion == "reference" else ctx.fb_w * a_prev
+    delta = (ctx.fb_g - contrib) / den
+    ok = torch.isfinite(delta) & (den != 0)
+    delta = torch.where(ok, delta, torch.full_like(delta, q))
+    return idx, a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
+
+
+def off_mask_scale(mu: float, q: float) -> float:
+    """tanh(|1 + Q| / mu): 1.0 in floating point unless mu is huge."""
+    return math.tanh(abs(1.0 + q) / mu)
+
+
 def regularized_abs(a: torch.Tensor, ctx, mu: float, distortion: str, q: float) -> torch.Tensor:
     """|a| * tanh(|1 + Delta| / mu) for a [N, J] batch (a fresh tensor)."""
     score = a.abs()
-    base = math.tanh(abs(1.0 + q) / mu)
+    base = off_mask_scale(mu, q)
     if base != 1.0:  # only for a huge mu: keeps the off-mask scale exact
         score.mul_(base)
-    idx = ctx.prev_flat
-    if idx.numel():
-        a_prev = a.view(-1)[idx]
-        contrib = ctx.fb_w * ctx.prev_sent
-        den = contrib if distortion == "reference" else ctx.fb_w * a_prev
-        delta = (ctx.fb_g - contrib) / den
-        ok = torch.isfinite(delta) & (den != 0)
-        delta = torch.where(ok, delta, torch.full_like(delta, q))
-        score.view(-1)[idx] = a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
+    if ctx.prev_flat.numel():
+        idx, vals = prev_scores(a, ctx, mu, distortion, q)
+        score.view(-1)[idx] = vals
     return score
 
 

@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""Time every sparsifier against exact top-k, on CPU (and CUDA when present).
+
+For J in {1e5, 1e6, 11_173_962} (ResNet-18's size) and S in {0.001, 0.01}:
+
+* ``select``: ``sparsifier.select(a, ctx)`` on a ``[1, J]`` batch with a ready
+  context. The context is realistic: it comes from a previous RegTop-k round
+  of the same worker (k entries sent, server feedback on them with weight
+  1/8 and some exact cancellations), so RegTop-k runs its regularized path.
+* ``step``: the whole worker step ``fedround.sparsify`` (accumulate + context
+  + select + commit + uploads), with fresh server feedback before every call
+  (untimed), as in a federated round.
+
+Each time is the median over ``--repeats`` calls after one warm-up round. The
+methods are timed round-robin (one call each per repeat, rotating order) and
+each ratio to exact top-k is the median of the per-repeat ratios, so a busy,
+shared machine slows every method alike (same data, same device, same moment). Two reference rows: ``floor`` is one elementwise pass
+over J floats into a preallocated output (``torch.abs(a, out=buf)``), the
+least any method that reads every entry must spend; ``sort (authors')`` is the
+regularized score followed by a full descending ``torch.sort`` and the first
+k entries, which is how the authors' released code selects.
+
+Also reported: the mean number of entries sent, raw and coded upload bytes,
+and the index part of both as a ratio to the information floor log2 C(J, k).
+
+    python scripts/bench_sparsifiers.py                      # full run, prints Markdown
+    python scripts/bench_sparsifiers.py --out results/bench_sparsifiers.md
+    python scripts/bench_sparsifiers.py --quick              # smoke test (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable from a clone without installing
+    sys.path.insert(0, str(ROOT))
+
+from regtopk_fl.compress import SPARSIFIERS  # noqa: E402
+from regtopk_fl.compress.base import num_selected  # noqa: E402
+from regtopk_fl.compress.regtopk import regularized_abs  # noqa: E402
+from regtopk_fl.fedround import sparsify  # noqa: E402
+from regtopk_fl.memory import ErrorFeedbackMemory  # noqa: E402
+from regtopk_fl.payload import (coded_index_bytes, index_itemsize, info_floor_bits,  # noqa: E402
+                                raw_bytes, coded_bytes)
+
+SIZES = (100_000, 1_000_000, 11_173_962)
+QUICK_SIZES = (20_000,)
+SPARSITIES = (0.001, 0.01)
+METHODS = ("dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk")
+FLOOR, SORT = "floor (1 pass)", "sort (authors')"
+WEIGHT = 1.0 / 8.0  # the worker's aggregation weight, as with 8 equal workers
+CANCEL = 0.1  # share of last round's entries on which the global gradient is exactly 0
+COLUMNS = ("device", "J", "S", "k", "method", "select_ms", "select_x_topk",
+           "select_cpu_x_topk", "step_ms", "step_x_topk", "step_cpu_x_topk", "mean_sent", "raw_bytes", "coded_bytes", "raw_idx_x_floor",
+           "coded_idx_x_floor")
+
+
+# -- environment ---------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(devices) -> dict:
+    env = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "devices": ", ".join(devices),
+    }
+    try:
+        env["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    if "cuda" in devices:
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# -- timing --------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str) -> tuple:
+    """(wall ms, process CPU ms) of one call. CPU time counts only this
+    process's work (all its threads): unlike wall time it does not grow while
+    the process waits for a core on a shared machine."""
+    _sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    _sync(device)
+    return 1e3 * (time.perf_counter() - t0), 1e3 * (time.process_time() - c0)
+
+
+def interleaved(tasks: dict, device: str, repeats: int, ref: str) -> dict:
+    """Time every task once per repeat, round-robin (the order rotates), after
+    one warm-up round. ``tasks``: name -> (fn, setup or None); setup runs
+    untimed before its call. Returns name -> (median wall ms, median of the
+    per-repeat wall ratio to task ``ref``, median of the per-repeat CPU-time
+    ratio). Interleaving puts every method under the same background load, so
+    the paired ratios stay meaningful on a busy machine when absolute times drift."""
+    names = list(tasks)
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for r in range(repeats + 1):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            fn, setup = tasks[n]
+            if setup is not None:
+                setup()
+            w, c = time_ms(fn, device)
+            if r:  # round 0 is the warm-up
+                wall[n].append(w)
+                cpu[n].append(c)
+
+    def paired(x, ref_x):
+        return statistics.median(a / max(b, 1e-6) for a, b in zip(x, ref_x))
+
+    return {n: (statistics.median(wall[n]), paired(wall[n], wall[ref]),
+                paired(cpu[n], cpu[ref])) for n in names}
+
+
+# -- data ------------------------------------------------------------------------
+def make_data(dim: int, sparsity: float, device: str, seed: int = 0, dist: str = "layers"):
+    """A worker's gradient, a ready RegTop-k context and the global feedback.
+
+    ``dist='layers'``: Gaussian within 16 layer-like blocks whose scales span
+    two decades (heavy-tailed overall, as real gradients; Gaussian-k's normal
+    fit then misses k and refines 3 times). ``dist='normal'``: i.i.d. N(0, 1),
+    Gaussian-k's best case. Round 0
+    is a RegTop-k round of the same worker; the server's global gradient on
+    the sent entries is the worker's contribution plus other workers' (noise),
+    and exactly 0 on a share ``CANCEL`` of them (entries that cancelled)."""
+    gen = torch.Generator().manual_seed(seed)
+    nblocks = 16
+    scales = torch.pow(10.0, -2.0 * torch.rand(nblocks, generator=gen))
+    if dist == "normal":
+        scales = torch.ones(nblocks)
+    elif dist != "layers":
+        raise ValueError(f"dist={dist!r}: expected 'layers' or 'normal'")
+    scale = scales.repeat_interleave(math.ceil(dim / nblocks))[:dim]
+    z = torch.randn(1, dim, generator=gen).to(device)
+    scale = scale.to(device)
+
+    def grads(t: int) -> torch.Tensor:
+        """Round t's gradient: the same entries, each round at another place."""
+        return torch.roll(z, shifts=(t * 7_919_113) % dim, dims=1) * scale
+
+    grad0, grad1 = grads(0), grads(1)
+    others = (torch.randn(dim, generator=gen) * scale).to(device)
+    cancel = (torch.rand(dim, generator=gen) < CANCEL).to(device)
+
+    reg = SPARSIFIERS["regtopk"](sparsity)
+    mem = ErrorFeedbackMemory(1, dim, device=device)
+    sparsify(mem, grad0, reg, [WEIGHT], round=0)
+    g_global = global_gradient(mem, others, cancel)
+    mem.feedback_from_global(g_global, [WEIGHT])
+    a = mem.accumulate(grad1).clone()
+    ctx = mem.context([WEIGHT], round=1)
+    return grads, a, ctx, others, cancel
+
+
+def global_gradient(mem: ErrorFeedbackMemory, others, cancel) -> torch.Tensor:
+    """What the server would return: w * (this worker's upload) + the others,
+    with exact zeros where the workers cancelled."""
+    g = others.clone()
+    g[mem.prev_local] += WEIGHT * mem.prev_sent
+    g[cancel] = 0
+    return g
+
+
+# -- one (device, J, S) cell --------------------------------------------------------
+def bench_cell(device: str, dim: int, sparsity: float, repeats: int, seed: int = 0,
+               dist: str = "layers") -> list:
+    grads, a, ctx, others, cancel = make_data(dim, sparsity, device, seed, dist)
+    k = num_selected(sparsity, dim)
+    reg = SPARSIFIERS["regtopk"](sparsity)
+    buf = torch.empty_like(a)
+
+    def authors_sort():
+        score = regularized_abs(a, ctx, reg.mu, reg.distortion, reg.q)
+        order = torch.sort(score, dim=1, descending=True).indices
+        return order[:, :k]
+
+    sparsifiers = {name: SPARSIFIERS[name](sparsity) for name in METHODS}
+    # the selection path: sparsifier.select on [1, J] with the ready context
+    tasks = {FLOOR: (lambda: torch.abs(a, out=buf), None), SORT: (authors_sort, None)}
+    for name, sp in sparsifiers.items():
+        tasks[name] = ((lambda sp=sp: sp.select(a, ctx)), None)
+    select = interleaved(tasks, device, repeats, ref="topk")
+
+    # the worker step: one memory per method, fresh feedback and gradient per round
+    tasks, states = {}, {}
+    for name, sp in sparsifiers.items():
+        mem = ErrorFeedbackMemory(1, dim, device=device)
+        sparsify(mem, grads(0), sp, [WEIGHT], round=0)
+        st = states[name] = {"mem": mem, "round": 0, "sent": [], "up": None, "grad": None}
+
+        def feedback(st=st):
+            st["mem"].feedback_from_global(global_gradient(st["mem"], others, cancel), [WEIGHT])
+            st["round"] += 1
+            st["grad"] = grads(st["round"])  # a fresh gradient every round
+
+        def step(st=st, sp=sp):
+            ups = sparsify(st["mem"], st["grad"], sp, [WEIGHT], round=st["round"])
+            st["up"] = ups[0]
+            st["sent"].append(ups[0].sent)
+
+        tasks[name] = (step, feedback)
+    step = interleaved(tasks, device, repeats, ref="topk")
+    del tasks
+
+    rows = [dict(device=device, J=dim, S=sparsity, k=k, method=FLOOR,
+                 select_ms=select[FLOOR][0], select_x_topk=select[FLOOR][1],
+                 select_cpu_x_topk=select[FLOOR][2])]
+    for name in METHODS:
+        st = states[name]
+        up = st["up"]
+        row = dict(device=device, J=dim, S=sparsity, k=k, method=name,
+                   select_ms=select[name][0], select_x_topk=select[name][1],
+                   select_cpu_x_topk=select[name][2],
+                   step_ms=step[name][0], step_x_topk=step[name][1],
+                   step_cpu_x_topk=step[name][2],
+                   mean_sent=statistics.fmean(st["sent"][1:] or st["sent"]),
+                   raw_bytes=raw_bytes(up), coded_bytes=coded_bytes(up))
+        floor_bits = info_floor_bits(dim, up.sent)
+        if up.indices is not None and floor_bits > 0:
+            floor_bytes = floor_bits / 8.0
+            row["raw_idx_x_floor"] = up.sent * index_itemsize(dim) / floor_bytes
+            row["coded_idx_x_floor"] = coded_index_bytes(up.indices, dim) / floor_bytes
+        rows.append(row)
+    rows.append(dict(device=device, J=dim, S=sparsity, k=k, method=SORT,
+                     select_ms=select[SORT][0], select_x_topk=select[SORT][1],
+                     select_cpu_x_topk=select[SORT][2], mean_sent=float(k)))
+    return rows
+
+
+def bench_global(device: str, dim: int, sparsity: float, repeats: int, workers: int = 8):
+    """Optional: the global top-k oracle on [N, J] against row-wise top-k."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(workers, dim, generator=gen).to(device)
+    mem = ErrorFeedbackMemory(workers, dim, device=device)
+    ctx = mem.context([1.0 / workers] * workers)
+    tasks = {name: ((lambda sp=SPARSIFIERS[name](sparsity): sp.select(a, ctx)), None)
+             for name in ("topk", "global_topk")}
+    res = interleaved(tasks, device, repeats, ref="topk")
+    return [dict(device=device, J=dim, S=sparsity, N=workers, method=name,
+                 select_ms=ms, select_x_topk=x, select_cpu_x_topk=xc)
+            for name, (ms, x, xc) in res.items()]
+
+
+# -- output ------------------------------------------------------------------------
+def _fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:.0f}"
+        return f"{v:.{nd}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown(rows, env: dict, global_rows=None, note: str = "") -> str:
+    lines = ["# Sparsifier benchmark", ""]
+    lines += [f"- {key}: {val}" for key, val in env.items()]
+    if note:
+        lines += [f"- note: {note}"]
+    lines += ["", "Times are medians in ms over the repeats; methods are timed round-robin and "
+              "`x topk` is the median of the per-repeat ratios to exact top-k (select: "
+              "`sparsifier.select` on [1, J] with a ready context; step: `fedround.sparsify`, "
+              "i.e. accumulate + select + commit, fresh gradient and feedback each round); "
+              "`cpu x topk` is the same paired ratio of process CPU time (the work done, "
+              "insensitive to waiting for a core on a shared machine). "
+              "`floor` is one elementwise pass over J floats into a preallocated output; "
+              "`sort (authors')` is the regularized score plus a full descending torch.sort. "
+              "Bytes are one worker's last upload; `idx/floor` is its index part over "
+              "log2 C(J, sent) bits; `mean sent` is over the timed steps.", ""]
+    head = ("device", "J", "S", "k", "method", "select ms", "select x topk",
+            "select cpu x topk", "step ms", "step x topk", "step cpu x topk", "mean sent", "raw B", "coded B", "raw idx/floor", "coded idx/floor")
+    keys = COLUMNS
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = []
+        for key in keys:
+            v = r.get(key)
+            if key == "mean_sent" and v is not None:
+                cells.append(f"{v:.0f}" if v == int(v) else f"{v:.1f}")
+            elif key in ("select_ms", "step_ms"):
+                cells.append(_fmt(v, 2))
+            else:
+                cells.append(_fmt(v, 2))
+        lines.append("| " + " | ".join(cells) + " |")
+    if global_rows:
+        lines += ["", "Global top-k oracle on [N, J] (select only) against row-wise top-k on "
+                  "the same [N, J]:", "",
+                  "| device | J | S | N | method | select ms | x topk | cpu x topk |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in global_rows:
+            lines.append(f"| {r['device']} | {r['J']} | {r['S']} | {r['N']} | {r['method']} | "
+                         f"{_fmt(r['select_ms'])} | {_fmt(r['select_x_topk'])} | "
+                         f"{_fmt(r['select_cpu_x_topk'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({c: r.get(c, "") for c in COLUMNS})
+
+
+def targets(rows) -> list:
+    """The project's CPU targets at the largest J: regtopk <= 1.25x topk,
+    gaussiank and regtopk_gaussiank <= 0.4x topk (wall and CPU-time ratios)."""
+    out = []
+    cpu = [r for r in rows if r["device"] == "cpu"]
+    if not cpu:
+        return out
+    big = max(r["J"] for r in cpu)
+    limits = {"regtopk": 1.25, "gaussiank": 0.4, "regtopk_gaussiank": 0.4}
+    for r in cpu:
+        if r["J"] == big and r["method"] in limits:
+            lim = limits[r["method"]]
+            for path in ("select", "step"):
+                x, xc = r[f"{path}_x_topk"], r[f"{path}_cpu_x_topk"]
+                out.append(f"J={big} S={r['S']} {r['method']} {path}: wall {x:.2f}x, "
+                           f"CPU {xc:.2f}x topk (target <= {lim}): "
+                           f"{'OK' if x <= lim else 'MISSED'} / {'OK' if xc <= lim else 'MISSED'}")
+    return out
+
+
+# -- main --------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small J only (smoke test)")
+    p.add_argument("--device", action="append", choices=("cpu", "cuda"),
+                   help="device(s) to time; default cpu, plus cuda when available")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per measurement (default 7, 3 with --quick)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="override the J values")
+    p.add_argument("--sparsities", type=float, nargs="+", default=None,
+                   help="override the S values")
+    p.add_argument("--global-topk", action="store_true",
+                   help="also time the global top-k oracle with N=8 workers")
+    p.add_argument("--dist", choices=("layers", "normal"), default="layers",
+                   help="gradient distribution (default: layers of different scales)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--note", default="", help="free text recorded with the results")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write Markdown here and a CSV next to it (.csv)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    sparsities = args.sparsities or SPARSITIES
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    if repeats < 1:
+        raise SystemExit(f"--repeats={repeats}: must be >= 1")
+
+    env = environment(devices)
+    env["repeats"] = repeats
+    env["gradients"] = args.dist
+    rows, global_rows = [], []
+    for device in devices:
+        for dim in sizes:
+            for s in sparsities:
+                t0 = time.perf_counter()
+                rows += bench_cell(device, dim, s, repeats, dist=args.dist)
+                print(f"# {device} J={dim} S={s}: {time.perf_counter() - t0:.1f}s",
+                      file=sys.stderr, flush=True)
+                if args.global_topk:
+                    global_rows += bench_global(device, dim, s, repeats)
+    try:
+        env["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    text = markdown(rows, env, global_rows, args.note)
+    checks = targets(rows)
+    if checks and max(sizes) >= SIZES[-1]:
+        text += "\nTargets (CPU, largest J):\n\n" + "\n".join(f"- {c}" for c in checks) + "\n"
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        write_csv(args.out.with_suffix(".csv"), rows + global_rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

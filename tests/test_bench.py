@@ -1,0 +1,63 @@
+"""Smoke test of scripts/bench_sparsifiers.py (--quick: small J, few repeats)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_sparsifiers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_sparsifiers", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def table_rows(text):
+    """The main table's body rows as lists of cells."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| cpu |"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_quick_run_prints_every_sparsifier(bench, capsys, tmp_path):
+    out = tmp_path / "bench.md"
+    rows = bench.main(["--quick", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    text = capsys.readouterr().out
+    head = [c.strip() for c in next(line for line in text.splitlines()
+                                    if line.startswith("| device | J |")).strip("|").split("|")]
+    col = {name: i for i, name in enumerate(head)}
+    printed = [r for r in table_rows(text) if len(r) == len(head)]
+    methods = {r[col["method"]] for r in printed}
+    expected = set(bench.METHODS) | {bench.FLOOR, bench.SORT}
+    assert expected <= methods
+    for r in printed:
+        assert float(r[col["select x topk"]]) > 0, r
+        assert float(r[col["select ms"]]) > 0, r
+        if r[col["method"]] in bench.METHODS:
+            assert float(r[col["step x topk"]]) > 0, r
+            assert float(r[col["mean sent"]]) >= 0, r
+    topk = [r for r in printed if r[col["method"]] == "topk"]
+    assert len(topk) == 2  # one per sparsity
+    assert all(float(r[col["select x topk"]]) == 1.0 and float(r[col["step x topk"]]) == 1.0
+               for r in topk)
+    # the returned rows, the Markdown file and the CSV agree on the methods
+    assert {r["method"] for r in rows} == methods
+    assert out.read_text() in text
+    with open(out.with_suffix(".csv")) as fh:
+        recs = list(csv.DictReader(fh))
+    assert {r["method"] for r in recs} == methods
+    assert all(float(r["select_x_topk"]) > 0 for r in recs)
+    assert "torch" in text and "cpu" in text
+
+
+def test_bad_repeats_is_rejected(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--repeats", "0"])

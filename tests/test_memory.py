@@ -1,0 +1,279 @@
+"""Error-feedback memory: accumulate / context / commit / feedback by hand,
+input validation, partial participation and persistence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regtopk_fl.compress import SPARSIFIERS, SparsifierError, TopK
+from regtopk_fl.fedround import sparsify
+from regtopk_fl.memory import ErrorFeedbackMemory
+
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+NAN = float("nan")
+KEYS = ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # small tensors only: one thread avoids OpenMP wake-ups on a busy machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def T(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def same(x, y):
+    """Bitwise equality that treats NaN == NaN (fb_g is NaN until feedback)."""
+    return x.shape == y.shape and x.dtype == y.dtype and bool(
+        ((x == y) | (torch.isnan(x) & torch.isnan(y))).all()) if x.is_floating_point() \
+        else torch.equal(x, y)
+
+
+def row_state(mem, r):
+    """Everything the memory holds about row r."""
+    ends = torch.cumsum(mem.prev_counts, 0).tolist()
+    s, e = ([0] + ends[:-1])[r], ends[r]
+    return (mem.eps[r].clone(), mem.prev_local[s:e].clone(), mem.prev_counts[r].clone(),
+            mem.prev_sent[s:e].clone(), mem.fb_g[s:e].clone(), mem.fb_w[r].clone())
+
+
+def assert_row_state(a, b):
+    for x, y in zip(a, b):
+        assert same(x, y)
+
+
+# Two workers, J = 4, top-2 (S = 0.5):
+#   g = [[1, -5, 2, 0.5], [3, 0.25, -4, 1]]
+#   row 0: |g| = [1, 5, 2, .5] -> idx 1, 2, values [-5, 2];  residual [1, 0, 0, .5]
+#   row 1: |g| = [3, .25, 4, 1] -> idx 0, 2, values [3, -4]; residual [0, .25, 0, 1]
+G0 = T([1.0, -5.0, 2.0, 0.5], [3.0, 0.25, -4.0, 1.0])
+
+
+def first_round():
+    mem = ErrorFeedbackMemory(2, 4)
+    ups = sparsify(mem, G0, TopK(0.5), [0.5, 0.5])
+    return mem, ups
+
+
+def test_commit_hand():
+    mem, ups = first_round()
+    assert [u.indices.tolist() for u in ups] == [[1, 2], [0, 2]]
+    assert [u.values.tolist() for u in ups] == [[-5.0, 2.0], [3.0, -4.0]]
+    assert mem.eps.tolist() == [[1.0, 0.0, 0.0, 0.5], [0.0, 0.25, 0.0, 1.0]]
+    assert mem.prev_local.tolist() == [1, 2, 0, 2]
+    assert mem.prev_counts.tolist() == [2, 2]
+    assert mem.prev_sent.tolist() == [-5.0, 2.0, 3.0, -4.0]
+    assert bool(torch.isnan(mem.fb_g).all()) and mem.fb_g.numel() == 4  # no feedback yet
+
+
+def test_feedback_and_context_hand():
+    mem, _ = first_round()
+    # global gradient [10, 20, 30, 40]: row 0 sent idx 1, 2 -> [20, 30]; row 1 idx 0, 2
+    # -> [10, 30]; weights of that round 0.25 and 0.75
+    mem.feedback_from_global(torch.tensor([10.0, 20.0, 30.0, 40.0]), [0.25, 0.75])
+    assert mem.fb_g.tolist() == [20.0, 30.0, 10.0, 30.0]
+    assert mem.fb_w.tolist() == [0.25, 0.75]
+    ctx = mem.context([0.5, 0.5], round=3)
+    assert ctx.prev_flat.tolist() == [1, 2, 4 + 0, 4 + 2]  # row-local + row * J
+    assert ctx.prev_sent.tolist() == [-5.0, 2.0, 3.0, -4.0]
+    assert ctx.fb_g.tolist() == [20.0, 30.0, 10.0, 30.0]
+    assert ctx.fb_w.tolist() == [0.25, 0.25, 0.75, 0.75]
+    assert ctx.weights.tolist() == [0.5, 0.5]
+    assert ctx.worker_ids == (0, 1) and ctx.round == 3
+    # the same through set_feedback (values aligned with prev_local)
+    mem.set_feedback(torch.tensor([1.0, 2.0, 3.0, 4.0]), [0.5, 0.5])
+    assert mem.fb_g.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_second_round_accumulates_residual():
+    mem, _ = first_round()
+    # round 2: g = [[0, 0, 0, 1], [0, 0, 0, 0]] -> a = [[1, 0, 0, 1.5], [0, .25, 0, 1]]
+    # top-2: row 0 idx 0, 3 [1, 1.5]; row 1 idx 1, 3 [.25, 1]; residuals all 0
+    ups = sparsify(mem, T([0, 0, 0, 1.0], [0, 0, 0, 0]), TopK(0.5), [0.5, 0.5], round=1)
+    assert [u.indices.tolist() for u in ups] == [[0, 3], [1, 3]]
+    assert [u.values.tolist() for u in ups] == [[1.0, 1.5], [0.25, 1.0]]
+    assert mem.eps.tolist() == [[0.0] * 4, [0.0] * 4]
+
+
+@pytest.mark.parametrize("grad, match", [
+    (torch.zeros(4), r"grad.shape=\(4,\)"),
+    (torch.zeros(2, 5), r"grad.shape=\(2, 5\)"),
+    (torch.zeros(3, 4), r"grad.shape=\(3, 4\)"),
+    (torch.zeros(2, 4, dtype=torch.float64), r"grad.dtype=torch.float64"),
+    (T([0, NAN, 0, 0], [0, 0, 0, 0]), "NaN or Inf"),
+    (T([0, 0, 0, 0], [0, float("inf"), 0, 0]), "NaN or Inf"),
+    (T([float("-inf"), 0, 0, 0], [0, 0, 0, 0]), "NaN or Inf"),
+])
+def test_accumulate_rejects_bad_gradients_without_touching_the_residual(grad, match):
+    mem, _ = first_round()
+    before = mem.state_dict()
+    with pytest.raises(SparsifierError, match=match):
+        mem.accumulate(grad)
+    with pytest.raises(SparsifierError):
+        sparsify(mem, grad, TopK(0.5), [0.5, 0.5])
+    after = mem.state_dict()
+    for k in KEYS:
+        assert same(before[k], after[k]), k
+
+
+def test_accumulate_rows_shape_is_checked():
+    mem, _ = first_round()
+    with pytest.raises(SparsifierError, match=r"expected \(1, 4\)"):
+        mem.accumulate(torch.zeros(2, 4), rows=[1])
+
+
+def test_feedback_length_mismatch_raises():
+    mem, _ = first_round()
+    with pytest.raises(SparsifierError, match="feedback length=3"):
+        mem.set_feedback(torch.zeros(3), [0.5, 0.5])
+    with pytest.raises(SparsifierError, match="feedback length=4"):
+        mem.set_feedback(torch.zeros(4), [0.5], rows=[0])
+
+
+def test_partial_participation_hand():
+    mem, _ = first_round()
+    mem.feedback_from_global(torch.tensor([10.0, 20.0, 30.0, 40.0]), [0.25, 0.75])
+    row0 = row_state(mem, 0)
+    # only row 1 takes part: its context holds its own mask and feedback
+    ctx = mem.context([1.0], rows=[1])
+    assert ctx.prev_flat.tolist() == [0, 2]  # local 0, 2 of batch row 0
+    assert ctx.fb_g.tolist() == [10.0, 30.0] and ctx.fb_w.tolist() == [0.75, 0.75]
+    assert ctx.prev_sent.tolist() == [3.0, -4.0] and ctx.worker_ids == (1,)
+    # a = [0, .25, 0, 1] + [0, 0, 0, 2] = [0, .25, 0, 3] -> idx 1, 3 [.25, 3]
+    a = mem.accumulate(T([0.0, 0.0, 0.0, 2.0]), rows=[1])
+    assert a.tolist() == [[0.0, 0.25, 0.0, 3.0]]
+    assert mem.eps[1].tolist() == [0.0, 0.25, 0.0, 1.0]  # untouched until commit
+    ups = sparsify(mem, T([0.0, 0.0, 0.0, 2.0]), TopK(0.5), [1.0], rows=[1], round=1)
+    assert ups[0].indices.tolist() == [1, 3] and ups[0].values.tolist() == [0.25, 3.0]
+    assert mem.eps[1].tolist() == [0.0] * 4
+    assert mem.prev_local.tolist() == [1, 2, 1, 3]
+    assert mem.prev_sent.tolist() == [-5.0, 2.0, 0.25, 3.0]
+    assert mem.fb_g[:2].tolist() == [20.0, 30.0] and bool(torch.isnan(mem.fb_g[2:]).all())
+    assert_row_state(row_state(mem, 0), row0)
+    # feedback for row 1 only
+    mem.set_feedback(torch.tensor([7.0, 8.0]), [1.0], rows=[1])
+    assert mem.fb_g.tolist() == [20.0, 30.0, 7.0, 8.0]
+    assert mem.fb_w.tolist() == [0.25, 1.0]
+    assert_row_state(row_state(mem, 0), row0)
+
+
+@st.composite
+def schedules(draw):
+    n = draw(st.integers(2, 4))
+    dim = draw(st.integers(2, 25))
+    rounds = draw(st.integers(2, 5))
+    subsets = [sorted(draw(st.sets(st.integers(0, n - 1), min_size=1))) for _ in range(rounds)]
+    return n, dim, subsets, draw(st.integers(0, 2**16)), draw(st.sampled_from(
+        ["topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk", "dense"]))
+
+
+@SETTINGS
+@given(schedules())
+def test_partial_participation_matches_independent_workers(case):
+    """A batch memory driven with ``rows`` behaves exactly like one memory per
+    worker that only runs when it takes part; absent rows are untouched."""
+    n, dim, subsets, seed, name = case
+    gen = torch.Generator().manual_seed(seed)
+    sp = SPARSIFIERS[name](0.3)
+    batch = ErrorFeedbackMemory(n, dim)
+    singles = [ErrorFeedbackMemory(1, dim) for _ in range(n)]
+    for t, rows in enumerate(subsets):
+        grad = torch.randn(len(rows), dim, generator=gen)
+        w = (torch.rand(len(rows), generator=gen) + 0.1).tolist()
+        rows_arg = None if len(rows) == n else rows
+        absent = {r: row_state(batch, r) for r in range(n) if r not in rows}
+        ups = sparsify(batch, grad, sp, w, rows=rows_arg, round=t)
+        for j, r in enumerate(rows):
+            ref = sparsify(singles[r], grad[j:j + 1], sp, [w[j]], worker_ids=[r], round=t)[0]
+            assert torch.equal(ups[j].values, ref.values)
+            assert (ups[j].indices is None) == (ref.indices is None)
+            if ref.indices is not None:
+                assert torch.equal(ups[j].indices, ref.indices)
+        gg = torch.randn(dim, generator=gen)
+        gg[torch.rand(dim, generator=gen) < 0.3] = 0.0
+        batch.feedback_from_global(gg, w, rows=rows_arg)
+        for j, r in enumerate(rows):
+            singles[r].feedback_from_global(gg, [w[j]])
+        for r, st_ in absent.items():
+            assert_row_state(row_state(batch, r), st_)
+        for r in range(n):
+            assert_row_state(row_state(batch, r), row_state(singles[r], 0))
+
+
+def test_skipped_round_uses_feedback_of_last_round_taken_part():
+    # row 1 sends in round 0, skips rounds 1-2; its context in round 3 still
+    # carries round 0's feedback (never one of the rounds it missed)
+    mem, _ = first_round()
+    mem.feedback_from_global(torch.tensor([10.0, 20.0, 30.0, 40.0]), [0.25, 0.75])
+    for t in (1, 2):
+        sparsify(mem, T([1.0, 2.0, 3.0, 4.0]), TopK(0.5), [1.0], rows=[0], round=t)
+        mem.feedback_from_global(torch.full((4,), float(t)), [1.0], rows=[0])
+    ctx = mem.context([0.5, 0.5], round=3)
+    assert ctx.fb_g.tolist()[2:] == [10.0, 30.0]
+    assert ctx.fb_w.tolist()[2:] == [0.75, 0.75]
+    assert ctx.fb_g.tolist()[:2] == [2.0, 2.0]
+
+
+def run(mem, name, grads, gens, start=0):
+    sp = SPARSIFIERS[name](0.25)
+    out = []
+    for t, (g, gg) in enumerate(zip(grads, gens), start=start):
+        ups = sparsify(mem, g, sp, [0.5, 0.5], round=t)
+        out.append([(u.indices, u.values) for u in ups])
+        mem.feedback_from_global(gg, [0.5, 0.5])
+    return out
+
+
+@pytest.mark.parametrize("name", ["topk", "regtopk", "regtopk_gaussiank", "randomk"])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_state_dict_round_trip(name, as_numpy):
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(2, 30, generator=gen) for _ in range(6)]
+    gens = [torch.randn(30, generator=gen) for _ in range(6)]
+    mem = ErrorFeedbackMemory(2, 30)
+    run(mem, name, grads[:3], gens[:3])
+    sd = mem.state_dict()
+    assert set(sd) == set(KEYS)
+    if as_numpy:  # as Flower's context.state / a checkpoint would hold it
+        sd = {k: v.numpy() for k, v in sd.items()}
+    saved = {k: (v.clone() if isinstance(v, torch.Tensor) else v.copy()) for k, v in sd.items()}
+    resumed = ErrorFeedbackMemory(2, 30)
+    resumed.load_state_dict(sd)
+    for k in KEYS:
+        assert same(getattr(resumed, k), getattr(mem, k)), k
+        assert getattr(resumed, k).dtype == getattr(mem, k).dtype
+    a = run(mem, name, grads[3:], gens[3:], start=3)
+    b = run(resumed, name, grads[3:], gens[3:], start=3)
+    for ra, rb in zip(a, b):
+        for (ia, va), (ib, vb) in zip(ra, rb):
+            assert torch.equal(ia, ib) and torch.equal(va, vb)
+    for k in KEYS:
+        assert same(getattr(resumed, k), getattr(mem, k)), k
+    # the saved dict is a copy: neither memory's later rounds changed it
+    for k in KEYS:
+        assert np.array_equal(np.asarray(saved[k]), np.asarray(sd[k]), equal_nan=k == "fb_g")
+
+
+def test_state_dict_is_a_copy():
+    mem, _ = first_round()
+    sd = mem.state_dict()
+    sparsify(mem, T([1.0, 1, 1, 1], [1, 1, 1, 1]), TopK(0.5), [0.5, 0.5], round=1)
+    assert sd["eps"].tolist() == [[1.0, 0.0, 0.0, 0.5], [0.0, 0.25, 0.0, 1.0]]
+    assert sd["prev_local"].tolist() == [1, 2, 0, 2]
+
+
+def test_state_dict_round_trip_after_partial_participation():
+    mem, _ = first_round()
+    sparsify(mem, T([1.0, 2.0, 3.0, 4.0]), SPARSIFIERS["gaussiank"](0.5), [1.0], rows=[1])
+    resumed = ErrorFeedbackMemory(2, 4)
+    resumed.load_state_dict(mem.state_dict())
+    for r in (0, 1):
+        assert_row_state(row_state(resumed, r), row_state(mem, r))

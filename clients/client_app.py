@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from regtopk_fl import faults
 from regtopk_fl.fedround import Feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.payload import index_itemsize, raw_bytes
+from regtopk_fl.results import atomic_write
 
 from .cache import settings_and_build
 
@@ -101,19 +101,8 @@ def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | No
         context.state[META_KEY] = MetricRecord({"last-round": int(last_round)})
     path = state_file(context)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"memory": state, "last_round": -1 if last_round is None
-                            else int(last_round)}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        saved = {"memory": state, "last_round": -1 if last_round is None else int(last_round)}
+        atomic_write(path, lambda fh: torch.save(saved, fh), "wb")
 
 
 def read_feedback(content: RecordDict, device):

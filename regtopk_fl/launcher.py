@@ -2,7 +2,6 @@
 conf/, validation before any work, then one run (or a sweep with -m)."""
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys

@@ -19,12 +19,15 @@ COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
            "rejected", "wall_s"]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path, write, mode: str = "w") -> None:
+    """Write a file so that a crash leaves the old file or the new one, never
+    a truncated one: ``write(fh)`` into a temp file beside it, fsync, rename."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -32,6 +35,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text))
 
 
 def _cell(v):

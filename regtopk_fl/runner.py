@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .results import RunRecorder
+from .results import RunRecorder, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +106,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder) -> None:

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    lines = [f"# Runtime speed (`python scripts/bench_runtimes.py`)", "",
+    lines = ["# Runtime speed (`python scripts/bench_runtimes.py`)", "",
              f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}.", "",
              "| case | runtime | s/round (median, rounds 2..) | whole run incl. start-up (s) |",

@@ -31,7 +31,7 @@ def test_drops_still_converge_and_are_counted(make_cfg, tmp_path):
     for sp in ("dense", "regtopk"):
         cfg = make_cfg(["task=linreg", "num_workers=20", "rounds=1000", f"sparsifier={sp}",
                         "sparsifier.sparsity=0.6", "sparsifier.mu=4", "faults.drop_prob=0.2"])
-        summary = run_experiment(cfg, tmp_path / sp)
+        run_experiment(cfg, tmp_path / sp)
         rows = _rows(tmp_path / sp)
         missing = [int(r["missing"]) for r in rows[1:]]
         assert 0.15 < sum(missing) / (20 * len(missing)) < 0.25  # about 20 % of replies lost

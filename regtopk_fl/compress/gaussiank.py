@@ -116,7 +116,7 @@ def refine_select(a: torch.Tensor, sparsity: float, score) -> Selection:
     mask = score.above(thr)  # the last full pass, valid for mask_thr
     mask_thr, cnt = thr, row_counts(mask)
     base = None  # (flat idx, score, row) of exactly the entries with score > mask_thr
-    sel = None  # (flat idx, row) of the entries above thr, when not the mask itself
+    sel = None  # (flat idx, row or None) of the entries above thr, when not the mask
     for _ in range(MAX_REFINE):
         few, many = cnt < lo, cnt > hi
         if not bool((few | many).any()):
@@ -126,11 +126,16 @@ def refine_select(a: torch.Tensor, sparsity: float, score) -> Selection:
             # {score > thr} lies inside {score > mask_thr}: filter those entries
             if base is None:
                 idx = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
-                base = (idx, score.at(idx), idx // dim)
+                base = (idx, score.at(idx), idx // dim if n > 1 else None)
             idx, val, row = base
-            keep = val > thr.reshape(-1)[row]
-            sel = (idx[keep], row[keep])
-            cnt = torch.bincount(sel[1], minlength=n).unsqueeze(1)
+            if n == 1:  # one row: compare with its threshold directly, count = length
+                keep = val > thr.reshape(())
+                sel = (idx[keep], None)
+                cnt = torch.full((1, 1), sel[0].numel(), dtype=torch.int64, device=a.device)
+            else:
+                keep = val > thr.reshape(-1)[row]
+                sel = (idx[keep], row[keep])
+                cnt = torch.bincount(sel[1], minlength=n).unsqueeze(1)
         else:
             mask = score.above(thr, out=mask)
             mask_thr, cnt, base, sel = thr, row_counts(mask), None, None

@@ -432,7 +432,20 @@ def main(argv=None) -> int:
             print(f"  {r.job_dir}: {r.status} ({r.reason})", file=sys.stderr)
     for path in result.files:
         print(path)
+    _plot_observations(args.sweeps, result.files)
     return 0
+
+
+def _plot_observations(sweeps, files) -> None:
+    """Jobs that recorded observe.every statistics get their own figure."""
+    from .observations import plot_observations
+
+    out_dir = Path(files[0]).parent if files else None
+    for sweep in sweeps:
+        for obs in sorted(Path(sweep).glob("**/observations.csv")):
+            job = obs.parent
+            name = f"observations_{job.name}.png"
+            print(plot_observations(job, (out_dir or job) / name))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,14 @@ For J in {1e5, 1e6, 11_173_962} (ResNet-18's size) and S in {0.001, 0.01}:
 Each time is the median over ``--repeats`` calls after one warm-up round. The
 methods are timed round-robin (one call each per repeat, rotating order) and
 each ratio to exact top-k is the median of the per-repeat ratios, so a busy,
-shared machine slows every method alike (same data, same device, same moment). Two reference rows: ``floor`` is one elementwise pass
-over J floats into a preallocated output (``torch.abs(a, out=buf)``), the
-least any method that reads every entry must spend; ``sort (authors')`` is the
+shared machine slows every method alike (same data, same device, same
+moment); the same paired ratio of process CPU time is reported too. On a
+shared, oversubscribed machine prefer ``--threads 1``: every OpenMP parallel
+region then waits for a core, which penalises kernel count, not work.
+
+Two reference rows: ``floor`` is one elementwise pass over J floats into a
+preallocated output (``torch.abs(a, out=buf)``), the least any method that
+reads every entry must spend; ``sort (authors')`` is the
 regularized score followed by a full descending ``torch.sort`` and the first
 k entries, which is how the authors' released code selects.
 
@@ -62,8 +67,8 @@ FLOOR, SORT = "floor (1 pass)", "sort (authors')"
 WEIGHT = 1.0 / 8.0  # the worker's aggregation weight, as with 8 equal workers
 CANCEL = 0.1  # share of last round's entries on which the global gradient is exactly 0
 COLUMNS = ("device", "J", "S", "k", "method", "select_ms", "select_x_topk",
-           "select_cpu_x_topk", "step_ms", "step_x_topk", "step_cpu_x_topk", "mean_sent", "raw_bytes", "coded_bytes", "raw_idx_x_floor",
-           "coded_idx_x_floor")
+           "select_cpu_x_topk", "step_ms", "step_x_topk", "step_cpu_x_topk", "mean_sent",
+           "raw_bytes", "coded_bytes", "raw_idx_x_floor", "coded_idx_x_floor")
 
 
 # -- environment ---------------------------------------------------------------
@@ -298,7 +303,8 @@ def markdown(rows, env: dict, global_rows=None, note: str = "") -> str:
               "Bytes are one worker's last upload; `idx/floor` is its index part over "
               "log2 C(J, sent) bits; `mean sent` is over the timed steps.", ""]
     head = ("device", "J", "S", "k", "method", "select ms", "select x topk",
-            "select cpu x topk", "step ms", "step x topk", "step cpu x topk", "mean sent", "raw B", "coded B", "raw idx/floor", "coded idx/floor")
+            "select cpu x topk", "step ms", "step x topk", "step cpu x topk", "mean sent",
+            "raw B", "coded B", "raw idx/floor", "coded idx/floor")
     keys = COLUMNS
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))

@@ -115,7 +115,7 @@ def refine_select(a: torch.Tensor, sparsity: float, score) -> Selection:
     lo, hi = 2.0 * k / 3.0, 4.0 * k / 3.0
     mask = score.above(thr)  # the last full pass, valid for mask_thr
     mask_thr, cnt = thr, row_counts(mask)
-    base = None  # (flat idx, score, row) of exactly the entries with score > mask_thr
+    base = None  # (flat idx, score, row or None) of exactly the entries with score > mask_thr
     sel = None  # (flat idx, row or None) of the entries above thr, when not the mask
     for _ in range(MAX_REFINE):
         few, many = cnt < lo, cnt > hi

@@ -23,3 +23,15 @@ def compose_cfg(overrides=()):
 @pytest.fixture
 def make_cfg():
     return compose_cfg
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors only: one torch thread avoids OpenMP wake-ups on a busy
+    2-core machine (the thread-count test sets its own counts)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -17,13 +17,7 @@ NAN = float("nan")
 KEYS = ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small tensors only: one thread avoids OpenMP wake-ups on a busy machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def T(*rows):

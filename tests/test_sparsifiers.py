@@ -34,12 +34,7 @@ EXACT_K = ("topk", "regtopk", "randomk", "global_topk")
 
 
 # -- helpers --------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def T(*rows):

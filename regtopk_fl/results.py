@@ -19,6 +19,10 @@ COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
            "rejected", "wall_s"]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write, mode: str = "w") -> None:
     """Write a file so that a crash leaves the old file or the new one, never
     a truncated one: ``write(fh)`` into a temp file beside it, fsync, rename."""
@@ -30,6 +34,7 @@ def atomic_write(path, write, mode: str = "w") -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -13,7 +13,10 @@ the worker; ``data-path`` / ``cache-dir`` replace the task's paths on that node
 (clients/cache.py); ``state-dir`` also keeps the memory in a file there
 (written atomically after every round, one file per run and partition), so a
 SuperNode that is killed and restarted, and so lost ``context.state``,
-resumes with its residual intact. Feedback about an upload the memory does
+resumes with its residual intact. For the server's checkpoints the app also
+answers ``query.checkpoint`` (its memory), ``query.identify`` and
+``query.restore`` (take this memory back, after the server resumed a run;
+strategies/sparse_strategy.py). Feedback about an upload the memory does
 not hold (a fresh node, or an upload the server never received) is ignored
 with a log line; in the latter case the lost upload is put back into the
 residual, as for a rejected one.
@@ -35,11 +38,14 @@ from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.payload import index_itemsize, raw_bytes
 from regtopk_fl.results import atomic_write
 
+from strategies.sparse_strategy import memory_content, read_memory
+
 from .cache import settings_and_build
 
 MEMORY_KEY = "ef-memory"
 META_KEY = "ef-meta"  # {"last-round": round of the upload the memory holds}
 FAULT_DROPPED = 900  # error code of an injected failure (faults.drop_prob)
+WRONG_WORKER = 901  # a restore message meant for another partition
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +185,34 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     return Message(RecordDict({"upload": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
 
 
+def _identity_reply(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:
+    """Reply with this worker's memory and the round of the upload it holds."""
+    _, task, _, device = settings_and_build(context, settings)
+    memory = load_memory(context, task, device)
+    last = memory.last_round if memory.last_round is not None else -1
+    pid = int(context.node_config["partition-id"])
+    return Message(memory_content(pid, {"state": memory.state_dict(), "last_round": last}),
+                   reply_to=msg)
+
+
+def handle_restore(msg: Message, context: Context, settings=None) -> Message:
+    """Replace this worker's memory by the one the server checkpointed."""
+    _, task, _, device = settings_and_build(context, settings)
+    pid, saved = read_memory(msg.content)
+    if pid != int(context.node_config["partition-id"]):
+        return Message(Error(code=WRONG_WORKER, reason=f"memory of worker {pid} sent to "
+                             f"partition {context.node_config['partition-id']}"), reply_to=msg)
+    memory = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
+    memory.load_state_dict(saved["state"])
+    save_memory(context, memory, last_round=saved["last_round"])
+    return _identity_reply(msg, context)
+
+
 def make_client_app(settings=None) -> ClientApp:
     """A ClientApp; ``settings`` (a plain dict of the resolved config) is used
     when the run config is empty, as under ``run_simulation``."""
@@ -187,6 +221,18 @@ def make_client_app(settings=None) -> ClientApp:
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, settings)
+
+    @client.query("checkpoint")
+    def checkpoint(msg: Message, context: Context) -> Message:
+        return handle_checkpoint(msg, context, settings)
+
+    @client.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return _identity_reply(msg, context)
+
+    @client.query("restore")
+    def restore(msg: Message, context: Context) -> Message:
+        return handle_restore(msg, context, settings)
 
     return client
 

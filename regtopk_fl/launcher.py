@@ -73,7 +73,10 @@ def _main(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
     from .runner import run_experiment
 
-    summary = run_experiment(cfg, run_dir)
+    try:
+        summary = run_experiment(cfg, run_dir)
+    except ConfigError as exc:  # the run directory holds another run: leave it as it is
+        _fail(str(exc))
     final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
     print(f"{summary['task']}/{summary['sparsifier']} S={summary['sparsity']:g}: {final} "
           f"({summary['wall_time_s']:.1f} s) -> {run_dir}")

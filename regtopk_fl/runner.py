@@ -6,7 +6,7 @@ the same files (see results.py).
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import math
 import sys
@@ -16,7 +16,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .results import RunRecorder, atomic_write
+from .checkpoint import Checkpointer, config_fingerprint, crash_point, run_dir_status
+from .results import RunRecorder
 
 log = logging.getLogger(__name__)
 
@@ -99,36 +100,17 @@ class Progress:
             self.bar.close()
 
 
-def config_fingerprint(cfg: DictConfig) -> str:
-    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in ("hydra", "checkpoint", "progress")}
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(keep)).encode()).hexdigest()
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
-
-
-def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder) -> None:
+def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
+                  ckpt: Checkpointer) -> None:
     from .engine import InProcessRun
 
     run = InProcessRun(task, sparsifier, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
                        fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg))
-    ckpt_path = recorder.dir / "checkpoint.pt"
-    every = int(cfg.checkpoint.every)
-    fingerprint = config_fingerprint(cfg)
-    start = 1
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise RuntimeError(f"{ckpt_path} belongs to a different configuration; "
-                               "use another hydra.run.dir or delete it")
-        run.load_state_dict(state["run"])
-        recorder.rows, recorder.offset_s = state["rows"], state["elapsed"]
-        start = state["round"] + 1
-        log.info("resumed from %s at round %d", ckpt_path, start)
+    start, state = ckpt.load(recorder)
+    if state is not None:
+        run.load_state_dict(state)
     else:
         recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers), 0, 0, 0))
     bar = Progress(int(cfg.rounds), cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
@@ -148,10 +130,9 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder) -> N
             log.warning("round %d: no valid reply; model unchanged", t)
         recorder.add(row)
         bar.update(row)
-        if every and t % every == 0 and t < int(cfg.rounds):
-            recorder.flush()
-            _atomic_torch_save({"fingerprint": fingerprint, "round": t, "run": run.state_dict(),
-                                "rows": recorder.rows, "elapsed": recorder.elapsed()}, ckpt_path)
+        if ckpt.due(t):
+            ckpt.save(t, run.state_dict(), recorder)
+        crash_point(t)
     bar.close()
     if observer is not None:
         observer.write()
@@ -159,19 +140,35 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder) -> N
                recorder.dir / "model.pt")
 
 
-def run_experiment(cfg: DictConfig, run_dir) -> dict:
-    """Build, run and record one experiment; returns the summary."""
+def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
+    """Build, run and record one experiment; returns the summary.
+
+    ``execute(cfg, task, sparsifier, recorder, ckpt)`` runs the rounds; by
+    default the one of ``cfg.runtime``. A run directory that already holds
+    this configuration's finished run is left as it is; one with its
+    checkpoint resumes (see checkpoint.py)."""
+    run_dir = Path(run_dir)
+    fingerprint = config_fingerprint(cfg)
+    if run_dir_status(run_dir, fingerprint) == "finished":
+        log.warning("%s already holds this finished run; nothing to do", run_dir)
+        return json.loads((run_dir / "summary.json").read_text())
     task, sparsifier = build(cfg)
-    recorder = RunRecorder(run_dir, identity(cfg, sparsifier))
+    recorder = RunRecorder(run_dir, {**identity(cfg, sparsifier), "config_sha256": fingerprint})
+    ckpt = Checkpointer(cfg, run_dir, fingerprint)
+    if execute is None:
+        execute = run_inprocess if cfg.runtime.name == "inprocess" else _run_flower_simulation
     recorder.write_summary("running")
     try:
-        if cfg.runtime.name == "inprocess":
-            run_inprocess(cfg, task, sparsifier, recorder)
-        else:
-            from strategies.server_app import run_simulation
-            run_simulation(cfg, task, recorder)
+        execute(cfg, task, sparsifier, recorder, ckpt)
     except BaseException:
         recorder.flush()
         recorder.write_summary("failed")
         raise
-    return recorder.close("finished")
+    summary = recorder.close("finished")
+    ckpt.finish()
+    return summary
+
+
+def _run_flower_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
+    from strategies.server_app import run_simulation
+    run_simulation(cfg, task, recorder, ckpt)

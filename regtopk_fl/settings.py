@@ -81,7 +81,10 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "local_lr", 0, lo_open=True, allowed="must be a finite number > 0")
     _num(cfg, "faults.drop_prob", 0, 1, hi_open=True, allowed="must be in [0, 1)")
     _num(cfg, "faults.nan_prob", 0, 1, allowed="must be in [0, 1]")
-    _num(cfg, "checkpoint.every", 0, integer=True, allowed="must be an integer >= 0 (0 = off)")
+    if _get(cfg, "checkpoint.every") != "auto":
+        _num(cfg, "checkpoint.every", 0, integer=True,
+             allowed="must be auto or an integer >= 0 (0 = off)")
+    _num(cfg, "checkpoint.seconds", 0, lo_open=True, allowed="must be a finite number > 0")
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
     _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
     _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")

@@ -29,15 +29,18 @@ from .sparse_strategy import SparseAggregation, model_record  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, cfg, task, recorder, device: str = "cpu") -> FedServer:
+def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> FedServer:
+    """All rounds of a run (or the rest of them, after a checkpoint)."""
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     coord = Coordinator(server)
     rounds = int(cfg.rounds)
-    recorder.add(round_row(0, None, _evaluate(task, server, device), 0, 0, 0))
+    start, state = ckpt.load(recorder)
+    if state is None:
+        recorder.add(round_row(0, None, _evaluate(task, server, device), 0, 0, 0))
     bar = Progress(rounds, bool(OmegaConf.select(cfg, "progress", default=False)),
-                   f"{cfg.sparsifier.name} (flower)")
+                   f"{cfg.sparsifier.name} (flower)", initial=start - 1)
 
     def on_round(t: int, info: dict) -> None:
         ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
@@ -51,9 +54,14 @@ def run_server(grid: Grid, cfg, task, recorder, device: str = "cpu") -> FedServe
     strategy = SparseAggregation(coord, int(cfg.num_workers), on_round,
                                  wait_for_nodes_s=float(OmegaConf.select(
                                      cfg, "runtime.wait_for_nodes_s", default=600.0)),
-                                 message_ttl_s=min(timeout, float(DEFAULT_TTL)))
-    strategy.start(grid=grid, initial_arrays=model_record(server.params, server.buffers),
-                   num_rounds=rounds, timeout=timeout, train_config=ConfigRecord())
+                                 message_ttl_s=min(timeout, float(DEFAULT_TTL)),
+                                 first_round=start, checkpointer=ckpt, recorder=recorder)
+    if state is not None:
+        strategy.load_state_dict(state)
+    if start <= rounds:
+        strategy.start(grid=grid, initial_arrays=model_record(server.params, server.buffers),
+                       num_rounds=rounds - start + 1, timeout=timeout,
+                       train_config=ConfigRecord())
     bar.close()
     torch.save({"params": server.params, "buffers": server.buffers}, recorder.dir / "model.pt")
     return server
@@ -65,7 +73,7 @@ def _evaluate(task, server, device):
         return task.evaluate(server.params.to(device), bufs)
 
 
-def run_simulation(cfg, task, recorder) -> None:
+def run_simulation(cfg, task, recorder, ckpt) -> None:
     """The launcher's runtime=flower: Flower's Simulation Runtime, Ray backend."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -79,7 +87,7 @@ def run_simulation(cfg, task, recorder) -> None:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, task, recorder, device)
+        run_server(grid, cfg, task, recorder, ckpt, device)
 
     gpus = float(cfg.runtime.client_gpus) if device == "cuda" else 0.0
     level = str(cfg.runtime.log_level).upper()
@@ -113,26 +121,19 @@ def _log_to_run_stream() -> None:
 
 @app.main()
 def flwr_main(grid: Grid, context: Context) -> None:
-    from regtopk_fl.results import RunRecorder
-    from regtopk_fl.runner import build, identity, resolve_device
+    from regtopk_fl.runner import resolve_device, run_experiment
     from regtopk_fl.settings import from_run_config, validate
 
     cfg = from_run_config(dict(context.run_config))
     validate(cfg)
     _log_to_run_stream()
-    task, sparsifier = build(cfg)
-    # a relative output_dir is relative to the SuperLink's working directory
+    # a relative output_dir is relative to the SuperLink's working directory;
+    # re-running with the same output_dir resumes from its checkpoint
     out = OmegaConf.select(cfg, "output_dir") or f"results/runs/flwr-run-{context.run_id}"
-    recorder = RunRecorder(out, identity(cfg, sparsifier))
-    recorder.write_summary("running")
     poll_s = OmegaConf.select(cfg, "runtime.poll_interval_s", default=None)
     if poll_s:  # HttpGrid waits a fixed 3 s between pulls; poll faster
         from .polling_grid import PollingGrid
         grid = PollingGrid(grid, float(poll_s))
-    try:
-        run_server(grid, cfg, task, recorder, resolve_device(cfg))
-    except BaseException:
-        recorder.flush()
-        recorder.write_summary("failed")
-        raise
-    recorder.close("finished")
+    device = resolve_device(cfg)
+    run_experiment(cfg, out, lambda cfg, task, sparsifier, recorder, ckpt:
+                   run_server(grid, cfg, task, recorder, ckpt, device))

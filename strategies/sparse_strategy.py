@@ -7,6 +7,15 @@ replies, and the framework-free :class:`~regtopk_fl.fedround.Coordinator`
 validates them (a bad upload is dropped with a logged reason), scatter-adds
 g = sum_n w_n g_hat_n without densifying any upload, and steps the server
 optimizer. The in-process engine runs the very same Coordinator.
+
+Checkpoints (``checkpoint.every``) use the evaluate phase of Flower's round
+loop, which this strategy does not need for evaluation (that is central):
+after a due round every node is asked for its error-feedback memory
+(``query.checkpoint``) and the server writes one checkpoint with the model,
+optimizer, pending feedback and all memories, or none when a node did not
+answer. A resumed run starts at the checkpoint's next round: it first asks the
+nodes who they are (``query.identify``) and hands each its memory back
+(``query.restore``).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from regtopk_fl.checkpoint import crash_point
 from regtopk_fl.fedround import Coordinator, Reply
 from regtopk_fl.payload import Upload
 
@@ -48,13 +58,30 @@ def decode_reply(msg: Message, dim: int, dtype) -> tuple:
                          float(metrics.get("loss", float("nan"))), buffers)
 
 
+def memory_content(worker: int, memory: dict) -> RecordDict:
+    """A worker's error-feedback memory as message content (checkpoint/restore)."""
+    arrays = {k: Array(v.detach().cpu().numpy()) for k, v in memory["state"].items()}
+    return RecordDict({"memory": ArrayRecord(arrays), "metrics": MetricRecord(
+        {"partition-id": int(worker), "last-round": int(memory["last_round"])})})
+
+
+def read_memory(content: RecordDict) -> tuple:
+    """(worker, {"state": tensors, "last_round": int}): inverse of memory_content."""
+    meta = content["metrics"]
+    state = {k: torch.from_numpy(a.numpy().copy()) for k, a in content["memory"].items()}
+    return int(meta["partition-id"]), {"state": state, "last_round": int(meta["last-round"])}
+
+
 class SparseAggregation(Strategy):
     """Sparse uploads in, dense model out; every node, every round."""
 
     def __init__(self, coordinator: Coordinator, num_nodes: int,
                  on_round: Callable[[int, dict], None] | None = None,
-                 wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None):
+                 wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None,
+                 first_round: int = 1, checkpointer=None, recorder=None):
         self.coord = coordinator
+        self.first_round = int(first_round)  # Flower counts from 1 again after a resume
+        self.checkpointer, self.recorder = checkpointer, recorder
         # a train message expires when the server stops waiting for its reply,
         # so a node that was away (restarted) never works on a stale round
         self.message_ttl_s = message_ttl_s
@@ -65,6 +92,17 @@ class SparseAggregation(Strategy):
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
         self._round_info: dict = {}
         self._started = False
+        self._restore: dict | None = None  # worker -> memory, to hand back after a resume
+        self._checkpoint_round = None
+
+    def _t(self, server_round: int) -> int:
+        return server_round + self.first_round - 1
+
+    def _query(self, grid: Grid, action: str, contents: dict) -> list:
+        """Send ``query.<action>`` to each node (node -> RecordDict), return the replies."""
+        msgs = [Message(content=c, dst_node_id=n, message_type=f"{MessageType.QUERY}.{action}",
+                        ttl=self.message_ttl_s) for n, c in contents.items()]
+        return list(grid.send_and_receive(msgs, timeout=self.message_ttl_s or 3600.0))
 
     # -- train -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list:
@@ -84,6 +122,9 @@ class SparseAggregation(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         nodes = self._nodes(grid)
+        if self._restore is not None:
+            self._restore_memories(grid, nodes)
+        server_round = self._t(server_round)
         workers = [self.node_worker.get(n) for n in nodes]
         self._round_info = {"nodes": len(nodes), "downlink": self.coord.broadcast_bytes(workers)}
         msgs = []
@@ -104,6 +145,7 @@ class SparseAggregation(Strategy):
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round = self._t(server_round)
         server = self.coord.server
         replies = list(replies)
         good, rejected, failed, undecodable = [], {}, 0, 0
@@ -145,12 +187,57 @@ class SparseAggregation(Strategy):
                                 "rejected": len(outcome.rejected)})
         return model_record(server.params, server.buffers), metrics
 
-    # -- evaluation is central (the ServerApp's), not federated ----------------
+    # -- the evaluate phase: checkpoints (evaluation itself is central) --------
     def configure_evaluate(self, server_round, arrays, config, grid):
-        return []
+        t = self._t(server_round)
+        self._checkpoint_round = None
+        if self.checkpointer is None or not self.checkpointer.due(t):
+            return []
+        self._checkpoint_round = t
+        nodes = sorted(grid.get_node_ids())
+        return [Message(content=RecordDict({}), dst_node_id=n, ttl=self.message_ttl_s,
+                        message_type=f"{MessageType.QUERY}.checkpoint") for n in nodes]
 
     def aggregate_evaluate(self, server_round, replies):
+        t = self._t(server_round)
+        if self._checkpoint_round == t:
+            memories = {}
+            for msg in replies:
+                if not msg.has_error():
+                    worker, memory = read_memory(msg.content)
+                    memories[worker] = memory
+            absent = sorted(set(range(self.num_nodes)) - set(memories))
+            if absent:
+                log.warning("round %d: no checkpoint: workers %s did not send their memory",
+                            t, absent)
+            else:
+                self.checkpointer.save(t, self.state_dict(memories), self.recorder)
+        crash_point(t)
         return None
+
+    def state_dict(self, memories: dict) -> dict:
+        return {"coord": self.coord.state_dict(), "upload_round": dict(self.upload_round),
+                "memories": memories}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coord.load_state_dict(state["coord"])
+        self.upload_round = {int(k): int(v) for k, v in state["upload_round"].items()}
+        self._restore = dict(state["memories"])
+
+    def _restore_memories(self, grid: Grid, nodes: list) -> None:
+        memories, self._restore = self._restore, None
+        for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
+            if not msg.has_error():
+                self.node_worker[msg.metadata.src_node_id] = int(
+                    msg.content["metrics"]["partition-id"])
+        contents = {n: memory_content(w, memories[w]) for n, w in self.node_worker.items()
+                    if n in nodes and w in memories}
+        done = {int(m.content["metrics"]["partition-id"])
+                for m in self._query(grid, "restore", contents) if not m.has_error()}
+        lost = sorted(set(memories) - done)
+        if lost:
+            log.warning("round %d: could not restore the memories of workers %s; they "
+                        "start with an empty one", self.first_round, lost)
 
     def summary(self) -> None:
         log.info("SparseAggregation: %d nodes, sparse scatter-add, server SGD", self.num_nodes)

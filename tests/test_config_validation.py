@@ -32,6 +32,8 @@ BAD = [  # (overrides, key named in the message)
     (["faults.drop_prob=1.0"], "faults.drop_prob=1.0"),
     (["faults.nan_prob=2"], "faults.nan_prob=2"),
     (["checkpoint.every=-5"], "checkpoint.every=-5"),
+    (["checkpoint.every=often"], "checkpoint.every='often'"),
+    (["checkpoint.seconds=0"], "checkpoint.seconds=0"),
     (["device=tpu"], "device='tpu'"),
     (["threads=0"], "threads=0"),
     (["task=toy", "num_workers=3"], "num_workers=3"),

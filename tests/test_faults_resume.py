@@ -1,15 +1,16 @@
 """Faults during a run (drops, NaN uploads), partial participation, and
 checkpoint/resume after SIGKILL."""
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from regtopk_fl.checkpoint import CRASH_ENV
 from regtopk_fl.compress import RegTopK
 from regtopk_fl.engine import InProcessRun
 from regtopk_fl.fedround import Coordinator, FedServer, worker_round
@@ -122,42 +123,124 @@ def test_faults_agree_between_runtimes(make_cfg, tmp_path):
     assert float(diff) <= 1e-6
 
 
-def _launch(run_dir, rounds):
-    args = [sys.executable, "-m", "regtopk_fl", "task=tiny_image", "num_workers=4",
-            f"rounds={rounds}", "sparsifier=regtopk", "sparsifier.sparsity=0.05",
-            "sparsifier.mu=2", "eval_every=10", "checkpoint.every=5", "lr=0.1", "threads=1",
-            f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+def _launch(run_dir, overrides, crash_after=None):
+    """Run the launcher in its own process group; ``crash_after``: the process
+    SIGKILLs itself after that round (checkpoint.CRASH_ENV), at a known point
+    whatever the machine's speed. Returns (exit status, its output)."""
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_after is not None:
+        env[CRASH_ENV] = str(crash_after)
+    err = run_dir.parent / f"{run_dir.name}.out"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "regtopk_fl", *overrides,
+                                 f"hydra.run.dir={run_dir}"], stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        rc = proc.wait(timeout=900)
+    try:  # what a killed run leaves behind (Ray's processes under runtime=flower)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return rc, err.read_text()
 
 
 def _strip_wall(rows):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
+def _checkpoint(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+
+
+def _assert_same_run(a, b):
+    assert _strip_wall(_rows(a)) == _strip_wall(_rows(b))
+    ma = torch.load(a / "model.pt", weights_only=False)
+    mb = torch.load(b / "model.pt", weights_only=False)
+    assert torch.equal(ma["params"], mb["params"])
+    assert (ma["buffers"] is None and mb["buffers"] is None) or torch.equal(ma["buffers"],
+                                                                           mb["buffers"])
+
+
+TINY = ["task=tiny_image", "num_workers=4", "rounds=60", "sparsifier=regtopk",
+        "sparsifier.sparsity=0.05", "sparsifier.mu=2", "eval_every=10", "checkpoint.every=5",
+        "lr=0.1", "threads=1"]
+
+
 @pytest.mark.slow
 def test_sigkill_twice_then_resume_is_identical(tmp_path):
-    rounds = 60
-    ref = _launch(tmp_path / "ref", rounds)
-    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+    """tiny_image, in-process: killed after rounds 13 and 37 (checkpoints at
+    10 and 35), resumed, bitwise equal to an uninterrupted run."""
+    assert _launch(tmp_path / "ref", TINY)[0] == 0
     run_dir = tmp_path / "killed"
-    for kills in range(2):
-        proc = _launch(run_dir, rounds)
-        ckpt = run_dir / "checkpoint.pt"
-        start_mtime = ckpt.stat().st_mtime if ckpt.exists() else 0
-        deadline = time.time() + 300
-        while time.time() < deadline:  # wait for a fresh checkpoint, then kill hard
-            if ckpt.exists() and ckpt.stat().st_mtime > start_mtime:
-                break
-            time.sleep(0.05)
-        time.sleep(0.3)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
+    for crash, ckpt_round in ((13, 10), (37, 35)):
+        rc, err = _launch(run_dir, TINY, crash_after=crash)
+        assert rc == -signal.SIGKILL, err
         assert not (run_dir / "model.pt").exists()
-    proc = _launch(run_dir, rounds)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
-    assert _strip_wall(_rows(run_dir)) == _strip_wall(_rows(tmp_path / "ref"))
-    a = torch.load(run_dir / "model.pt", weights_only=False)
-    b = torch.load(tmp_path / "ref" / "model.pt", weights_only=False)
-    assert torch.equal(a["params"], b["params"]) and torch.equal(a["buffers"], b["buffers"])
+        assert _checkpoint(run_dir)["round"] == ckpt_round
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "running" and summary["rounds_done"] >= ckpt_round
+        rows = _rows(run_dir)  # never truncated: rows 0..ckpt_round at least, in order
+        assert [int(r["round"]) for r in rows] == list(range(len(rows)))
+        assert len(rows) > ckpt_round
+    rc, err = _launch(run_dir, TINY)
+    assert rc == 0, err
+    _assert_same_run(run_dir, tmp_path / "ref")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_flower_run_killed_and_resumed_is_identical(tmp_path):
+    """runtime=flower: the checkpoint holds every client's memory (also of a
+    client that missed the checkpoint round), the resumed run hands them back,
+    and the result is bitwise the uninterrupted Flower run's."""
+    args = ["task=linreg", "num_workers=4", "rounds=20", "runtime=flower", "threads=1",
+            "sparsifier=regtopk", "sparsifier.sparsity=0.3", "faults.drop_prob=0.25",
+            "faults.nan_prob=0.1", "checkpoint.every=5"]
+    assert _launch(tmp_path / "ref", args)[0] == 0
+    run_dir = tmp_path / "killed"
+    rc, err = _launch(run_dir, args, crash_after=8)
+    assert rc == -signal.SIGKILL, err
+    ckpt = _checkpoint(run_dir)
+    assert ckpt["round"] == 5 and sorted(ckpt["state"]["memories"]) == [0, 1, 2, 3]
+    eps = [m["state"]["eps"] for m in ckpt["state"]["memories"].values()]
+    assert all(e.shape == (1, 100) for e in eps) and all(e.abs().sum() > 0 for e in eps)
+    rc, err = _launch(run_dir, args)
+    assert rc == 0, err
+    assert "could not restore" not in err
+    _assert_same_run(run_dir, tmp_path / "ref")
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_another_config_is_refused(tmp_path):
+    args = ["task=linreg", "num_workers=3", "rounds=5", "threads=1"]
+    run_dir = tmp_path / "run"
+    assert _launch(run_dir, args)[0] == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()
+              and p.suffix != ".log"}
+    rc, err = _launch(run_dir, args)
+    assert rc == 0 and "already holds this finished run" in err
+    rc, err = _launch(run_dir, [*args[:-2], "rounds=6", "threads=1"])
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == (f"regtopk-fl: error: hydra.run.dir={run_dir}: holds a "
+                                            "run of another configuration; choose a new directory "
+                                            "(nothing was changed)")
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()
+             and p.suffix != ".log"}
+    assert after == before
+
+
+def test_auto_checkpoints_follow_the_clock(make_cfg):
+    from regtopk_fl import checkpoint
+
+    ck = checkpoint.Checkpointer(make_cfg(["rounds=50", "checkpoint.seconds=300"]), "/nonexistent")
+    now = [1000.0]
+    ck.clock, ck._last = (lambda: now[0]), now[0]
+    assert ck.every == "auto"
+    now[0] += 299
+    assert not ck.due(3)
+    now[0] += 2
+    assert ck.due(4) and not ck.due(50)  # never after the last round
+    fixed = checkpoint.Checkpointer(make_cfg(["rounds=50", "checkpoint.every=7"]), "/x")
+    assert [t for t in range(1, 51) if fixed.due(t)] == [7, 14, 21, 28, 35, 42, 49]
+    off = checkpoint.Checkpointer(make_cfg(["rounds=50", "checkpoint.every=0"]), "/x")
+    assert not any(off.due(t) for t in range(1, 51))

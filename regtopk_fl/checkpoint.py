@@ -1,0 +1,140 @@
+"""Checkpoints: when a run writes one, what is in it, and how a re-run resumes.
+
+One file, ``checkpoint.pt`` in the run directory, written atomically (temp
+file, fsync, rename), so a SIGKILL leaves the previous checkpoint or the new
+one. It holds the round it was taken after, the runtime's state (server model
+and optimizer, pending feedback, every worker's error-feedback memory), the
+metrics rows so far, the wall time spent, the RNG states and a fingerprint of
+the configuration. Every source of randomness in a round is seeded by
+(seed, worker, round), so a run resumed from round t repeats rounds t+1...
+bit for bit.
+
+``checkpoint.every``: an integer N (every N rounds; 0 = off) or ``auto``
+(whenever ``checkpoint.seconds`` of work have passed since the last one).
+The last round never writes one; a finished run deletes it.
+
+Re-running the same command with the same run directory:
+* the run finished with this configuration -> nothing to do;
+* a checkpoint of this configuration is there -> resume from it;
+* the directory holds a run of another configuration -> refuse (exit 2),
+  touching nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .results import atomic_write
+from .settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+FILE = "checkpoint.pt"
+# test hook: the process SIGKILLs itself after this round (tests/test_faults_resume.py)
+CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
+# keys that do not change what a run computes
+_NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir")
+
+
+def config_fingerprint(cfg) -> str:
+    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in _NOT_IDENTITY}
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(keep)).encode()).hexdigest()
+
+
+def run_dir_status(run_dir, fingerprint: str) -> str:
+    """"new", "finished" or "resume" (a checkpoint or an unfinished run of this
+    configuration); raises ConfigError when the directory holds another run."""
+    run_dir = Path(run_dir)
+    summary, ckpt = run_dir / "summary.json", run_dir / FILE
+    theirs = None
+    if summary.exists():
+        try:
+            s = json.loads(summary.read_text())
+        except (OSError, ValueError):
+            s = {}
+        theirs = s.get("config_sha256")
+        if theirs == fingerprint and s.get("status") == "finished":
+            return "finished"
+    elif ckpt.exists():
+        theirs = torch.load(ckpt, weights_only=False, map_location="cpu")["fingerprint"]
+    elif not (run_dir / "metrics.csv").exists():
+        return "new"
+    if theirs != fingerprint:
+        raise ConfigError(f"hydra.run.dir={run_dir}: holds a run of another configuration; "
+                          "choose a new directory (nothing was changed)")
+    return "resume"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Decides when to checkpoint, writes and reads ``checkpoint.pt``."""
+
+    def __init__(self, cfg, run_dir, fingerprint: str | None = None):
+        self.path = Path(run_dir) / FILE
+        self.rounds = int(cfg.rounds)
+        every = OmegaConf.select(cfg, "checkpoint.every", default=0)
+        self.every = every if every == "auto" else int(every or 0)
+        self.seconds = float(OmegaConf.select(cfg, "checkpoint.seconds", default=300.0))
+        self.fingerprint = fingerprint or config_fingerprint(cfg)
+        self.clock = time.monotonic
+        self._last = self.clock()
+
+    def due(self, t: int) -> bool:
+        if t >= self.rounds:
+            return False
+        if self.every == "auto":
+            return self.clock() - self._last >= self.seconds
+        return self.every > 0 and t % self.every == 0
+
+    def save(self, t: int, state: dict, recorder) -> None:
+        recorder.flush()
+        blob = {"fingerprint": self.fingerprint, "round": int(t), "state": state,
+                "rows": recorder.rows, "elapsed": recorder.elapsed(), "rng": rng_state()}
+        atomic_write(self.path, lambda fh: torch.save(blob, fh), "wb")
+        recorder.write_summary("running")  # rounds_done so far
+        self._last = self.clock()
+        log.info("checkpoint after round %d -> %s", t, self.path)
+
+    def load(self, recorder):
+        """(first round to run, runtime state or None). Restores the metrics
+        rows, the wall-time offset and the RNG states into place."""
+        if not self.path.exists():
+            return 1, None
+        blob = torch.load(self.path, weights_only=False, map_location="cpu")
+        if blob["fingerprint"] != self.fingerprint:
+            raise ConfigError(f"hydra.run.dir={self.path.parent}: its {FILE} belongs to "
+                              "another configuration; choose a new directory")
+        recorder.rows, recorder.offset_s = blob["rows"], blob["elapsed"]
+        set_rng_state(blob["rng"])
+        log.info("resuming %s after round %d", self.path.parent, blob["round"])
+        return blob["round"] + 1, blob["state"]
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def crash_point(t: int) -> None:
+    """SIGKILL this process after round ``t`` when the test hook asks for it."""
+    if os.environ.get(CRASH_ENV) == str(t):
+        os.kill(os.getpid(), signal.SIGKILL)

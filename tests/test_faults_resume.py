@@ -2,21 +2,22 @@
 checkpoint/resume after SIGKILL."""
 import csv
 import json
-import os
 import signal
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from regtopk_fl.checkpoint import CRASH_ENV
 from regtopk_fl.compress import RegTopK
 from regtopk_fl.engine import InProcessRun
 from regtopk_fl.fedround import Coordinator, FedServer, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory
 from regtopk_fl.runner import run_experiment
 from regtopk_fl.tasks.linreg import LinRegTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from kill_resume import differences, launch  # noqa: E402
 
 
 def _rows(run_dir):
@@ -123,41 +124,8 @@ def test_faults_agree_between_runtimes(make_cfg, tmp_path):
     assert float(diff) <= 1e-6
 
 
-def _launch(run_dir, overrides, crash_after=None):
-    """Run the launcher in its own process group; ``crash_after``: the process
-    SIGKILLs itself after that round (checkpoint.CRASH_ENV), at a known point
-    whatever the machine's speed. Returns (exit status, its output)."""
-    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
-    if crash_after is not None:
-        env[CRASH_ENV] = str(crash_after)
-    err = run_dir.parent / f"{run_dir.name}.out"
-    with open(err, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "regtopk_fl", *overrides,
-                                 f"hydra.run.dir={run_dir}"], stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        rc = proc.wait(timeout=900)
-    try:  # what a killed run leaves behind (Ray's processes under runtime=flower)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return rc, err.read_text()
-
-
-def _strip_wall(rows):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
-
-
 def _checkpoint(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)
-
-
-def _assert_same_run(a, b):
-    assert _strip_wall(_rows(a)) == _strip_wall(_rows(b))
-    ma = torch.load(a / "model.pt", weights_only=False)
-    mb = torch.load(b / "model.pt", weights_only=False)
-    assert torch.equal(ma["params"], mb["params"])
-    assert (ma["buffers"] is None and mb["buffers"] is None) or torch.equal(ma["buffers"],
-                                                                           mb["buffers"])
 
 
 TINY = ["task=tiny_image", "num_workers=4", "rounds=60", "sparsifier=regtopk",
@@ -169,10 +137,10 @@ TINY = ["task=tiny_image", "num_workers=4", "rounds=60", "sparsifier=regtopk",
 def test_sigkill_twice_then_resume_is_identical(tmp_path):
     """tiny_image, in-process: killed after rounds 13 and 37 (checkpoints at
     10 and 35), resumed, bitwise equal to an uninterrupted run."""
-    assert _launch(tmp_path / "ref", TINY)[0] == 0
+    assert launch(tmp_path / "ref", TINY)[0] == 0
     run_dir = tmp_path / "killed"
     for crash, ckpt_round in ((13, 10), (37, 35)):
-        rc, err = _launch(run_dir, TINY, crash_after=crash)
+        rc, err = launch(run_dir, TINY, crash_after=crash)
         assert rc == -signal.SIGKILL, err
         assert not (run_dir / "model.pt").exists()
         assert _checkpoint(run_dir)["round"] == ckpt_round
@@ -181,9 +149,9 @@ def test_sigkill_twice_then_resume_is_identical(tmp_path):
         rows = _rows(run_dir)  # never truncated: rows 0..ckpt_round at least, in order
         assert [int(r["round"]) for r in rows] == list(range(len(rows)))
         assert len(rows) > ckpt_round
-    rc, err = _launch(run_dir, TINY)
+    rc, err = launch(run_dir, TINY)
     assert rc == 0, err
-    _assert_same_run(run_dir, tmp_path / "ref")
+    assert differences(run_dir, tmp_path / "ref") == []
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     assert not (run_dir / "checkpoint.pt").exists()
 
@@ -197,29 +165,29 @@ def test_flower_run_killed_and_resumed_is_identical(tmp_path):
     args = ["task=linreg", "num_workers=4", "rounds=20", "runtime=flower", "threads=1",
             "sparsifier=regtopk", "sparsifier.sparsity=0.3", "faults.drop_prob=0.25",
             "faults.nan_prob=0.1", "checkpoint.every=5"]
-    assert _launch(tmp_path / "ref", args)[0] == 0
+    assert launch(tmp_path / "ref", args)[0] == 0
     run_dir = tmp_path / "killed"
-    rc, err = _launch(run_dir, args, crash_after=8)
+    rc, err = launch(run_dir, args, crash_after=8)
     assert rc == -signal.SIGKILL, err
     ckpt = _checkpoint(run_dir)
     assert ckpt["round"] == 5 and sorted(ckpt["state"]["memories"]) == [0, 1, 2, 3]
     eps = [m["state"]["eps"] for m in ckpt["state"]["memories"].values()]
     assert all(e.shape == (1, 100) for e in eps) and all(e.abs().sum() > 0 for e in eps)
-    rc, err = _launch(run_dir, args)
+    rc, err = launch(run_dir, args)
     assert rc == 0, err
     assert "could not restore" not in err
-    _assert_same_run(run_dir, tmp_path / "ref")
+    assert differences(run_dir, tmp_path / "ref") == []
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_another_config_is_refused(tmp_path):
     args = ["task=linreg", "num_workers=3", "rounds=5", "threads=1"]
     run_dir = tmp_path / "run"
-    assert _launch(run_dir, args)[0] == 0
+    assert launch(run_dir, args)[0] == 0
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()
               and p.suffix != ".log"}
-    rc, err = _launch(run_dir, args)
+    rc, err = launch(run_dir, args)
     assert rc == 0 and "already holds this finished run" in err
-    rc, err = _launch(run_dir, [*args[:-2], "rounds=6", "threads=1"])
+    rc, err = launch(run_dir, [*args[:-2], "rounds=6", "threads=1"])
     assert rc == 2
     assert err.strip().splitlines()[-1] == (f"regtopk-fl: error: hydra.run.dir={run_dir}: holds a "
                                             "run of another configuration; choose a new directory "
@@ -227,6 +195,10 @@ def test_rerun_of_a_finished_run_does_nothing_and_another_config_is_refused(tmp_
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()
              and p.suffix != ".log"}
     assert after == before
+    other = tmp_path / "other"  # and the comparison the resume tests rely on can fail
+    assert launch(other, [*args[:-2], "rounds=5", "seed=1", "threads=1"])[0] == 0
+    assert differences(run_dir, other) == ["metrics.csv differs from row 0",
+                                           "model.pt params differ"]
 
 
 def test_auto_checkpoints_follow_the_clock(make_cfg):

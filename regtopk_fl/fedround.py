@@ -119,7 +119,8 @@ class ServerSGD:
         return {"buf": None if self.buf is None else self.buf.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buf = None if state.get("buf") is None else state["buf"].clone()
+        buf = state.get("buf")
+        self.buf = None if buf is None else buf.to(self.params.device, copy=True)
 
 
 class FedServer:
@@ -258,7 +259,7 @@ class FedServer:
         with torch.no_grad():
             self.params.copy_(state["params"])
         if state.get("buffers") is not None:
-            self.buffers = state["buffers"].clone()
+            self.buffers = state["buffers"].to(self.params.device, copy=True)
         self.opt.load_state_dict(state["opt"])
 
 
@@ -314,4 +315,6 @@ class Coordinator:
 
     def load_state_dict(self, state) -> None:
         self.server.load_state_dict(state["server"])
-        self.pending = {int(n): Feedback(*v) for n, v in state["pending"].items()}
+        dev = self.server.params.device  # a checkpoint is loaded onto the CPU first
+        self.pending = {int(n): Feedback(None if v[0] is None else v[0].to(dev), *v[1:])
+                        for n, v in state["pending"].items()}

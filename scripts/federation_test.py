@@ -19,9 +19,13 @@ process group, and every process stopped at the end, pass or fail:
 6. the fault: a second run; SuperNode 2 is killed (SIGKILL, whole process
    group) after round 3: the run goes on with the other two (`missing`
    recorded in metrics.csv); node 2 is restarted with the same key and state
-   dir once the SuperLink marks it offline, rejoins, and the run completes.
+   dir once the SuperLink marks it offline, rejoins, and the run completes;
+7. the server crash: a third run (checkpoint.every=3); its ServerApp is
+   SIGKILLed after the first checkpoint, the run is stopped, the same `flwr
+   run` with the same output_dir resumes it, and it must still match its
+   runtime=inprocess twin.
 
-    python scripts/federation_test.py [--rounds 20] [--skip-negative] [--skip-fault]
+    python scripts/federation_test.py [--rounds 20] [--skip-negative] [--skip-fault] [--skip-crash]
                                       [--workdir DIR] [--keep]
 
 Exit status 0 iff every check passed; a summary with timings is printed and
@@ -153,6 +157,22 @@ def sweep(marker: str) -> list:
             _signal_tree([int(d.name)], signal.SIGKILL)
             killed.append(int(d.name))
     return killed
+
+
+def process_pids(name: str, marker: str) -> list:
+    """Live processes whose command line names ``name`` and whose command line
+    or environment names our work directory."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd, env = (d / "cmdline").read_bytes(), (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if name.encode() in cmd and marker.encode() in cmd + env and _alive(int(d.name)):
+            out.append(int(d.name))
+    return out
 
 
 def free_ports(n: int) -> list:
@@ -377,21 +397,25 @@ class FederationTest:
         self.timings["round_s"] = {"first": round(walls[1] - walls[0], 2),
                                    "median": round(statistics.median(per_round), 2),
                                    "min": round(min(per_round), 2), "max": round(max(per_round), 2)}
-        # the twin under runtime=inprocess
+        self.compare_with_twin(out, overrides, rows)
+
+    def compare_with_twin(self, out: Path, overrides: list, rows: list, label: str = "") -> None:
+        """The deployed run against the same config under runtime=inprocess."""
         import torch
 
         from regtopk_fl.deploy import compose_config
         from regtopk_fl.runner import run_experiment
 
+        rounds = int(next(o for o in overrides if o.startswith("rounds=")).split("=")[1])
         cfg = compose_config([o for o in overrides if not o.startswith("runtime=")] +
                              ["runtime=inprocess", "progress=false"])
-        twin = self.work / "twin_inprocess"
+        twin = self.work / f"twin_inprocess{label.replace(' ', '_')}"
         run_experiment(cfg, twin)
         a = torch.load(out / "model.pt", weights_only=False)["params"]
         b = torch.load(twin / "model.pt", weights_only=False)["params"]
         rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-        self.check("deployed global model == runtime=inprocess twin (rel <= 1e-6)", rel <= 1e-6,
-                   f"max relative difference {rel:.3g}")
+        self.check(f"deployed{label} global model == runtime=inprocess twin (rel <= 1e-6)",
+                   rel <= 1e-6, f"max relative difference {rel:.3g}")
         trows = read_rows(twin)
         bad = []
         for x, y in zip(rows, trows):
@@ -401,7 +425,7 @@ class FederationTest:
                     bad.append((x["round"], k, x[k], y[k]))
             if abs(float(x["gap"]) - float(y["gap"])) > 1e-6 * max(1.0, abs(float(y["gap"]))):
                 bad.append((x["round"], "gap", x["gap"], y["gap"]))
-        self.check("metrics.csv rows == twin's (bytes, sent, replies, gap)",
+        self.check(f"metrics.csv{label} rows == twin's (bytes, sent, replies, gap)",
                    len(rows) == len(trows) == rounds + 1 and not bad, f"{bad[:3]}" if bad else
                    f"{len(rows)} rows; final gap {rows[-1]['gap']}")
 
@@ -463,6 +487,37 @@ class FederationTest:
         state = self.work / "state" / "node2" / f"run-{run_id}-partition-2.pt"
         self.check("node 2 kept its memory in its state dir", state.exists(), str(state.name))
 
+    def server_crash_run(self) -> None:
+        """The ServerApp is SIGKILLed after its first checkpoint; the same run,
+        submitted again with the same output_dir, resumes from it (the clients
+        get their memories back) and must still match the in-process twin."""
+        rounds = self.args.crash_rounds
+        overrides = BASE_OVERRIDES + [f"rounds={rounds}", "checkpoint.every=3"]
+        out = self.work / "run_crash"
+        t0 = time.perf_counter()
+        first = self.submit(overrides, out)
+        deadline = time.monotonic() + 60 * rounds + 600
+        while not (out / "checkpoint.pt").exists():
+            if summary_status(out) in ("finished", "failed") or time.monotonic() > deadline:
+                raise Failed(f"crash run ended before its first checkpoint: {self.run_status(first)}")
+            time.sleep(0.5)
+        victims = process_pids("flwr-serverapp", str(self.work))
+        for pid in victims:  # that process only: its group holds the SuperLink's SuperExec
+            os.kill(pid, signal.SIGKILL)
+        killed_after = last_round(out)
+        self.check("ServerApp SIGKILLed after its first checkpoint, mid-run",
+                   bool(victims) and summary_status(out) == "running" and killed_after < rounds,
+                   f"pids {victims}, metrics.csv up to round {killed_after}")
+        self.flwr("stop", first, CONN, check=False)
+        second = self.submit(overrides, out)
+        st = self.wait_run(second, out, timeout=60 * rounds + 600)
+        self.timings["crash_run_s"] = time.perf_counter() - t0
+        if not self.check("the resubmitted run resumed and finished",
+                          st["status"] == "finished:completed",
+                          f"{st['status']} {st.get('status-details', '')}"):
+            return
+        self.compare_with_twin(out, overrides, read_rows(out), label=" after resume")
+
     # -- all -------------------------------------------------------------------------
     def run(self) -> int:
         t0 = time.perf_counter()
@@ -474,6 +529,8 @@ class FederationTest:
             self.main_run()
             if not self.args.skip_fault:
                 self.fault_run()
+            if not self.args.skip_crash:
+                self.server_crash_run()
         except Exception as exc:  # noqa: BLE001 - report, then clean up
             self.check("federation test ran to the end", False, f"{type(exc).__name__}: {exc}")
         finally:
@@ -521,6 +578,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fault-rounds", type=int, default=12)
     ap.add_argument("--skip-negative", action="store_true")
     ap.add_argument("--skip-fault", action="store_true")
+    ap.add_argument("--crash-rounds", type=int, default=9)
+    ap.add_argument("--skip-crash", action="store_true")
     ap.add_argument("--workdir", default=None, help="default: a fresh temp dir (removed if all pass)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir even if all pass")
     args = ap.parse_args(argv)

@@ -2,10 +2,11 @@
 in pyproject.toml, the `flwr run` command builder, the Flower app bundle, the
 ClientApp's restart / stale-feedback handling and the strategy's behaviour
 when nodes go away -- all without a network. The loopback proof with real
-processes (TLS, node authentication, 3 SuperNodes, a killed node) is
+processes (TLS, node authentication, 3 SuperNodes, a killed node, a killed
+and resumed ServerApp) is
 ``make federation-test`` (scripts/federation_test.py); here it runs only when
-REGTOPK_DEPLOY_TESTS=1: it takes ~11 minutes on 2 shared cores (20 + 12
-rounds at ~17 s per round, plus a ~55 s wait for the SuperLink to notice the
+REGTOPK_DEPLOY_TESTS=1: it takes ~14 minutes on 2 shared cores (20 + 12 + 9
+rounds at ~13-17 s per round, plus a ~55 s wait for the SuperLink to notice the
 killed node), too long for `make test`.
 """
 import os
@@ -319,7 +320,7 @@ def test_polling_grid_polls_fast_and_honours_timeout(task_identity):
 # -- the loopback proof with real processes (slow: opt-in) ------------------------
 @pytest.mark.deploy
 @pytest.mark.skipif(os.environ.get("REGTOPK_DEPLOY_TESTS") != "1",
-                    reason="real SuperLink/SuperNodes on 127.0.0.1, ~11 min: "
+                    reason="real SuperLink/SuperNodes on 127.0.0.1, ~14 min: "
                            "REGTOPK_DEPLOY_TESTS=1 or make federation-test")
 def test_federation_on_loopback():
     sys.path.insert(0, str(REPO / "scripts"))

@@ -17,6 +17,7 @@ import torch
 
 from .compress.base import num_selected, rows_topk
 from .compress.gaussiank import threshold_select
+from .results import atomic_write
 
 FIELDS = ["round", "dim", "k", "norm2", "topk_contraction", "bound_1_minus_k_over_d",
           "bound_sq", "gaussiank_count", "topk_select_s", "gaussiank_select_s", "mean", "std",
@@ -57,11 +58,20 @@ class GradientObserver:
         counts, edges = np.histogram(u.numpy(), bins=self.bins, range=(float(mean) - lim, float(mean) + lim))
         self.hists[f"r{self.round}_counts"], self.hists[f"r{self.round}_edges"] = counts, edges
 
+    def state_dict(self) -> dict:  # goes into the run's checkpoint
+        return {"rows": list(self.rows), "hists": dict(self.hists)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows, self.hists = list(state["rows"]), dict(state["hists"])
+
     def write(self) -> None:
         if not self.rows:
             return
-        with open(self.dir / "observations.csv", "w", newline="") as fh:
+
+        def table(fh):
             w = csv.DictWriter(fh, FIELDS)
             w.writeheader()
             w.writerows(self.rows)
-        np.savez(self.dir / "histograms.npz", **self.hists)
+
+        atomic_write(self.dir / "observations.csv", table)
+        atomic_write(self.dir / "histograms.npz", lambda fh: np.savez(fh, **self.hists), "wb")

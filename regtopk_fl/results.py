@@ -114,6 +114,13 @@ class RunRecorder:
         atomic_write_text(self.dir / "summary.json", json.dumps(s, indent=2, sort_keys=True) + "\n")
         return s
 
+    def save_model(self, params, buffers) -> None:
+        """``model.pt``: the final global model (and BatchNorm buffers), atomically."""
+        import torch
+
+        atomic_write(self.dir / "model.pt",
+                     lambda fh: torch.save({"params": params, "buffers": buffers}, fh), "wb")
+
     def close(self, status: str = "finished") -> dict:
         self.flush()
         return self.write_summary(status)

@@ -108,17 +108,19 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
                        fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg))
-    start, state = ckpt.load(recorder)
-    if state is not None:
-        run.load_state_dict(state)
-    else:
-        recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers), 0, 0, 0))
-    bar = Progress(int(cfg.rounds), cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
     observer = None
     if obs_every:
         from .observe import GradientObserver
         observer = GradientObserver(recorder.dir, sparsifier.sparsity)
+    start, state = ckpt.load(recorder)
+    if state is not None:
+        run.load_state_dict(state["run"])
+        if observer is not None:
+            observer.load_state_dict(state["observer"])
+    else:
+        recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers), 0, 0, 0))
+    bar = Progress(int(cfg.rounds), cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
     for t in range(start, int(cfg.rounds) + 1):
         watch = observer is not None and (t == 1 or t % obs_every == 0)
         if watch:
@@ -131,13 +133,14 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
         recorder.add(row)
         bar.update(row)
         if ckpt.due(t):
-            ckpt.save(t, run.state_dict(), recorder)
+            ckpt.save(t, {"run": run.state_dict(),
+                          "observer": None if observer is None else observer.state_dict()},
+                      recorder)
         crash_point(t)
     bar.close()
     if observer is not None:
         observer.write()
-    torch.save({"params": run.server.params, "buffers": run.server.buffers},
-               recorder.dir / "model.pt")
+    recorder.save_model(run.server.params, run.server.buffers)
 
 
 def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:

@@ -63,7 +63,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                        num_rounds=rounds - start + 1, timeout=timeout,
                        train_config=ConfigRecord())
     bar.close()
-    torch.save({"params": server.params, "buffers": server.buffers}, recorder.dir / "model.pt")
+    recorder.save_model(server.params, server.buffers)
     return server
 
 

@@ -179,6 +179,27 @@ def test_flower_run_killed_and_resumed_is_identical(tmp_path):
     assert differences(run_dir, tmp_path / "ref") == []
 
 
+def test_observations_survive_a_resume(tmp_path):
+    """observe.every rows taken before the crash are in the checkpoint, so the
+    resumed run's observations.csv equals the uninterrupted run's (timings aside)."""
+    args = ["task=linreg", "num_workers=4", "rounds=30", "sparsifier=regtopk",
+            "sparsifier.sparsity=0.3", "observe.every=5", "checkpoint.every=10", "threads=1"]
+    assert launch(tmp_path / "ref", args)[0] == 0
+    rc, out = launch(tmp_path / "killed", args, crash_after=17)
+    assert rc == -signal.SIGKILL, out
+    assert launch(tmp_path / "killed", args)[0] == 0
+
+    def observations(run_dir):
+        with open(run_dir / "observations.csv") as fh:
+            return [{k: v for k, v in r.items() if not k.endswith("_select_s")}
+                    for r in csv.DictReader(fh)]
+
+    ref = observations(tmp_path / "ref")
+    assert [int(r["round"]) for r in ref] == [1, 5, 10, 15, 20, 25, 30]
+    assert observations(tmp_path / "killed") == ref
+    assert differences(tmp_path / "killed", tmp_path / "ref") == []
+
+
 def test_rerun_of_a_finished_run_does_nothing_and_another_config_is_refused(tmp_path):
     args = ["task=linreg", "num_workers=3", "rounds=5", "threads=1"]
     run_dir = tmp_path / "run"

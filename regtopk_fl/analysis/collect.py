@@ -346,7 +346,7 @@ def write_table(df: pd.DataFrame, out: Path) -> list:
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="regtopk-collect",
-                     description="Collect sweep jobs into one table (one row per job).")
+                            description="Collect sweep jobs into one table (one row per job).")
     parser.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR",
                         help="Hydra sweep (or single run) directories")
     parser.add_argument("--out", type=Path, default=None,

@@ -406,7 +406,7 @@ def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="regtopk-plot",
-                     description="Figures and a table of a sweep, chosen from what was swept.")
+                            description="Figures and a table of a sweep, chosen from what was swept.")
     parser.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR",
                         help="Hydra sweep (or single run) directory")
     parser.add_argument("--out", default=None, metavar="PREFIX",

@@ -1,7 +1,14 @@
-"""The Flower ClientApp: one worker. Per train message it applies the server's
-feedback on its last upload, computes its local update on its own partition,
-runs error feedback + the configured sparsifier, and replies with a sparse
-ArrayRecord (indices, values) and a MetricRecord.
+"""The Flower ClientApp: one worker. Per train message it brings its model
+replica up to date (applies the broadcast global gradient and checks the
+server's digest, or takes the full model of a resync; strategies/wire.py),
+applies the server's feedback on its last upload (read off the broadcast g),
+computes its local update on its own partition, runs error feedback + the
+configured sparsifier, and replies with a sparse ArrayRecord (coded indices,
+values), the round and digest of the model it computed on, and a MetricRecord.
+A replica it cannot bring up to date (missing, stale, digest mismatch) is
+dropped and the message answered with an error (``REPLICA_STALE``): the
+server then sends the full model next round. Nothing of such a round touches
+the error-feedback memory.
 
 Its error-feedback memory lives in ``context.state`` and so survives across
 rounds in simulation and deployment. Settings come from the run config
@@ -13,7 +20,7 @@ the worker; ``data-path`` / ``cache-dir`` replace the task's paths on that node
 (clients/cache.py); ``state-dir`` also keeps the memory in a file there
 (written atomically after every round, one file per run and partition), so a
 SuperNode that is killed and restarted, and so lost ``context.state``,
-resumes with its residual intact. For the server's checkpoints the app also
+resumes with its residual intact; its model replica is kept there too. For the server's checkpoints the app also
 answers ``query.checkpoint`` (its memory), ``query.identify`` and
 ``query.restore`` (take this memory back, after the server resumed a run;
 strategies/sparse_strategy.py). Feedback about an upload the memory does
@@ -27,25 +34,30 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
+                      RecordDict)
 from flwr.clientapp import ClientApp
 
 from regtopk_fl import faults
+from regtopk_fl.broadcast import Replica
 from regtopk_fl.fedround import Feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
-from regtopk_fl.payload import index_itemsize, raw_bytes
+from regtopk_fl.payload import raw_bytes
 from regtopk_fl.results import atomic_write
 
+from strategies import wire
 from strategies.sparse_strategy import memory_content, read_memory
 
 from .cache import settings_and_build
 
 MEMORY_KEY = "ef-memory"
 META_KEY = "ef-meta"  # {"last-round": round of the upload the memory holds}
+REPLICA_KEY = "replica"  # the model replica (broadcast=gradient)
+REPLICA_META_KEY = "replica-meta"  # {"round": the model round it holds}
 FAULT_DROPPED = 900  # error code of an injected failure (faults.drop_prob)
 WRONG_WORKER = 901  # a restore message meant for another partition
+REPLICA_STALE = 902  # the replica could not be brought to the server's model
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +66,89 @@ def _tensor(rec: ArrayRecord, key: str, device) -> torch.Tensor:
     return torch.from_numpy(rec[key].numpy()).to(device)
 
 
-def state_file(context: Context) -> Path | None:
-    """The memory file of this node's partition and run (node config ``state-dir``)."""
+def state_file(context: Context, what: str = "") -> Path | None:
+    """The memory (or ``what="-replica"``) file of this node's partition and
+    run (node config ``state-dir``)."""
     node_config = context.node_config or {}
     state_dir = node_config.get("state-dir")
     if not state_dir:
         return None
     pid = int(node_config["partition-id"])
-    return Path(os.path.expanduser(str(state_dir))) / f"run-{context.run_id}-partition-{pid}.pt"
+    return (Path(os.path.expanduser(str(state_dir)))
+            / f"run-{context.run_id}-partition-{pid}{what}.pt")
+
+
+def _opt_settings(cfg) -> tuple:
+    return float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
+
+
+def load_replica(context: Context, cfg) -> Replica | None:
+    """The model replica: from ``state-dir`` when that file exists, else
+    ``context.state``; None when there is none."""
+    path = state_file(context, "-replica")
+    if path is not None and path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return Replica.from_state(state, *_opt_settings(cfg))
+        except Exception as exc:  # unreadable: the server will resync us
+            log.warning("ignoring unreadable replica file %s: %s", path, exc)
+            return None
+    if REPLICA_KEY not in context.state:
+        return None
+    rec = context.state[REPLICA_KEY]
+    state = {k: wire.tensor(rec, k) for k in rec.keys()}
+    state["round"] = int(context.state[REPLICA_META_KEY]["round"])
+    return Replica.from_state(state, *_opt_settings(cfg))
+
+
+def save_replica(context: Context, replica: Replica | None) -> None:
+    """Keep (or, with None, forget) the replica in context.state and state-dir."""
+    path = state_file(context, "-replica")
+    if replica is None:
+        for key in (REPLICA_KEY, REPLICA_META_KEY):
+            if key in context.state:
+                del context.state[key]
+        if path is not None and path.exists():
+            path.unlink()
+        return
+    state = replica.state_dict()
+    context.state[REPLICA_KEY] = ArrayRecord({k: wire.array(v) for k, v in state.items()
+                                              if isinstance(v, torch.Tensor)})
+    context.state[REPLICA_META_KEY] = MetricRecord({"round": int(replica.round)})
+    if path is not None:
+        atomic_write(path, lambda fh: torch.save(state, fh), "wb")
+
+
+class ReplicaError(RuntimeError):
+    pass
+
+
+def receive_model(content: RecordDict, context: Context, cfg, task):
+    """(params, buffers, replica, step) for this round from the server's
+    message: ``replica`` and ``step`` are None under broadcast=model, ``step``
+    is None for a resync. Raises ReplicaError when the replica cannot be made
+    equal to the server's model."""
+    kind = str(content["config"].get("downlink", "model"))
+    if kind == "model":
+        arrays = content["arrays"]
+        return (wire.tensor(arrays, "params"),
+                wire.tensor(arrays, "buffers") if "buffers" in arrays else None, None, None)
+    if kind == "full":
+        replica, digest = wire.read_replica(content, *_opt_settings(cfg))
+        if digest is not None and replica.digest() != digest:
+            raise ReplicaError("the resync's model does not match its digest")
+        return replica.params, replica.buffers, replica, None
+    step = wire.read_step(content)
+    replica = load_replica(context, cfg)
+    if replica is None:
+        if step.round != 0:
+            raise ReplicaError(f"no replica to apply round {step.round}'s gradient to")
+        buffers = task.init_buffers()
+        replica = Replica(task.init_params(), buffers, *_opt_settings(cfg))
+    why = replica.apply(step)
+    if why is not None:
+        raise ReplicaError(why)
+    return replica.params, replica.buffers, replica, step
 
 
 def _load_state_file(path: Path, mem: ErrorFeedbackMemory, device):
@@ -111,15 +198,27 @@ def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | No
         atomic_write(path, lambda fh: torch.save(saved, fh), "wb")
 
 
-def read_feedback(content: RecordDict, device):
+def read_feedback(content: RecordDict, device, step=None, memory=None):
     """The server's word on this worker's last upload, if any: a "rejected"
-    notice carries no values, only ``feedback-meta``."""
+    notice carries no values, only ``feedback-meta``. Under broadcast=gradient
+    the values are read off the broadcast g on the entries the memory sent
+    (None, logged, when g does not cover them: a memory the server's upload
+    record does not match)."""
     if "feedback-meta" not in content:
         return None
     meta = content["feedback-meta"]
     if bool(meta["rejected"]):
         return Feedback(None, 0.0, rejected=True)
-    return Feedback(_tensor(content["feedback"], "values", device), float(meta["weight"]))
+    if "feedback" in content:
+        return Feedback(_tensor(content["feedback"], "values", device), float(meta["weight"]))
+    if step is None or memory is None:
+        return None
+    try:
+        values = step.on(memory.prev_local.cpu().to(torch.int64))
+    except ValueError as exc:
+        log.warning("ignoring feedback: %s", exc)
+        return None
+    return Feedback(values.to(device), float(meta["weight"]))
 
 
 def usable_feedback(fb, content: RecordDict, memory: ErrorFeedbackMemory, pid: int, t: int):
@@ -161,28 +260,38 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     if faults.drops(cfg.faults, cfg.seed, pid, t):
         return Message(Error(code=FAULT_DROPPED, reason=f"injected failure (faults.drop_prob) "
                              f"of worker {pid} in round {t}"), reply_to=msg)
-    arrays = msg.content["arrays"]
-    params = _tensor(arrays, "params", device)
-    buffers = _tensor(arrays, "buffers", device) if "buffers" in arrays else None
+    try:
+        params, buffers, replica, step = receive_model(msg.content, context, cfg, task)
+    except ReplicaError as exc:
+        save_replica(context, None)
+        return Message(Error(code=REPLICA_STALE, reason=f"worker {pid} round {t}: {exc}"),
+                       reply_to=msg)
     memory = load_memory(context, task, device)
-    fb = usable_feedback(read_feedback(msg.content, device), msg.content, memory, pid, t)
-    reply = worker_round(task, memory, sparsifier, params, buffers, [fb], [pid], t,
+    fb = read_feedback(msg.content, device, step, memory)
+    fb = usable_feedback(fb, msg.content, memory, pid, t)
+    reply = worker_round(task, memory, sparsifier, params.to(device),
+                         None if buffers is None else buffers.to(device), [fb], [pid], t,
                          int(cfg.local_steps), float(cfg.local_lr), weights=[1.0])[0]
     save_memory(context, memory, last_round=t)
+    if replica is not None:
+        save_replica(context, replica)
     up = reply.upload
     values = up.values.detach().cpu()
     if faults.corrupts(cfg.faults, cfg.seed, pid, t):
         values = torch.full_like(values, float("nan"))  # corrupted in transit
     upload = {"values": Array(values.numpy())}
     if up.indices is not None:
-        idx_dtype = np.int32 if index_itemsize(up.dim) == 4 else np.int64
-        upload["indices"] = Array(up.indices.cpu().numpy().astype(idx_dtype))
+        upload["indices"] = wire.coded(up.indices.cpu(), up.dim)
     if reply.buffers is not None:
         upload["buffers"] = Array(reply.buffers.detach().cpu().numpy())
     metrics = MetricRecord({"num-examples": int(reply.num_examples), "loss": float(reply.loss),
                             "partition-id": pid, "sent": int(up.sent),
                             "uplink-bytes": int(raw_bytes(up))})
-    return Message(RecordDict({"upload": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"upload": ArrayRecord(upload), "metrics": metrics})
+    if replica is not None:  # which model this upload was computed on
+        content["replica-meta"] = ConfigRecord({"round": int(replica.round),
+                                                "digest": replica.digest()})
+    return Message(content, reply_to=msg)
 
 
 def _identity_reply(msg: Message, context: Context) -> Message:

@@ -1,8 +1,11 @@
 """The in-process engine: the same task, sparsifier, memory and server code
 as the Flower runtime, in one process, all workers batched where the task can.
 
-Per round: broadcast (count bytes) -> workers apply feedback, compute local
-updates, sparsify (one batched call) -> server validates, aggregates, steps.
+Per round: broadcast (count bytes: the planned messages of broadcast.py) ->
+workers apply feedback, compute local updates, sparsify (one batched call) ->
+server validates, aggregates, steps. The workers compute on the server's own
+model: under ``broadcast=gradient`` that stands for their replicas, which the
+Flower runtime keeps and checks bitwise against the server's model (digest).
 """
 from __future__ import annotations
 
@@ -22,14 +25,16 @@ class InProcessRun:
     """State of one in-process run; ``round(t)`` advances it by one round."""
 
     def __init__(self, task, sparsifier, lr, momentum=0.0, weight_decay=0.0, local_steps=1,
-                 local_lr=None, seed=0, fault_cfg=None, device="cpu"):
+                 local_lr=None, seed=0, fault_cfg=None, device="cpu", broadcast="gradient"):
         self.task, self.sparsifier = task, sparsifier
         self.local_steps, self.local_lr = int(local_steps), local_lr
         self.seed, self.fault_cfg = int(seed), fault_cfg or {}
         params = task.init_params().to(device)
         buffers = task.init_buffers()
         self.coord = Coordinator(FedServer(
-            params, None if buffers is None else buffers.to(device), lr, momentum, weight_decay))
+            params, None if buffers is None else buffers.to(device), lr, momentum, weight_decay),
+            broadcast)
+        self.coord.start(range(task.num_workers))
         self.memory = ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype, device)
         self.sizes = task.num_examples()
 
@@ -39,7 +44,7 @@ class InProcessRun:
 
     def round(self, t: int, observer=None) -> dict:
         n_all = list(range(self.task.num_workers))
-        downlink = self.coord.broadcast_bytes(n_all)
+        plan = self.coord.plan(n_all)
         alive = [n for n in n_all if not faults.drops(self.fault_cfg, self.seed, n, t)]
         replies = []
         if alive:
@@ -49,10 +54,12 @@ class InProcessRun:
                 self.task, self.memory, self.sparsifier, self.server.params, self.server.buffers,
                 self.coord.feedback_for(alive), alive, t, self.local_steps, self.local_lr,
                 weights, rows=None if len(alive) == len(n_all) else alive, observer=observer)
+            for r in replies:  # computed on model_{t-1}, the replica every worker holds
+                r.replica_round = t - 1
             replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
                        for r in replies]
         out = self.coord.collect(replies)
-        return {"outcome": out, "downlink_bytes": downlink,
+        return {"outcome": out, "plan": plan,
                 "missing": len(n_all) - len(alive), "replies": len(replies)}
 
     def state_dict(self) -> dict:

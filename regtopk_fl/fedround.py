@@ -13,6 +13,8 @@ import torch
 
 from .compress.base import row_of_entry
 from .memory import ErrorFeedbackMemory, restore_rows
+from .broadcast import Downlink, Plan
+from .optim import ServerSGD  # noqa: F401  (re-exported: the server optimizer)
 from .payload import Upload, coded_index_bytes_rows, raw_bytes, validate_upload
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,8 @@ class Reply:
     num_examples: int
     loss: float = float("nan")
     buffers: torch.Tensor | None = None
+    replica_round: int | None = None  # the model it computed on (broadcast=gradient)
+    digest: bytes | None = None  # that model's digest, as the worker saw it
 
 
 @dataclass
@@ -92,35 +96,9 @@ class RoundOutcome:
     uplink_raw: int = 0
     uplink_coded: int = 0
     sent: int = 0
-
-
-class ServerSGD:
-    """SGD on the flat global model, with the arithmetic of torch.optim.SGD
-    (weight decay, momentum with dampening 0, no Nesterov) but without its
-    per-step dispatch overhead, which dominated small models' rounds."""
-
-    def __init__(self, params: torch.Tensor, lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0):
-        self.params, self.lr = params, float(lr)
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
-        self.buf = None
-
-    def step(self, g: torch.Tensor) -> None:
-        d = g.add(self.params, alpha=self.weight_decay) if self.weight_decay else g
-        if self.momentum:
-            if self.buf is None:
-                self.buf = d.clone()
-            else:
-                self.buf.mul_(self.momentum).add_(d)
-            d = self.buf
-        self.params.add_(d, alpha=-self.lr)
-
-    def state_dict(self) -> dict:
-        return {"buf": None if self.buf is None else self.buf.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        buf = state.get("buf")
-        self.buf = None if buf is None else buf.to(self.params.device, copy=True)
+    support: torch.Tensor | None = None  # accepted sparse uploads' indices (None: dense g)
+    confirmed: list = field(default_factory=list)  # replies computed on the current model
+    uplink_each: dict = field(default_factory=dict)  # worker -> coded bytes of its upload
 
 
 class FedServer:
@@ -218,6 +196,10 @@ class FedServer:
             packed = self._concat(ok)
         g = torch.zeros_like(self.params)
         out = RoundOutcome(g, {}, {}, [r.worker for r in ok], rejected)
+        sparse, idx = packed[0], packed[1]
+        dense_any = any(r.upload.indices is None for r in ok)
+        out.support = None if dense_any else (idx if idx is not None else
+                                              torch.zeros(0, dtype=torch.int64))
         if not ok:
             log.warning("no valid reply this round; the model is left unchanged")
             return out
@@ -239,10 +221,12 @@ class FedServer:
             out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
         out.sent = sum(r.upload.values.numel() for r in ok)
         out.uplink_raw = sum(raw_bytes(r.upload) for r in ok)
-        out.uplink_coded = sum(raw_bytes(r.upload) for r in ok if r.upload.indices is None)
+        out.uplink_each = {r.worker: raw_bytes(r.upload) for r in ok if r.upload.indices is None}
         if sparse:
-            out.uplink_coded += sum(coded_index_bytes_rows(idx, counts, self.dim)) + (
-                vals.numel() * vals.element_size())
+            vsize = vals.element_size()
+            for r, b in zip(sparse, coded_index_bytes_rows(idx, counts, self.dim)):
+                out.uplink_each[r.worker] = b + r.upload.values.numel() * vsize
+        out.uplink_coded = sum(out.uplink_each.values())
         out.loss = sum(w * float(r.loss) for r, w in zip(ok, weights))
         if self.buffers is not None:
             self.buffers = torch.stack([r.buffers for r in ok]).mul_(
@@ -279,38 +263,65 @@ def worker_round(task, memory, sparsifier, params, buffers, feedbacks, workers, 
 
 class Coordinator:
     """The server's side of the protocol around :class:`FedServer`: which
-    feedback each worker is owed, and the honest downlink byte count."""
+    feedback each worker is owed, what each worker's next message carries
+    (broadcast.py: the global gradient, or the full model for a stale
+    replica) and its honest byte count, and the check that a reply was
+    computed on the current model."""
 
-    def __init__(self, server: FedServer):
+    def __init__(self, server: FedServer, broadcast: str = "gradient", verify: bool = False):
         self.server = server
         self.pending: dict = {}  # worker -> Feedback owed with its next broadcast
+        self.downlink = Downlink(broadcast, verify)
+        self.round = 0  # rounds completed: the server holds model_{round}
+
+    @property
+    def mode(self) -> str:
+        return self.downlink.mode
+
+    def start(self, workers) -> None:
+        """Round 0: the seeded initial model, known to every worker."""
+        self.downlink.start(self.server, workers)
+
+    def plan(self, workers) -> Plan:
+        """What each of these workers (None: an unidentified node) is sent next."""
+        return self.downlink.plan(workers, self.server, self.pending)
 
     def broadcast_bytes(self, workers) -> int:
-        s = self.server
-        model = s.params.numel() * s.params.element_size()
-        if s.buffers is not None:
-            model += s.buffers.numel() * s.buffers.element_size()
-        return sum(model + (self.pending[n].nbytes() if n in self.pending else 0)
-                   for n in workers)
+        return sum(self.plan(workers).raw.values())
 
     def feedback_for(self, workers) -> list:
         return [self.pending.get(n) for n in workers]
 
     def collect(self, replies, rejected=None) -> RoundOutcome:
-        """Aggregate the replies; ``rejected`` holds replies already refused
-        upstream (undecodable messages), worker -> reason."""
-        out = self.server.step(replies)
-        for n, why in (rejected or {}).items():
+        """Aggregate the replies of round ``self.round + 1``; ``rejected`` holds
+        replies already refused upstream (undecodable messages), worker ->
+        reason. A reply computed on another model than the server's current
+        one (a stale or wrong replica) is rejected here, before it counts."""
+        rejected = dict(rejected or {})
+        current, t = [], self.round + 1
+        digest = self.downlink.step.digest if self.downlink.step is not None else None
+        for r in replies:
+            why = self.downlink.check(r, self.round, digest)
+            if why is None:
+                current.append(r)
+            else:
+                rejected[r.worker] = why
+        out = self.server.step(current)
+        out.confirmed = [r.worker for r in current]
+        for n, why in rejected.items():
             log.warning("dropped the reply of worker %s: %s", n, why)
             out.rejected[n] = why
         for n, values in out.feedback.items():
             self.pending[n] = Feedback(values, out.weights[n])
         for n in out.rejected:
             self.pending[n] = Feedback(None, 0.0, rejected=True)
+        self.downlink.after_step(t, self.server, out, out.support)
+        self.round = t
         return out
 
     def state_dict(self) -> dict:
-        return {"server": self.server.state_dict(),
+        return {"server": self.server.state_dict(), "round": self.round,
+                "downlink": self.downlink.state_dict(),
                 "pending": {int(n): (f.values, f.weight, f.rejected) for n, f in self.pending.items()}}
 
     def load_state_dict(self, state) -> None:
@@ -318,3 +329,6 @@ class Coordinator:
         dev = self.server.params.device  # a checkpoint is loaded onto the CPU first
         self.pending = {int(n): Feedback(None if v[0] is None else v[0].to(dev), *v[1:])
                         for n, v in state["pending"].items()}
+        self.round = int(state.get("round", 0))
+        if "downlink" in state:
+            self.downlink.load_state_dict(state["downlink"], dev)

@@ -81,45 +81,84 @@ def coded_bytes(up: Upload) -> int:
     return coded_index_bytes(up.indices, up.dim) + up.sent * up.values.element_size()
 
 
+def _varint_encode(deltas: np.ndarray) -> np.ndarray:
+    """LEB128 bytes of non-negative int64 ``deltas``, vectorised: one masked
+    write per byte position (at most 9 for int64), never a Python loop over
+    entries."""
+    d = deltas.astype(np.uint64, copy=False)
+    lengths = varint_lengths(torch.from_numpy(deltas)).numpy()
+    starts = np.zeros(d.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for j in range(int(lengths.max()) if d.size else 0):
+        live = lengths > j
+        byte = (d[live] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (lengths[live] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[live] + j] = (byte | more).astype(np.uint8)
+    return out
+
+
+def _varint_decode(buf: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_varint_encode` (vectorised); raises ValueError on a
+    truncated stream or a value longer than 9 bytes."""
+    if buf.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    last = (buf & 0x80) == 0
+    if not last[-1]:
+        raise ValueError("truncated varint stream")
+    ends = np.flatnonzero(last)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    if int((ends - starts).max()) >= 9:
+        raise ValueError("varint longer than 9 bytes")
+    group = np.repeat(np.arange(ends.size), ends - starts + 1)
+    shift = (np.arange(buf.size) - starts[group]).astype(np.uint64) * np.uint64(7)
+    parts = (buf & 0x7F).astype(np.uint64) << shift
+    return np.add.reduceat(parts, starts).astype(np.int64)
+
+
 def _deltas(indices: np.ndarray) -> np.ndarray:
     idx = np.asarray(indices, dtype=np.int64)
     return np.diff(idx, prepend=0) if idx.size else idx
 
 
 def encode_indices(indices, dim: int) -> bytes:
-    """Lossless coding of ascending indices: tag 0 + varint deltas, or tag 1 + bitmap."""
-    idx = np.asarray(indices, dtype=np.int64)
+    """Lossless coding of ascending indices: tag 0 + varint deltas (the first
+    index coded as is), or tag 1 + a J-bit little-endian bitmap, whichever is
+    smaller (ties go to the varints). ``len(result)`` equals
+    :func:`coded_index_bytes`, so what is counted is what travels."""
+    idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices,
+                     dtype=np.int64)
     if idx.size and (idx[0] < 0 or idx[-1] >= dim or bool((np.diff(idx) <= 0).any())):
-        # a negative delta would loop forever below; duplicates would not survive a bitmap
+        # duplicates would not survive a bitmap, negative deltas not a varint
         raise ValueError(f"indices must be strictly ascending in [0, {dim})")
-    deltas = _deltas(idx)
-    if int(varint_lengths(torch.from_numpy(deltas)).sum()) <= (dim + 7) // 8:
-        out = bytearray([0])
-        for d in deltas.tolist():
-            while True:
-                byte, d = d & 0x7F, d >> 7
-                out.append(byte | (0x80 if d else 0))
-                if not d:
-                    break
-        return bytes(out)
+    body = _varint_encode(_deltas(idx))
+    if body.size <= (dim + 7) // 8:
+        return b"\x00" + body.tobytes()
     bitmap = np.zeros(dim, dtype=np.uint8)
     bitmap[idx] = 1
-    return bytes([1]) + np.packbits(bitmap, bitorder="little").tobytes()
+    return b"\x01" + np.packbits(bitmap, bitorder="little").tobytes()
 
 
-def decode_indices(blob: bytes, dim: int) -> np.ndarray:
-    if blob[0] == 1:
-        bits = np.unpackbits(np.frombuffer(blob[1:], dtype=np.uint8), bitorder="little")
-        return np.nonzero(bits[:dim])[0].astype(np.int64)
-    out, cur, val, shift = [], 0, 0, 0
-    for byte in blob[1:]:
-        val |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            cur += val
-            out.append(cur)
-            val, shift = 0, 0
-    return np.asarray(out, dtype=np.int64)
+def decode_indices(blob, dim: int) -> np.ndarray:
+    """Indices (int64, ascending when the blob was made by :func:`encode_indices`)
+    from a coded blob (bytes or a uint8 array). Raises ValueError on a blob no
+    encoder could have written; the range and order of what decodes are the
+    server's to check (:func:`validate_upload`)."""
+    buf = np.frombuffer(blob, dtype=np.uint8) if isinstance(blob, (bytes, bytearray, memoryview)) \
+        else np.asarray(blob, dtype=np.uint8).reshape(-1)
+    if buf.size == 0:
+        raise ValueError("empty index blob (no tag byte)")
+    tag, body = int(buf[0]), buf[1:]
+    if tag == 1:
+        if body.size != (dim + 7) // 8:
+            raise ValueError(f"bitmap of {body.size} bytes for J={dim}")
+        bits = np.unpackbits(body, bitorder="little", count=dim)
+        return np.flatnonzero(bits).astype(np.int64)
+    if tag != 0:
+        raise ValueError(f"unknown index coding tag {tag}")
+    return np.cumsum(_varint_decode(body), dtype=np.int64)
 
 
 def info_floor_bits(dim: int, k: int) -> float:

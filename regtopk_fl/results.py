@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
-           "uplink_coded_bytes", "downlink_bytes", "sent", "replies", "missing",
-           "rejected", "wall_s"]
+           "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes", "resyncs", "sent",
+           "replies", "missing", "rejected", "comm_s", "wall_s"]
 
 
 _UMASK = os.umask(0)
@@ -52,6 +52,13 @@ def _cell(v):
     if isinstance(v, float):
         return repr(v)
     return v
+
+
+def _total(values):
+    """Sum of a column, None when it was never recorded (e.g. comm_s with the
+    network model off)."""
+    vals = [float(v) for v in values if v is not None and v != ""]
+    return sum(vals) if vals else None
 
 
 class RunRecorder:
@@ -105,6 +112,9 @@ class RunRecorder:
             "uplink_bytes": int(sum(r.get("uplink_bytes", 0) for r in self.rows)),
             "uplink_coded_bytes": int(sum(r.get("uplink_coded_bytes", 0) for r in self.rows)),
             "downlink_bytes": int(sum(r.get("downlink_bytes", 0) for r in self.rows)),
+            "downlink_coded_bytes": int(sum(r.get("downlink_coded_bytes") or 0 for r in self.rows)),
+            "resyncs": int(sum(r.get("resyncs") or 0 for r in self.rows)),
+            "comm_s": _total(r.get("comm_s") for r in self.rows),
             "wall_time_s": self.elapsed(),
         })
         return s

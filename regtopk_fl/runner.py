@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import network
 from .checkpoint import Checkpointer, config_fingerprint, crash_point, run_dir_status
 from .results import RunRecorder
 
@@ -59,19 +60,28 @@ def identity(cfg: DictConfig, sparsifier) -> dict:
     }
 
 
-def round_row(t: int, outcome, eval_metrics: dict, downlink: int, missing: int,
-              replies: int) -> dict:
+def round_row(t: int, outcome, eval_metrics: dict, plan, missing: int, replies: int,
+              net=None) -> dict:
     """One metrics.csv row; ``loss`` is the task's exact global training loss
-    where it has one (toy, linreg), else the weighted minibatch loss."""
+    where it has one (toy, linreg), else the weighted minibatch loss.
+    ``plan`` is the round's downlink (broadcast.Plan; None for round 0)."""
+    from .network import comm_seconds
+
     loss = eval_metrics.get("loss", outcome.loss if outcome is not None else float("nan"))
+    ups = list(outcome.uplink_each.values()) if outcome is not None else []
     return {
         "round": t, "loss": loss, "gap": eval_metrics.get("gap"),
         "accuracy": eval_metrics.get("accuracy"), "test_loss": eval_metrics.get("test_loss"),
         "uplink_bytes": outcome.uplink_raw if outcome else 0,
         "uplink_coded_bytes": outcome.uplink_coded if outcome else 0,
-        "downlink_bytes": downlink, "sent": outcome.sent if outcome else 0,
+        "downlink_bytes": sum(plan.raw.values()) if plan else 0,
+        "downlink_coded_bytes": sum(plan.coded.values()) if plan else 0,
+        "resyncs": plan.resyncs if plan else 0,
+        "sent": outcome.sent if outcome else 0,
         "replies": replies, "missing": missing,
         "rejected": len(outcome.rejected) if outcome else 0,
+        "comm_s": comm_seconds(net, ups, plan.coded.values() if plan else []) if t else (
+            0.0 if net is not None else None),
     }
 
 
@@ -107,7 +117,9 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
     run = InProcessRun(task, sparsifier, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
-                       fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg))
+                       fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg),
+                       broadcast=OmegaConf.select(cfg, "broadcast", default="gradient"))
+    net = network.settings(cfg)
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
     observer = None
     if obs_every:
@@ -119,7 +131,8 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
         if observer is not None:
             observer.load_state_dict(state["observer"])
     else:
-        recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers), 0, 0, 0))
+        recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers),
+                               None, 0, 0, net))
     bar = Progress(int(cfg.rounds), cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
     for t in range(start, int(cfg.rounds) + 1):
         watch = observer is not None and (t == 1 or t % obs_every == 0)
@@ -127,7 +140,7 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
             observer.round = t
         r = run.round(t, observer if watch else None)
         ev = task.evaluate(run.server.params, run.server.buffers) if evaluate_due(task, t, cfg) else {}
-        row = round_row(t, r["outcome"], ev, r["downlink_bytes"], r["missing"], r["replies"])
+        row = round_row(t, r["outcome"], ev, r["plan"], r["missing"], r["replies"], net)
         if not r["outcome"].accepted:
             log.warning("round %d: no valid reply; model unchanged", t)
         recorder.add(row)
@@ -158,8 +171,8 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
     task, sparsifier = build(cfg)
     recorder = RunRecorder(run_dir, {**identity(cfg, sparsifier), "config_sha256": fingerprint})
     ckpt = Checkpointer(cfg, run_dir, fingerprint)
-    if execute is None:
-        execute = run_inprocess if cfg.runtime.name == "inprocess" else _run_flower_simulation
+    if execute is None:  # the runtime's entry point, named by conf/runtime/*.yaml
+        execute = get_method(cfg.runtime._target_)
     recorder.write_summary("running")
     try:
         execute(cfg, task, sparsifier, recorder, ckpt)
@@ -170,8 +183,3 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
     summary = recorder.close("finished")
     ckpt.finish()
     return summary
-
-
-def _run_flower_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
-    from strategies.server_app import run_simulation
-    run_simulation(cfg, task, recorder, ckpt)

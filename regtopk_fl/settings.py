@@ -86,6 +86,10 @@ def validate(cfg: DictConfig) -> None:
              allowed="must be auto or an integer >= 0 (0 = off)")
     _num(cfg, "checkpoint.seconds", 0, lo_open=True, allowed="must be a finite number > 0")
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "broadcast", ("gradient", "model"))
+    for key in ("network.uplink_mbps", "network.downlink_mbps"):
+        _num(cfg, key, 0, lo_open=True, required=False, allowed="must be null or a number > 0")
+    _num(cfg, "network.latency_ms", 0, required=False, allowed="must be null or a number >= 0")
     _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
     _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")
     if _get(cfg, "device") == "cuda":
@@ -148,7 +152,8 @@ def resolve_path(path) -> str:
 
 
 # -- the flat form used as Flower's run config ---------------------------------
-RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "num_workers", "rounds",
+RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "broadcast", "network",
+            "num_workers", "rounds",
             "lr", "momentum", "weight_decay", "seed", "eval_every", "local_steps", "local_lr",
             "device", "experiment", "observe", "threads", "progress", "output_dir")
 

@@ -17,14 +17,15 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import torch  # noqa: E402
-from flwr.app import DEFAULT_TTL, ConfigRecord, Context  # noqa: E402
+from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
+from regtopk_fl import network  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
-from .sparse_strategy import SparseAggregation, model_record  # noqa: E402
+from .sparse_strategy import SparseAggregation  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,22 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    coord = Coordinator(server)
+    # replicas are checked against the digest of the server's model
+    coord = Coordinator(server, OmegaConf.select(cfg, "broadcast", default="gradient"),
+                        verify=True)
+    coord.start(range(int(cfg.num_workers)))
+    net = network.settings(cfg)
     rounds = int(cfg.rounds)
     start, state = ckpt.load(recorder)
     if state is None:
-        recorder.add(round_row(0, None, _evaluate(task, server, device), 0, 0, 0))
+        recorder.add(round_row(0, None, _evaluate(task, server, device), None, 0, 0, net))
     bar = Progress(rounds, bool(OmegaConf.select(cfg, "progress", default=False)),
                    f"{cfg.sparsifier.name} (flower)", initial=start - 1)
 
     def on_round(t: int, info: dict) -> None:
         ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
-        row = round_row(t, info["outcome"], ev, info["downlink_bytes"], info["missing"],
-                        info["replies"])
+        row = round_row(t, info["outcome"], ev, info["plan"], info["missing"],
+                        info["replies"], net)
         row["rejected"] += info.get("rejected_extra", 0)
         recorder.add(row)
         bar.update(row)
@@ -59,7 +64,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:
-        strategy.start(grid=grid, initial_arrays=model_record(server.params, server.buffers),
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(),  # messages come from the plan
                        num_rounds=rounds - start + 1, timeout=timeout,
                        train_config=ConfigRecord())
     bar.close()
@@ -73,7 +78,7 @@ def _evaluate(task, server, device):
         return task.evaluate(server.params.to(device), bufs)
 
 
-def run_simulation(cfg, task, recorder, ckpt) -> None:
+def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     """The launcher's runtime=flower: Flower's Simulation Runtime, Ray backend."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 

@@ -1,12 +1,18 @@
-"""A Flower strategy that aggregates sparse uploads and broadcasts the model.
+"""A Flower strategy that aggregates sparse uploads and broadcasts the
+global gradient (or, with ``broadcast=model``, the model).
 
-Round t: ``configure_train`` sends every node the global model plus the
-feedback it is owed on its last upload (the global gradient on the entries it
-sent and its weight w_n, or "rejected"); ``aggregate_train`` decodes the
-replies, and the framework-free :class:`~regtopk_fl.fedround.Coordinator`
-validates them (a bad upload is dropped with a logged reason), scatter-adds
-g = sum_n w_n g_hat_n without densifying any upload, and steps the server
-optimizer. The in-process engine runs the very same Coordinator.
+Round t: ``configure_train`` sends every node what the Coordinator's plan
+says (regtopk_fl/broadcast.py, strategies/wire.py): the sparse global
+gradient of round t-1 with the digest of the server's model, or, to a node
+whose replica is missing or stale, the full model and optimizer state once
+(a resync), plus the status of its last upload (its weight w_n, or
+"rejected"); the feedback values are read off the broadcast g, or travel
+explicitly with a resync. ``aggregate_train`` decodes the replies (coded
+indices), and the framework-free :class:`~regtopk_fl.fedround.Coordinator`
+rejects a reply computed on another model than the server's (round and
+digest), validates the rest (a bad upload is dropped with a logged reason),
+scatter-adds g = sum_n w_n g_hat_n without densifying any upload, and steps
+the server optimizer. The in-process engine runs the very same Coordinator.
 
 Checkpoints (``checkpoint.every``) use the evaluate phase of Flower's round
 loop, which this strategy does not need for evaluation (that is central):
@@ -32,14 +38,10 @@ from regtopk_fl.checkpoint import crash_point
 from regtopk_fl.fedround import Coordinator, Reply
 from regtopk_fl.payload import Upload
 
+from . import wire
+from .wire import model_record  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
-
-
-def model_record(params: torch.Tensor, buffers) -> ArrayRecord:
-    rec = {"params": Array(params.detach().cpu().numpy())}
-    if buffers is not None:
-        rec["buffers"] = Array(buffers.detach().cpu().numpy())
-    return ArrayRecord(rec)
 
 
 def decode_reply(msg: Message, dim: int, dtype) -> tuple:
@@ -49,13 +51,16 @@ def decode_reply(msg: Message, dim: int, dtype) -> tuple:
     worker = int(metrics["partition-id"])
     up = content["upload"]
     values = torch.from_numpy(up["values"].numpy())
-    indices = torch.from_numpy(up["indices"].numpy()) if "indices" in up else None
-    if indices is not None and indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"indices dtype {indices.dtype} is not int32/int64")
+    indices = wire.uncoded(up, "indices", dim) if "indices" in up else None
     buffers = torch.from_numpy(up["buffers"].numpy()) if "buffers" in up else None
     n_ex = metrics["num-examples"]
-    return worker, Reply(worker, Upload(values, indices, dim), n_ex if isinstance(n_ex, int) else -1,
-                         float(metrics.get("loss", float("nan"))), buffers)
+    reply = Reply(worker, Upload(values, indices, dim), n_ex if isinstance(n_ex, int) else -1,
+                  float(metrics.get("loss", float("nan"))), buffers)
+    if "replica-meta" in content:
+        meta = content["replica-meta"]
+        reply.replica_round = int(meta["round"])
+        reply.digest = meta["digest"] if "digest" in meta else None
+    return worker, reply
 
 
 def memory_content(worker: int, memory: dict) -> RecordDict:
@@ -126,18 +131,31 @@ class SparseAggregation(Strategy):
             self._restore_memories(grid, nodes)
         server_round = self._t(server_round)
         workers = [self.node_worker.get(n) for n in nodes]
-        self._round_info = {"nodes": len(nodes), "downlink": self.coord.broadcast_bytes(workers)}
+        plan = self.coord.plan(workers)
+        self._round_info = {"nodes": len(nodes), "plan": plan}
+        server, step = self.coord.server, self.coord.downlink.step
+        shared = None  # the delta records, built once and sent to every node
         msgs = []
-        for node, worker in zip(nodes, workers):
-            content = RecordDict({"arrays": arrays,
-                                  "config": ConfigRecord({"server-round": server_round})})
+        for node, worker, kind in zip(nodes, workers, plan.kind_list):
+            content = RecordDict({"config": ConfigRecord({"server-round": server_round,
+                                                          "downlink": kind})})
+            if kind == "delta":
+                shared = shared or wire.step_records(step)
+                for key, rec in shared.items():
+                    content[key] = rec
+            elif kind == "full":
+                for key, rec in wire.replica_records(server, self.coord.round,
+                                                     step.digest if step else None).items():
+                    content[key] = rec
+            else:
+                content["arrays"] = model_record(server.params, server.buffers)
             fb = self.coord.pending.get(worker) if worker is not None else None
             if fb is not None:
                 content["feedback-meta"] = ConfigRecord({"weight": float(fb.weight),
                                                          "rejected": bool(fb.rejected)})
                 if worker in self.upload_round:  # which upload this feedback is about
                     content["feedback-meta"]["round"] = int(self.upload_round[worker])
-                if fb.values is not None:
+                if fb.values is not None and kind != "delta":  # delta: read off g
                     content["feedback"] = ArrayRecord({"values": Array(fb.values.cpu().numpy())})
             msgs.append(Message(content=content, dst_node_id=node,
                                 message_type=MessageType.TRAIN, group_id=str(server_round),
@@ -176,7 +194,7 @@ class SparseAggregation(Strategy):
         if no_reply or nodes < self.num_nodes:
             log.info("round %d: %d of %d nodes online, %d replies, %d without reply in time",
                      server_round, nodes, self.num_nodes, len(replies), no_reply)
-        info = {"outcome": outcome, "downlink_bytes": self._round_info.get("downlink", 0),
+        info = {"outcome": outcome, "plan": self._round_info.get("plan"),
                 "missing": failed + no_reply + max(0, self.num_nodes - nodes),
                 "replies": len(good) + len(rejected) + undecodable,
                 "rejected_extra": undecodable}
@@ -185,7 +203,9 @@ class SparseAggregation(Strategy):
         metrics = MetricRecord({"sent": int(outcome.sent), "uplink-bytes": int(outcome.uplink_raw),
                                 "accepted": len(outcome.accepted),
                                 "rejected": len(outcome.rejected)})
-        return model_record(server.params, server.buffers), metrics
+        # no arrays: Flower's loop would only carry them to the next
+        # configure_train, which builds its messages from the Coordinator
+        return None, metrics
 
     # -- the evaluate phase: checkpoints (evaluation itself is central) --------
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -222,6 +242,9 @@ class SparseAggregation(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.coord.load_state_dict(state["coord"])
         self.upload_round = {int(k): int(v) for k, v in state["upload_round"].items()}
+        # the nodes' replicas may be ahead of the checkpoint (or gone, on a
+        # restarted SuperNode): every worker gets the full model once
+        self.coord.downlink.current = {}
         self._restore = dict(state["memories"])
 
     def _restore_memories(self, grid: Grid, nodes: list) -> None:

@@ -157,8 +157,9 @@ class _Federation:
         self.run_config = to_run_config(cfg)
         task, _ = build(cfg)
         self.server = FedServer(task.init_params(), None, lr=cfg.lr)
-        self.strategy = SparseAggregation(Coordinator(self.server), cfg.num_workers,
-                                          wait_for_nodes_s=0)
+        coord = Coordinator(self.server, cfg.broadcast, verify=True)  # as run_server does
+        coord.start(range(int(cfg.num_workers)))
+        self.strategy = SparseAggregation(coord, cfg.num_workers, wait_for_nodes_s=0)
         self.n = int(cfg.num_workers)
         self.extra = node_config_extra or {}
         self.contexts = {100 + i: self.new_context(i) for i in range(self.n)}
@@ -181,10 +182,11 @@ class _Federation:
             self.contexts[100 + i] = self.new_context(i)
         arrays = model_record(self.server.params, None)
         msgs = self.strategy.configure_train(t, arrays, ConfigRecord(), self)
-        replies = []
+        replies, self.errors = [], {}
         for m in msgs:
             reply = handle_train(m, self.contexts[m.metadata.dst_node_id])
-            assert not reply.has_error(), reply.error
+            if reply.has_error():
+                self.errors[m.metadata.dst_node_id - 100] = reply.error
             if m.metadata.dst_node_id - 100 not in lose:
                 replies.append(reply)
         self.strategy.aggregate_train(t, replies)
@@ -216,16 +218,25 @@ def test_restarted_node_with_state_dir_resumes_exactly(make_cfg, task_identity, 
 
 
 def test_fresh_node_ignores_feedback_instead_of_crashing(make_cfg, task_identity, caplog):
-    """Without a state dir a restarted node has an empty memory: the server's
-    feedback about its last upload is ignored (logged), the round goes on."""
+    """Without a state dir a restarted node has neither memory nor replica: it
+    cannot apply round 2's gradient, so it answers REPLICA_STALE (no upload
+    from a wrong model) and gets the full model next round (a resync), where
+    the server's feedback about its last upload is ignored (logged)."""
+    from clients.client_app import REPLICA_STALE
+
     cfg = _linreg_cfg(make_cfg)
     fed = _Federation(cfg)
     for t in (1, 2):
         fed.round(t)
+    info = fed.round(3, restart=(2,))
+    assert list(fed.errors) == [2] and fed.errors[2].code == REPLICA_STALE
+    assert len(info["outcome"].accepted) == fed.n - 1 and info["missing"] == 1
+    assert info["plan"].resyncs == 0
     with caplog.at_level("WARNING", logger="clients.client_app"):
-        info = fed.round(3, restart=(2,))
-    assert "ignoring feedback" in caplog.text
-    assert len(info["outcome"].accepted) == 3 and info["missing"] == 0
+        info = fed.round(4)
+    assert "ignoring feedback" in caplog.text and not fed.errors
+    assert info["plan"].resyncs == 1 and info["plan"].kind_list.count("full") == 1
+    assert len(info["outcome"].accepted) == fed.n and info["missing"] == 0
     assert torch.isfinite(fed.server.params).all()
 
 

@@ -244,6 +244,10 @@ def test_load_curves_long_form(fig2_sweep):
         assert col in curves, col
     one = curves[curves["job"] == "2"]
     assert one["uplink_bytes_cum"].tolist() == one["uplink_bytes"].cumsum().tolist()
+    # no coded columns in these runs: the traffic falls back to the raw counts
+    total = (one["uplink_bytes"] + one["downlink_bytes"]).cumsum() / 1e6
+    assert one["traffic_mb_cum"].tolist() == pytest.approx(total.tolist())
+    assert "comm_s_cum" not in curves  # no network model
     assert one["sparsifier"].unique().tolist() == ["topk"]
 
 
@@ -284,7 +288,7 @@ def test_curves_per_sparsity_panel_log_scale_and_partial(fig2_sweep, capsys):
             "wall_time_s", "status"} <= set(table.columns)
 
     res = plot_mod.plot(sweep, save=False)
-    assert res.metric == "gap" and set(res.figures) == {"curves", "uplink"}
+    assert res.metric == "gap" and set(res.figures) == {"curves", "uplink", "traffic"}
     fig = res.figures["curves"]
     assert len(fig.axes) == 2
     assert [ax.get_title() for ax in fig.axes] == ["sparsity 0.5", "sparsity 0.9"]
@@ -409,3 +413,35 @@ def test_bad_input_subprocess(tmp_path):
     assert proc.stderr == f"regtopk-plot: error: {empty}: no jobs (no summary.json, " \
                           "metrics.csv or .hydra/ below it)\n"
     assert proc.stdout == ""
+
+
+def test_traffic_and_time_from_coded_bytes(tmp_path):
+    """Real runs (broadcast=gradient vs model, with a network model): the
+    table shows uplink, downlink and total coded MB per method, the curves
+    the cumulative coded traffic and simulated time, and the figures exist."""
+    from conftest import compose_cfg
+    from regtopk_fl.runner import run_experiment
+
+    sweep = tmp_path / "sweep"
+    for i, mode in enumerate(("gradient", "model")):
+        run_experiment(compose_cfg(["rounds=5", "num_workers=4", f"broadcast={mode}",
+                                    "network.uplink_mbps=1", "network.downlink_mbps=10",
+                                    "network.latency_ms=20", "sparsifier.sparsity=0.1"]),
+                       sweep / str(i))
+        (sweep / str(i) / ".hydra").mkdir()
+        (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(f"- broadcast={mode}\n")
+    res = plot_mod.plot(sweep, save=False)
+    assert {"curves", "uplink", "traffic", "time"} <= set(res.figures)
+    t = res.table.set_index("broadcast")
+    for mode in ("gradient", "model"):
+        s = json.loads((sweep / str(("gradient", "model").index(mode)) / "summary.json").read_text())
+        assert t.loc[mode, "downlink_mb"] == pytest.approx(s["downlink_coded_bytes"] / 1e6)
+        assert t.loc[mode, "uplink_mb"] == pytest.approx(s["uplink_coded_bytes"] / 1e6)
+        assert t.loc[mode, "total_mb"] == pytest.approx(t.loc[mode, "uplink_mb"] + t.loc[mode, "downlink_mb"])
+    # same uploads, a sparse broadcast instead of the model every round
+    assert t.loc["gradient", "uplink_mb"] == t.loc["model", "uplink_mb"]
+    assert t.loc["gradient", "downlink_mb"] < t.loc["model", "downlink_mb"]
+    curves = load_curves(sweep)
+    one = curves[curves["broadcast"] == "model"].sort_values("round")
+    assert one["comm_s_cum"].iloc[-1] == pytest.approx(one["comm_s"].sum())
+    assert one["comm_s"].iloc[1] > 2 * 0.020  # latency both ways plus the bytes

@@ -24,8 +24,10 @@ row per job:
   ``metrics.csv``, and ``rounds_completed``.
 
 ``load_curves`` gives the per-round metrics of every job in long form, with
-the job's identifying columns repeated on each row and the cumulative uplink
-(``uplink_bytes_cum``, ``uplink_mb_cum``).
+the job's identifying columns repeated on each row and the cumulative traffic:
+``uplink_bytes_cum``, ``uplink_mb_cum`` (raw uplink), ``downlink_mb_cum`` and
+``traffic_mb_cum`` (coded uplink + downlink, what travels), and
+``comm_s_cum`` (simulated communication time, when the run had a network model).
 """
 from __future__ import annotations
 
@@ -305,10 +307,31 @@ def curves_from(jobs: pd.DataFrame, metrics: dict) -> pd.DataFrame:
     if "uplink_bytes" in long:
         long["uplink_bytes_cum"] = long.groupby("job_dir")["uplink_bytes"].cumsum()
         long["uplink_mb_cum"] = long["uplink_bytes_cum"] / 1e6
+    # traffic as it travels: coded bytes where the run recorded them
+    up = _coded(long, "uplink")
+    down = _coded(long, "downlink")
+    if up is not None and down is not None:
+        by = long["job_dir"]
+        long["traffic_mb_cum"] = (up + down).groupby(by).cumsum() / 1e6
+        long["downlink_mb_cum"] = down.groupby(by).cumsum() / 1e6
+    if "comm_s" in long and long["comm_s"].notna().any():
+        long["comm_s_cum"] = long["comm_s"].groupby(long["job_dir"]).cumsum()
     front = [c for c in ident if c != "job_dir"]
     long = long[[*front, "job_dir", *[c for c in long if c not in ident]]]
     long.attrs["override_keys"] = keys
     return long
+
+
+def _coded(df: pd.DataFrame, side: str):
+    """``{side}_coded_bytes``, falling back to the raw count where a run did
+    not record coded bytes (runs made before the sparse downlink)."""
+    raw, coded = f"{side}_bytes", f"{side}_coded_bytes"
+    if raw not in df:
+        return None
+    out = pd.to_numeric(df[raw], errors="coerce")
+    if coded in df:
+        out = pd.to_numeric(df[coded], errors="coerce").fillna(out)
+    return out
 
 
 def load_curves(sweep_dirs) -> pd.DataFrame:

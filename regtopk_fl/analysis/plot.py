@@ -5,6 +5,8 @@
   when sparsity was swept (dense, if present, is drawn in every panel). Gap and
   loss on a log scale (the paper's Figs. 1 and 2), accuracy linear;
 * ``uplink``: the metric against the cumulative uplink in MB;
+* ``traffic``: the metric against the cumulative uplink + downlink (coded MB);
+* ``time``: the metric against the simulated communication time (``network.*``);
 * ``heatmap``: the final gap (log10), loss (log10) or accuracy over
   (sparsity, mu), one heatmap per sparsifier, when both were swept;
 * ``vs_<key>``: the final metric against ``num_workers`` or a heterogeneity key
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .collect import FINISHED, METRICS, CollectError, OneLineParser, curves_from, scan
+from .collect import FINISHED, METRICS, CollectError, OneLineParser, _coded, curves_from, scan
 
 METRIC_LABELS = {"gap": r"$\|w - w^\star\|$", "loss": "training loss",
                  "accuracy": "test accuracy (%)"}
@@ -40,7 +42,7 @@ HANDLED = {"sparsifier", "sparsifier.name", "sparsifier.sparsity", "sparsifier.m
            "sparsifier.distortion", "seed", "experiment"}
 XKEY_PREFIXES = ("task.", "data.", "dataset.", "partition")
 XKEY_LABELS = {"num_workers": "number of workers N"}
-KINDS = ("curves", "uplink", "heatmap", "vs")
+KINDS = ("curves", "uplink", "traffic", "time", "heatmap", "vs")
 
 
 class PlotError(ValueError):
@@ -239,6 +241,16 @@ def fig_uplink(sw: Sweep) -> Figure:
                       f"{METRIC_LABELS[sw.metric]} against uplink traffic")
 
 
+def fig_traffic(sw: Sweep) -> Figure:
+    return _line_plot(sw, sw.curves, "traffic_mb_cum", "cumulative uplink + downlink (MB, coded)",
+                      f"{METRIC_LABELS[sw.metric]} against total traffic")
+
+
+def fig_time(sw: Sweep) -> Figure:
+    return _line_plot(sw, sw.curves, "comm_s_cum", "simulated communication time (s)",
+                      f"{METRIC_LABELS[sw.metric]} against simulated time")
+
+
 def heatmap_tables(sw: Sweep) -> dict:
     """{panel label: pivot table mu x sparsity} of the final metric (log10 for gap, loss)."""
     col = f"final_{sw.metric}"
@@ -333,6 +345,10 @@ def build_figures(sw: Sweep, x_keys=None, kinds=KINDS) -> dict:
     if ("uplink" in kinds and "uplink_mb_cum" in sw.curves
             and sw.curves["uplink_mb_cum"].notna().any()):
         figures["uplink"] = fig_uplink(sw)
+    for kind, col, draw in (("traffic", "traffic_mb_cum", fig_traffic),
+                            ("time", "comm_s_cum", fig_time)):
+        if kind in kinds and col in sw.curves and sw.curves[col].notna().any():
+            figures[kind] = draw(sw)
     tables = heatmap_tables(sw) if "heatmap" in kinds else {}
     if tables:
         figures["heatmap"] = fig_heatmap(sw, tables)
@@ -354,10 +370,15 @@ def final_table(jobs: pd.DataFrame) -> pd.DataFrame:
     finals = [c for c in ("final_loss", "final_gap", "final_accuracy")
               if c in jobs and jobs[c].notna().any()]
     table = jobs.assign(method=method_labels(jobs, show_distortion))
-    if "uplink_bytes" in table:
-        table["uplink_mb"] = table["uplink_bytes"] / 1e6
-    columns = ["job", "method", *keys, *finals, "uplink_mb", "wall_time_s",
-               "rounds_completed", "status", "reason"]
+    # coded bytes (what travels) where recorded, else raw (older runs)
+    up, down = _coded(table, "uplink"), _coded(table, "downlink")
+    if up is not None:
+        table["uplink_mb"] = up / 1e6
+    if down is not None:
+        table["downlink_mb"] = down / 1e6
+        table["total_mb"] = table["uplink_mb"] + table["downlink_mb"]
+    columns = ["job", "method", *keys, *finals, "uplink_mb", "downlink_mb", "total_mb",
+               "resyncs", "comm_s", "wall_time_s", "rounds_completed", "status", "reason"]
     return table[[c for c in columns if c in table]]
 
 

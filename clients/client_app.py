@@ -140,8 +140,8 @@ def receive_model(content: RecordDict, context: Context, cfg, task):
         return replica.params, replica.buffers, replica, None
     step = wire.read_step(content)
     replica = load_replica(context, cfg)
-    if replica is None:
-        if step.round != 0:
+    if replica is None:  # model_0 comes from the seed: any worker can build it
+        if step.round > 1:
             raise ReplicaError(f"no replica to apply round {step.round}'s gradient to")
         buffers = task.init_buffers()
         replica = Replica(task.init_params(), buffers, *_opt_settings(cfg))

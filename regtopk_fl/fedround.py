@@ -159,7 +159,7 @@ class FedServer:
             elif (u.indices.dtype not in (torch.int32, torch.int64) or u.indices.dim() != 1
                   or u.indices.numel() != u.values.numel()):
                 return False
-        if has_buf:
+        if has_buf and replies:
             if any(r.buffers.shape != self.buffers.shape for r in replies):
                 return False
             if not bool(torch.isfinite(torch.stack([r.buffers for r in replies])).all()):

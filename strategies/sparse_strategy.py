@@ -127,6 +127,9 @@ class SparseAggregation(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         nodes = self._nodes(grid)
+        unknown = [n for n in nodes if n not in self.node_worker]
+        if unknown:  # which partition each new node holds decides what it is sent
+            self._identify(grid, unknown)
         if self._restore is not None:
             self._restore_memories(grid, nodes)
         server_round = self._t(server_round)
@@ -247,12 +250,15 @@ class SparseAggregation(Strategy):
         self.coord.downlink.current = {}
         self._restore = dict(state["memories"])
 
-    def _restore_memories(self, grid: Grid, nodes: list) -> None:
-        memories, self._restore = self._restore, None
+    def _identify(self, grid: Grid, nodes: list) -> None:
+        """Ask these nodes which partition they hold (``query.identify``)."""
         for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
             if not msg.has_error():
                 self.node_worker[msg.metadata.src_node_id] = int(
                     msg.content["metrics"]["partition-id"])
+
+    def _restore_memories(self, grid: Grid, nodes: list) -> None:
+        memories, self._restore = self._restore, None
         contents = {n: memory_content(w, memories[w]) for n, w in self.node_worker.items()
                     if n in nodes and w in memories}
         done = {int(m.content["metrics"]["partition-id"])

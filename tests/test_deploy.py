@@ -174,6 +174,16 @@ class _Federation:
     def get_node_ids(self):
         return list(self.contexts)
 
+    def send_and_receive(self, messages, timeout=None):
+        """The strategy's queries (identify) answered by the ClientApp's handler."""
+        from clients.client_app import _identity_reply
+
+        out = []
+        for m in messages:
+            assert m.metadata.message_type.endswith("identify"), m.metadata.message_type
+            out.append(_identity_reply(m, self.contexts[m.metadata.dst_node_id]))
+        return out
+
     def round(self, t, restart=(), lose=()):
         from clients.client_app import handle_train
         from strategies.sparse_strategy import model_record

@@ -33,23 +33,64 @@ def _both(make_cfg, tmp_path, overrides):
     return out["inprocess"], out["flower"]
 
 
+COUNTS = ("uplink_bytes", "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes",
+          "resyncs", "sent", "replies", "missing", "rejected")
+
+
 @pytest.mark.flower
 @pytest.mark.slow
-def test_linreg_flower_equals_inprocess(make_cfg, tmp_path):
+@pytest.mark.parametrize("broadcast", ["gradient", "model"])
+def test_linreg_flower_equals_inprocess(make_cfg, tmp_path, broadcast):
     ip, fl = _both(make_cfg, tmp_path, ["task=linreg", "num_workers=4", "rounds=30",
                                         "sparsifier=regtopk", "sparsifier.sparsity=0.3",
-                                        "sparsifier.mu=2", "task.size_ratio=3"])
+                                        "sparsifier.mu=2", "task.size_ratio=3",
+                                        f"broadcast={broadcast}"])
     m_ip, m_fl = _final_model(ip), _final_model(fl)
     assert _rel(m_fl["params"], m_ip["params"]) <= 1e-6
     r_ip, r_fl = _rows(ip), _rows(fl)
     assert len(r_ip) == len(r_fl) == 31
     for a, b in zip(r_ip, r_fl):
-        for key in ("uplink_bytes", "uplink_coded_bytes", "downlink_bytes", "sent", "replies"):
+        for key in COUNTS:
             assert a[key] == b[key], (key, a["round"])
         assert abs(float(a["gap"]) - float(b["gap"])) <= 1e-6 * max(1.0, float(a["gap"]))
-    # the model actually moved and RegTop-k's feedback path ran (downlink > model bytes)
+    # the model actually moved and RegTop-k's feedback path ran
     assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])
-    assert int(r_ip[2]["downlink_bytes"]) > int(r_ip[1]["downlink_bytes"])
+    assert all(int(r["rejected"]) == 0 and int(r["resyncs"]) == 0 for r in r_fl)
+    models = 4 * 100 * 8  # four float64 models of J = 100
+    if broadcast == "model":  # the model every round, feedback values from round 2 on
+        assert int(r_ip[2]["downlink_bytes"]) > int(r_ip[1]["downlink_bytes"]) == models
+    else:  # round 1 only a header + digest; from round 2 the sparse g, less than a model
+        assert int(r_ip[1]["downlink_bytes"]) == 4 * (16 + 32)
+        assert int(r_ip[1]["downlink_coded_bytes"]) == 4 * (16 + 32 + 1)  # + the coding tag
+        assert 4 * (16 + 32) < int(r_ip[2]["downlink_coded_bytes"]) < models
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_flower_replicas_stay_bitwise_equal_for_100_rounds(make_cfg, tmp_path):
+    """broadcast=gradient under Flower's Simulation Runtime for 100 rounds with
+    momentum, weight decay and 20 % injected drops. Every reply names the
+    digest (sha256) of the replica it computed on and the server rejects any
+    that is not its own model's: with no rejection in 100 rounds, every
+    replica that took part was bitwise the server's model after every round.
+    Drops force resyncs (counted, as in-process); the trajectory equals the
+    in-process run and the broadcast=model run."""
+    common = ["task=linreg", "num_workers=4", "rounds=100", "sparsifier=regtopk",
+              "sparsifier.sparsity=0.3", "sparsifier.mu=2", "momentum=0.9",
+              "weight_decay=0.001", "faults.drop_prob=0.2", "eval_every=10"]
+    ip, fl = _both(make_cfg, tmp_path, common)
+    r_ip, r_fl = _rows(ip), _rows(fl)
+    for a, b in zip(r_ip, r_fl):
+        for key in COUNTS:
+            assert a[key] == b[key], (key, a["round"])
+    assert all(int(r["rejected"]) == 0 for r in r_fl)
+    assert sum(int(r["replies"]) for r in r_fl) == 400 - sum(int(r["missing"]) for r in r_fl)
+    assert sum(int(r["resyncs"]) for r in r_fl) > 10  # drops came back through resyncs
+    m_ip, m_fl = _final_model(ip), _final_model(fl)
+    assert _rel(m_fl["params"], m_ip["params"]) <= 1e-6
+    model = run_experiment(make_cfg(common + ["broadcast=model"]), tmp_path / "model")
+    assert model["status"] == "finished"
+    assert torch.equal(_final_model(tmp_path / "model")["params"], m_ip["params"])
 
 
 @pytest.mark.flower

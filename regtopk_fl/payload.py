@@ -43,6 +43,7 @@ def raw_bytes(up: Upload) -> int:
 
 
 _VARINT_STEPS = torch.tensor([1 << b for b in range(7, 63, 7)], dtype=torch.int64)
+_VARINT_STEPS_NP = _VARINT_STEPS.numpy()
 
 
 def varint_lengths(deltas: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ def _varint_encode(deltas: np.ndarray) -> np.ndarray:
     write per byte position (at most 9 for int64), never a Python loop over
     entries."""
     d = deltas.astype(np.uint64, copy=False)
-    lengths = varint_lengths(torch.from_numpy(deltas)).numpy()
+    lengths = np.searchsorted(_VARINT_STEPS_NP, deltas, side="right") + 1
     starts = np.zeros(d.size, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     out = np.empty(int(lengths.sum()), dtype=np.uint8)

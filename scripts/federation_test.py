@@ -25,6 +25,12 @@ process group, and every process stopped at the end, pass or fail:
    run` with the same output_dir resumes it, and it must still match its
    runtime=inprocess twin.
 
+Throughout, broadcast=gradient (the default): the nodes keep model replicas
+and every reply carries the digest of the replica it was computed on; the
+checks require no rejection (every replica bitwise the server's model) and
+the same downlink bytes and resyncs as the in-process twin, apart from the
+one resync round after a server resume.
+
     python scripts/federation_test.py [--rounds 20] [--skip-negative] [--skip-fault] [--skip-crash]
                                       [--workdir DIR] [--keep]
 
@@ -399,8 +405,11 @@ class FederationTest:
                                    "min": round(min(per_round), 2), "max": round(max(per_round), 2)}
         self.compare_with_twin(out, overrides, rows)
 
-    def compare_with_twin(self, out: Path, overrides: list, rows: list, label: str = "") -> None:
-        """The deployed run against the same config under runtime=inprocess."""
+    def compare_with_twin(self, out: Path, overrides: list, rows: list, label: str = "",
+                          resumed: bool = False) -> None:
+        """The deployed run against the same config under runtime=inprocess.
+        ``resumed``: the one round after the restart resyncs every node (the
+        full model), so its downlink columns are checked for that instead."""
         import torch
 
         from regtopk_fl.deploy import compose_config
@@ -417,17 +426,32 @@ class FederationTest:
         self.check(f"deployed{label} global model == runtime=inprocess twin (rel <= 1e-6)",
                    rel <= 1e-6, f"max relative difference {rel:.3g}")
         trows = read_rows(twin)
-        bad = []
+        bad, resync_rounds = [], []
         for x, y in zip(rows, trows):
-            for k in ("sent", "uplink_bytes", "uplink_coded_bytes", "downlink_bytes", "replies",
-                      "missing", "rejected"):
+            keys = ["sent", "uplink_bytes", "uplink_coded_bytes", "replies", "missing",
+                    "rejected"]
+            if resumed and int(x["resyncs"]) == N and int(y["resyncs"]) == 0:
+                resync_rounds.append(int(x["round"]))
+            else:
+                keys += ["downlink_bytes", "downlink_coded_bytes", "resyncs"]
+            for k in keys:
                 if x[k] != y[k]:
                     bad.append((x["round"], k, x[k], y[k]))
             if abs(float(x["gap"]) - float(y["gap"])) > 1e-6 * max(1.0, abs(float(y["gap"]))):
                 bad.append((x["round"], "gap", x["gap"], y["gap"]))
-        self.check(f"metrics.csv{label} rows == twin's (bytes, sent, replies, gap)",
+        self.check(f"metrics.csv{label} rows == twin's (up/downlink bytes, resyncs, sent, "
+                   "replies, gap)",
                    len(rows) == len(trows) == rounds + 1 and not bad, f"{bad[:3]}" if bad else
                    f"{len(rows)} rows; final gap {rows[-1]['gap']}")
+        if resumed:
+            self.check("the resumed run resynced every node once (full model), then sent g",
+                       len(resync_rounds) == 1, f"resync rounds {resync_rounds}")
+        # every reply names the digest of the replica it computed on; the
+        # server rejects any that is not its own model's
+        self.check(f"deployed{label}: every replica bitwise the server's model (no digest "
+                   "rejection)", all(int(r["rejected"]) == 0 for r in rows),
+                   f"downlink {sum(int(r['downlink_coded_bytes']) for r in rows)} B coded over "
+                   f"{rounds} rounds")
 
     def fault_run(self) -> None:
         rounds, kill_after = self.args.fault_rounds, 3
@@ -486,6 +510,13 @@ class FederationTest:
                    and "ClientApp raised an exception" not in node_log)
         state = self.work / "state" / "node2" / f"run-{run_id}-partition-2.pt"
         self.check("node 2 kept its memory in its state dir", state.exists(), str(state.name))
+        replica = state.with_name(f"run-{run_id}-partition-2-replica.pt")
+        self.check("node 2 kept its model replica in its state dir", replica.exists(),
+                   str(replica.name))
+        back = [int(r["round"]) for r in rows if int(r["round"]) > ev["kill_round"]
+                and int(r["resyncs"]) > 0]
+        self.check("the node that missed rounds got the full model (a counted resync)",
+                   bool(back), f"resyncs in rounds {back}")
 
     def server_crash_run(self) -> None:
         """The ServerApp is SIGKILLed after its first checkpoint; the same run,
@@ -516,7 +547,8 @@ class FederationTest:
                           st["status"] == "finished:completed",
                           f"{st['status']} {st.get('status-details', '')}"):
             return
-        self.compare_with_twin(out, overrides, read_rows(out), label=" after resume")
+        self.compare_with_twin(out, overrides, read_rows(out), label=" after resume",
+                               resumed=True)
 
     # -- all -------------------------------------------------------------------------
     def run(self) -> int:

@@ -445,3 +445,12 @@ def test_traffic_and_time_from_coded_bytes(tmp_path):
     one = curves[curves["broadcast"] == "model"].sort_values("round")
     assert one["comm_s_cum"].iloc[-1] == pytest.approx(one["comm_s"].sum())
     assert one["comm_s"].iloc[1] > 2 * 0.020  # latency both ways plus the bytes
+    hit = plot_mod.plot(sweep, save=False, target=1e9).table.set_index("broadcast")
+    assert (hit["round_to_target"] == 0).all() and (hit["comm_s_to_target"] == 0).all()
+    gap3 = float(one[one["round"] == 3]["gap"].iloc[0])
+    some = plot_mod.plot(sweep, save=False, target=gap3).table.set_index("broadcast")
+    assert some.loc["model", "round_to_target"] == 3
+    assert some.loc["model", "comm_s_to_target"] == pytest.approx(
+        one[one["round"] <= 3]["comm_s"].sum())
+    never = plot_mod.plot(sweep, save=False, target=0.0).table
+    assert never["round_to_target"].isna().all()

@@ -384,8 +384,30 @@ def final_table(jobs: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------- main -----
 
+def to_target(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str, target: float) -> pd.DataFrame:
+    """Per job, the first round where ``metric`` reaches ``target`` (<= for gap
+    and loss, >= for accuracy) and the cumulative traffic (coded MB) and
+    simulated communication time by then; empty where it never does."""
+    cols = ["round_to_target"] + [dst for src, dst in (("traffic_mb_cum", "mb_to_target"),
+                                                       ("comm_s_cum", "comm_s_to_target"))
+                                  if src in curves]
+    out = pd.DataFrame(index=jobs.index, columns=cols, dtype=float)
+    for i, job_dir in jobs["job_dir"].items():
+        c = curves[curves["job_dir"] == job_dir]
+        vals = pd.to_numeric(c[metric], errors="coerce")
+        hit = c[vals >= target] if metric == "accuracy" else c[vals <= target]
+        if hit.empty:
+            continue
+        first = hit.iloc[0]
+        out.loc[i, "round_to_target"] = first["round"]
+        for src, dst in (("traffic_mb_cum", "mb_to_target"), ("comm_s_cum", "comm_s_to_target")):
+            if dst in out:
+                out.loc[i, dst] = first[src]
+    return out
+
+
 def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
-         kinds=KINDS, dpi=150) -> Plots:
+         kinds=KINDS, dpi=150, target=None) -> Plots:
     """Collect ``sweep_dirs``, draw what they support (of ``kinds``: curves, uplink,
     heatmap, vs) and (``save``) write the figures, ``PREFIX_table.md`` and
     ``PREFIX_table.csv``. Raises PlotError on bad input."""
@@ -407,6 +429,8 @@ def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
     sw = describe(jobs, curves, metric)
     figures = build_figures(sw, None if x is None else [x], kinds)
     table = final_table(jobs)
+    if target is not None:
+        table = table.join(to_target(jobs, curves, metric, float(target)))
     result = Plots(figures, [], metric, table, skipped)
     if not save:
         return result
@@ -418,7 +442,8 @@ def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
         result.files.append(path)
     md, csv = out_file(prefix, "table", "md"), out_file(prefix, "table", "csv")
     md.parent.mkdir(parents=True, exist_ok=True)
-    heading = sw.title(f"final numbers per job (metric: {metric})")
+    heading = sw.title(f"final numbers per job (metric: {metric}"
+                       + (f", target {metric} {target:g})" if target is not None else ")"))
     md.write_text(f"# {heading}\n\n{to_markdown(table)}")
     table.to_csv(csv, index=False)
     result.files += [md, csv]
@@ -439,9 +464,13 @@ def main(argv=None) -> int:
     parser.add_argument("--x", default=None, metavar="KEY",
                         help="plot the final metric against this key (default: the swept "
                              "num_workers / task.* keys)")
+    parser.add_argument("--target", type=float, default=None, metavar="VALUE",
+                        help="add the round, traffic (MB) and simulated time (s) at which each "
+                             "job first reaches this metric value (<= for gap/loss, >= for "
+                             "accuracy) to the table")
     args = parser.parse_args(argv)
     try:
-        result = plot(args.sweeps, args.out, args.fmt, args.metric, args.x)
+        result = plot(args.sweeps, args.out, args.fmt, args.metric, args.x, target=args.target)
     except PlotError as e:
         parser.error(str(e))
     for fig in result.figures.values():

@@ -29,25 +29,27 @@ bitmap, what actually travels), values in the model dtype, buffers.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xxhash
 
 from .optim import ServerSGD
 from .payload import coded_index_bytes, index_itemsize
 
 MODES = ("gradient", "model")
 HEADER = 16  # round (int64), message kind, flags
-DIGEST = 32  # sha256 of the model after the step
+DIGEST = 16  # xxh3-128 of the model after the step
 FEEDBACK_META = 9  # float64 weight + status byte
 
 
 def model_digest(params: torch.Tensor, buffers=None) -> bytes:
-    """sha256 of the model's bytes (params, then buffers): equal digests mean
-    bitwise-equal models. ~25 ms for ResNet-18's 45 MB here."""
-    h = hashlib.sha256()
+    """xxh3-128 of the model's bytes (params, then buffers): equal digests mean
+    bitwise-equal models (up to a 2^-128 accident; the digest guards against
+    divergence, not forgery: a client only repeats what the server sent).
+    1.3 ms for ResNet-18's 45 MB here, against 22 ms for sha256."""
+    h = xxhash.xxh3_128()
     for t in (params, buffers):
         if t is not None:
             h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))

@@ -106,10 +106,10 @@ def test_plan_kinds_and_bytes():
                    for w in range(2)])
     assert coord.plan([0, 1, 2]).kind_list == ["delta", "delta", "full"]
     support = torch.tensor([0, 1, 2, 3, 4, 6, 8])
-    delta = 16 + 32 + coded_index_bytes(support, dim) + 7 * 4 + 9  # + feedback status
+    delta = 16 + 16 + coded_index_bytes(support, dim) + 7 * 4 + 9  # + feedback status
     assert p2.coded[0] == delta
-    assert p2.raw[0] == 16 + 32 + 7 * 4 + 7 * 4 + 9
-    full = dim * 4 * 2 + 16 + 32  # params + momentum buffer
+    assert p2.raw[0] == 16 + 16 + 7 * 4 + 7 * 4 + 9
+    full = dim * 4 * 2 + 16 + 16  # params + momentum buffer
     assert p2.coded["node3"] == full
     model = Coordinator(server, "model")
     assert model.plan([0]).kind_list == ["model"] and model.plan([0]).raw[0] == dim * 4
@@ -129,7 +129,7 @@ def test_stale_or_wrong_replica_is_rejected_and_restored():
     d1 = coord.downlink.step.digest
     out = coord.collect([Reply(0, up(), 1, replica_round=1, digest=d1),
                          Reply(1, up(), 1, replica_round=0, digest=d0),  # stale
-                         Reply(2, up(), 1, replica_round=1, digest=b"x" * 32)])  # wrong
+                         Reply(2, up(), 1, replica_round=1, digest=b"x" * 16)])  # wrong
     assert out.accepted == [0] and sorted(out.rejected) == [1, 2]
     assert "stale" in out.rejected[1] and "digest" in out.rejected[2]
     assert coord.pending[1].rejected and coord.pending[2].rejected
@@ -143,7 +143,7 @@ def test_replica_refuses_what_it_cannot_apply():
     r = Replica(p, None, lr=1.0)
     step2 = GlobalStep(2, torch.ones(1), torch.tensor([0]), 6)
     assert "round 2" in r.apply(step2) and torch.equal(r.params, p)
-    step1 = GlobalStep(1, torch.ones(1), torch.tensor([0]), 6, digest=b"0" * 32)
+    step1 = GlobalStep(1, torch.ones(1), torch.tensor([0]), 6, digest=b"0" * 16)
     assert "digest mismatch" in r.apply(step1)
     good = Replica(p, None, lr=1.0)
     ref = p.clone()

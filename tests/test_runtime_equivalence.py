@@ -60,9 +60,9 @@ def test_linreg_flower_equals_inprocess(make_cfg, tmp_path, broadcast):
     if broadcast == "model":  # the model every round, feedback values from round 2 on
         assert int(r_ip[2]["downlink_bytes"]) > int(r_ip[1]["downlink_bytes"]) == models
     else:  # round 1 only a header + digest; from round 2 the sparse g, less than a model
-        assert int(r_ip[1]["downlink_bytes"]) == 4 * (16 + 32)
-        assert int(r_ip[1]["downlink_coded_bytes"]) == 4 * (16 + 32 + 1)  # + the coding tag
-        assert 4 * (16 + 32) < int(r_ip[2]["downlink_coded_bytes"]) < models
+        assert int(r_ip[1]["downlink_bytes"]) == 4 * (16 + 16)
+        assert int(r_ip[1]["downlink_coded_bytes"]) == 4 * (16 + 16 + 1)  # + the coding tag
+        assert 4 * (16 + 16) < int(r_ip[2]["downlink_coded_bytes"]) < models
 
 
 @pytest.mark.flower
@@ -70,7 +70,7 @@ def test_linreg_flower_equals_inprocess(make_cfg, tmp_path, broadcast):
 def test_flower_replicas_stay_bitwise_equal_for_100_rounds(make_cfg, tmp_path):
     """broadcast=gradient under Flower's Simulation Runtime for 100 rounds with
     momentum, weight decay and 20 % injected drops. Every reply names the
-    digest (sha256) of the replica it computed on and the server rejects any
+    digest (xxh3-128) of the replica it computed on and the server rejects any
     that is not its own model's: with no rejection in 100 rounds, every
     replica that took part was bitwise the server's model after every round.
     Drops force resyncs (counted, as in-process); the trajectory equals the

@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
                       RecordDict)
 from flwr.clientapp import ClientApp
@@ -66,12 +67,17 @@ def _tensor(rec: ArrayRecord, key: str, device) -> torch.Tensor:
     return torch.from_numpy(rec[key].numpy()).to(device)
 
 
-def state_file(context: Context, what: str = "") -> Path | None:
+def state_file(context: Context, what: str = "", cfg=None) -> Path | None:
     """The memory (or ``what="-replica"``) file of this node's partition and
-    run (node config ``state-dir``)."""
+    run: node config ``state-dir`` on a SuperNode, else the simulation's
+    ``runtime.state_dir`` (strategies/server_app.py sets it). With a file,
+    the J-sized tensors live only there and ``context.state`` keeps the
+    round tags: the state then never travels with every message (Flower
+    ships a node's Context to and from its ClientApp each time)."""
     node_config = context.node_config or {}
-    state_dir = node_config.get("state-dir")
-    if not state_dir:
+    state_dir = node_config.get("state-dir") or (
+        None if cfg is None else OmegaConf.select(cfg, "runtime.state_dir", default=None))
+    if not state_dir or state_dir == "auto":
         return None
     pid = int(node_config["partition-id"])
     return (Path(os.path.expanduser(str(state_dir)))
@@ -83,9 +89,9 @@ def _opt_settings(cfg) -> tuple:
 
 
 def load_replica(context: Context, cfg) -> Replica | None:
-    """The model replica: from ``state-dir`` when that file exists, else
+    """The model replica: from the state file when there is one, else
     ``context.state``; None when there is none."""
-    path = state_file(context, "-replica")
+    path = state_file(context, "-replica", cfg)
     if path is not None and path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,9 +107,10 @@ def load_replica(context: Context, cfg) -> Replica | None:
     return Replica.from_state(state, *_opt_settings(cfg))
 
 
-def save_replica(context: Context, replica: Replica | None) -> None:
-    """Keep (or, with None, forget) the replica in context.state and state-dir."""
-    path = state_file(context, "-replica")
+def save_replica(context: Context, replica: Replica | None, cfg=None) -> None:
+    """Keep (or, with None, forget) the replica: in the state file when there
+    is one, else in context.state."""
+    path = state_file(context, "-replica", cfg)
     if replica is None:
         for key in (REPLICA_KEY, REPLICA_META_KEY):
             if key in context.state:
@@ -112,11 +119,14 @@ def save_replica(context: Context, replica: Replica | None) -> None:
             path.unlink()
         return
     state = replica.state_dict()
-    context.state[REPLICA_KEY] = ArrayRecord({k: wire.array(v) for k, v in state.items()
-                                              if isinstance(v, torch.Tensor)})
     context.state[REPLICA_META_KEY] = MetricRecord({"round": int(replica.round)})
     if path is not None:
         atomic_write(path, lambda fh: torch.save(state, fh), "wb")
+        if REPLICA_KEY in context.state:
+            del context.state[REPLICA_KEY]
+    else:
+        context.state[REPLICA_KEY] = ArrayRecord({k: wire.array(v) for k, v in state.items()
+                                                  if isinstance(v, torch.Tensor)})
 
 
 class ReplicaError(RuntimeError):
@@ -167,14 +177,14 @@ def _load_state_file(path: Path, mem: ErrorFeedbackMemory, device):
     return int(saved["last_round"])
 
 
-def load_memory(context: Context, task, device) -> ErrorFeedbackMemory:
+def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory:
     """The worker's memory: from ``state-dir`` when that file exists (it is
     written last in every round, so it is never older than context.state),
     else from ``context.state``. ``mem.last_round`` is the round of the upload
     it holds (None when unknown)."""
     mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
     mem.last_round = None
-    path = state_file(context)
+    path = state_file(context, cfg=cfg)
     if path is not None:
         mem.last_round = _load_state_file(path, mem, device)
         if mem.last_round is not None:
@@ -187,15 +197,21 @@ def load_memory(context: Context, task, device) -> ErrorFeedbackMemory:
     return mem
 
 
-def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | None = None) -> None:
+def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | None = None,
+                cfg=None) -> None:
+    """The memory into the state file when there is one (context.state keeps
+    the round tag), else into context.state."""
     state = {k: v.detach().cpu() for k, v in mem.state_dict().items()}
-    context.state[MEMORY_KEY] = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
     if last_round is not None:
         context.state[META_KEY] = MetricRecord({"last-round": int(last_round)})
-    path = state_file(context)
+    path = state_file(context, cfg=cfg)
     if path is not None:
         saved = {"memory": state, "last_round": -1 if last_round is None else int(last_round)}
         atomic_write(path, lambda fh: torch.save(saved, fh), "wb")
+        if MEMORY_KEY in context.state:
+            del context.state[MEMORY_KEY]
+    else:
+        context.state[MEMORY_KEY] = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
 
 
 def read_feedback(content: RecordDict, device, step=None, memory=None):
@@ -263,18 +279,18 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     try:
         params, buffers, replica, step = receive_model(msg.content, context, cfg, task)
     except ReplicaError as exc:
-        save_replica(context, None)
+        save_replica(context, None, cfg)
         return Message(Error(code=REPLICA_STALE, reason=f"worker {pid} round {t}: {exc}"),
                        reply_to=msg)
-    memory = load_memory(context, task, device)
+    memory = load_memory(context, task, device, cfg)
     fb = read_feedback(msg.content, device, step, memory)
     fb = usable_feedback(fb, msg.content, memory, pid, t)
     reply = worker_round(task, memory, sparsifier, params.to(device),
                          None if buffers is None else buffers.to(device), [fb], [pid], t,
                          int(cfg.local_steps), float(cfg.local_lr), weights=[1.0])[0]
-    save_memory(context, memory, last_round=t)
+    save_memory(context, memory, last_round=t, cfg=cfg)
     if replica is not None:
-        save_replica(context, replica)
+        save_replica(context, replica, cfg)
     up = reply.upload
     values = up.values.detach().cpu()
     if faults.corrupts(cfg.faults, cfg.seed, pid, t):
@@ -301,8 +317,8 @@ def _identity_reply(msg: Message, context: Context) -> Message:
 
 def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:
     """Reply with this worker's memory and the round of the upload it holds."""
-    _, task, _, device = settings_and_build(context, settings)
-    memory = load_memory(context, task, device)
+    cfg, task, _, device = settings_and_build(context, settings)
+    memory = load_memory(context, task, device, cfg)
     last = memory.last_round if memory.last_round is not None else -1
     pid = int(context.node_config["partition-id"])
     return Message(memory_content(pid, {"state": memory.state_dict(), "last_round": last}),
@@ -311,14 +327,14 @@ def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:
 
 def handle_restore(msg: Message, context: Context, settings=None) -> Message:
     """Replace this worker's memory by the one the server checkpointed."""
-    _, task, _, device = settings_and_build(context, settings)
+    cfg, task, _, device = settings_and_build(context, settings)
     pid, saved = read_memory(msg.content)
     if pid != int(context.node_config["partition-id"]):
         return Message(Error(code=WRONG_WORKER, reason=f"memory of worker {pid} sent to "
                              f"partition {context.node_config['partition-id']}"), reply_to=msg)
     memory = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
     memory.load_state_dict(saved["state"])
-    save_memory(context, memory, last_round=saved["last_round"])
+    save_memory(context, memory, last_round=saved["last_round"], cfg=cfg)
     return _identity_reply(msg, context)
 
 

@@ -107,6 +107,9 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "runtime.wait_for_nodes_s", 0, required=False, allowed="must be >= 0")
         _num(cfg, "runtime.poll_interval_s", 0, lo_open=True, required=False,
              allowed="must be > 0")
+        sd = _get(cfg, "runtime.state_dir")
+        if sd is not None and (not isinstance(sd, str) or not sd.strip()):
+            _fail("runtime.state_dir", sd, "must be auto, null or a directory path")
     if task == "toy" and n != 2:
         _fail("num_workers", n, "the toy task (Fig. 1) has exactly 2 workers")
     if task == "linreg":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -100,8 +102,19 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},
                "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
                              "include_dashboard": False}}
-    flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
-                        num_supernodes=int(cfg.num_workers), backend_config=backend)
+    tmp = None
+    if settings["runtime"].get("state_dir", "auto") == "auto":
+        # the clients' memories and replicas in files on this machine, not in
+        # the Contexts that Ray ships to and from the actors with every message
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(prefix="regtopk-fl-state-",
+                                                                  dir=shm)
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
+                            num_supernodes=int(cfg.num_workers), backend_config=backend)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- `flwr run` entry point -----------------------------------------------------

@@ -36,6 +36,7 @@ BAD = [  # (overrides, key named in the message)
     (["checkpoint.seconds=0"], "checkpoint.seconds=0"),
     (["device=tpu"], "device='tpu'"),
     (["broadcast=models"], "broadcast='models'"),
+    (["runtime=flower", "runtime.state_dir=''"], "runtime.state_dir=''"),
     (["network.uplink_mbps=0"], "network.uplink_mbps=0"),
     (["network.downlink_mbps=-1"], "network.downlink_mbps=-1"),
     (["network.latency_ms=-3"], "network.latency_ms=-3"),

@@ -156,7 +156,8 @@ class _Federation:
         self.cfg = cfg
         self.run_config = to_run_config(cfg)
         task, _ = build(cfg)
-        self.server = FedServer(task.init_params(), None, lr=cfg.lr)
+        self.server = FedServer(task.init_params(), task.init_buffers(), lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         coord = Coordinator(self.server, cfg.broadcast, verify=True)  # as run_server does
         coord.start(range(int(cfg.num_workers)))
         self.strategy = SparseAggregation(coord, cfg.num_workers, wait_for_nodes_s=0)
@@ -348,3 +349,23 @@ def test_federation_on_loopback():
     import federation_test
 
     assert federation_test.main([]) == 0
+
+
+def test_simulation_state_dir_keeps_tensors_out_of_the_context(make_cfg, task_identity, tmp_path):
+    """runtime.state_dir (what the launcher's simulation sets to a per-run
+    /dev/shm directory): memory and replica live in files, context.state
+    keeps only the round tags, and the run is bitwise the one that keeps
+    everything in context.state."""
+    from clients.client_app import MEMORY_KEY, META_KEY, REPLICA_KEY, REPLICA_META_KEY
+
+    plain = _Federation(_linreg_cfg(make_cfg, momentum=0.5))
+    files = _Federation(_linreg_cfg(make_cfg, momentum=0.5, **{"runtime.state_dir": tmp_path}))
+    for t in (1, 2, 3):
+        plain.round(t)
+        files.round(t)
+        for i in range(3):
+            assert set(files.contexts[100 + i].state.keys()) == {META_KEY, REPLICA_META_KEY}
+            assert {MEMORY_KEY, REPLICA_KEY} <= set(plain.contexts[100 + i].state.keys())
+    assert torch.equal(files.server.params, plain.server.params)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(f"run-77-partition-{i}{w}.pt" for i in range(3) for w in ("", "-replica"))

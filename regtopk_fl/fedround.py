@@ -176,7 +176,7 @@ class FedServer:
         ok = idx[1:] > idx[:-1]
         bounds = [e - 1 for e in itertools.accumulate(counts[:-1]) if 0 < e < idx.numel()]
         if bounds:
-            ok[torch.tensor(bounds)] = True
+            ok[torch.tensor(bounds, device=ok.device)] = True
         return bool(ok.all())
 
     def step(self, replies: list) -> RoundOutcome:
@@ -199,7 +199,8 @@ class FedServer:
         sparse, idx = packed[0], packed[1]
         dense_any = any(r.upload.indices is None for r in ok)
         out.support = None if dense_any else (idx if idx is not None else
-                                              torch.zeros(0, dtype=torch.int64))
+                                              torch.zeros(0, dtype=torch.int64,
+                                                          device=g.device))
         if not ok:
             log.warning("no valid reply this round; the model is left unchanged")
             return out
@@ -213,8 +214,8 @@ class FedServer:
         if sparse:
             # one scatter-add over all uploads, in worker order: the same
             # sequence of additions as adding them one by one
-            wrep = torch.tensor([out.weights[r.worker] for r in sparse],
-                                dtype=g.dtype)[row_of_entry(counts)]
+            wrep = torch.tensor([out.weights[r.worker] for r in sparse], dtype=g.dtype,
+                                device=g.device)[row_of_entry(counts, g.device)]
             g.index_add_(0, idx, vals * wrep)
             fb = iter(torch.split(g[idx], counts))
         for r in ok:
@@ -230,7 +231,8 @@ class FedServer:
         out.loss = sum(w * float(r.loss) for r, w in zip(ok, weights))
         if self.buffers is not None:
             self.buffers = torch.stack([r.buffers for r in ok]).mul_(
-                torch.tensor(weights, dtype=self.buffers.dtype)[:, None]).sum(0)
+                torch.tensor(weights, dtype=self.buffers.dtype,
+                             device=self.buffers.device)[:, None]).sum(0)
         self.opt.step(g)
         return out
 

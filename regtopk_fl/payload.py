@@ -59,12 +59,13 @@ def coded_index_bytes_rows(idx: torch.Tensor, counts, dim: int) -> list:
         return [1 for _ in counts]
     deltas = idx.clone()
     deltas[1:] -= idx[:-1]
-    ends = torch.cumsum(torch.as_tensor(counts, dtype=torch.int64), 0)
-    starts = (ends - torch.as_tensor(counts, dtype=torch.int64))
+    counts = torch.as_tensor(counts, dtype=torch.int64, device=idx.device)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
     nonempty = starts < idx.numel()
     deltas[starts[nonempty]] = idx[starts[nonempty]]  # each upload codes its first index as is
     csum = torch.cumsum(varint_lengths(deltas), 0)
-    csum = torch.cat([torch.zeros(1, dtype=torch.int64), csum])
+    csum = torch.cat([torch.zeros(1, dtype=torch.int64, device=csum.device), csum])
     varint = (csum[ends] - csum[starts]).tolist()
     bitmap = (dim + 7) // 8
     return [1 + min(v, bitmap) for v in varint]

@@ -47,20 +47,26 @@ RETRY_DEPTH = 8  # the retry looks this many times deeper in the sample
 
 def exact_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean [N, M] mask of the k largest entries of each row of ``score``,
-    ties at the k-th value going to the lowest positions (1 <= k <= M).
+    ties at the k-th value going to the lowest positions (1 <= k <= M)."""
+    return _mask_and_kth(score, k)[0]
+
+
+def _mask_and_kth(score: torch.Tensor, k: int):
+    """(the mask of :func:`exact_mask`, each row's k-th largest value [N, 1]).
 
     Only the k-th largest value is computed (``kthvalue``, a selection, no
     sort); it is unique whatever the tie rule, so the mask is determined:
     every entry above it, then the first equal ones in position order."""
     n, m = score.shape
     if k >= m:
-        return torch.ones(n, m, dtype=torch.bool, device=score.device)
+        return (torch.ones(n, m, dtype=torch.bool, device=score.device),
+                score.amin(dim=1, keepdim=True))
     kth = torch.kthvalue(score, m - k + 1, dim=1, keepdim=True).values
     keep = score > kth
     tie = score == kth
     need = k - keep.sum(dim=1, keepdim=True)
     keep |= tie & (torch.cumsum(tie, dim=1) <= need)
-    return keep
+    return keep, kth
 
 
 def _materialize(score, absolute, fix):
@@ -75,10 +81,10 @@ def _materialize(score, absolute, fix):
 
 def _block_size(density: float) -> int:
     """Block length C: as long as possible while few blocks hold a candidate
-    (about one block in 10 at most); >= 32 (shorter inner reductions are
+    (about one block in 8 at most); >= 32 (shorter inner reductions are
     slow on CPU) and <= 256."""
     c = 256
-    while c > 32 and c * density > 0.1:
+    while c > 32 and c * density > 0.125:
         c //= 2
     return c
 
@@ -108,25 +114,31 @@ def _candidates(row, t: float, absolute: bool, block: int):
     return local, vals
 
 
-def _apply_fix(local, vals, fix):
-    """``vals`` with the overrides of ``fix`` (local idx ascending, score) that
-    fall on candidates; the others lie below t anyway (they only lower)."""
+def _apply_fix(local, vals, fix, t: float):
+    """``vals`` with the overrides of ``fix`` (local idx, score) that fall on
+    candidates, or None if an override off the candidates reaches t (it
+    raised an entry the unfixed score left out). Overrides off the
+    candidates below t change nothing: those entries stay below t."""
     c = local.numel()
     if not c:
-        return vals
+        return None if bool((fix[1] >= t).any()) else vals
     p = torch.searchsorted(local, fix[0]).clamp_(max=c - 1)
-    p = torch.where(local[p] == fix[0], p, c)  # c: a spare slot for misses
+    on = local[p] == fix[0]
+    if bool((fix[1] >= t).logical_and_(~on).any()):
+        return None
     out = torch.cat([vals, vals.new_zeros(1)])
-    out[p] = fix[1].to(out.dtype)
+    out[torch.where(on, p, c)] = fix[1].to(out.dtype)  # c: a spare slot for misses
     return out[:c]
 
 
 def _row_topk(row, k: int, absolute: bool, fix) -> torch.Tensor:
     """Ascending local indices of the exact top-k of one long row.
 
-    With ``fix`` (overrides that only lower the score), the candidates are
-    chosen by the unfixed score, a superset of those with score >= t; the
-    overrides are applied to them, and at least k must still reach t."""
+    With ``fix``, the candidates are chosen by the unfixed score; where the
+    overrides only lower it (RegTop-k), that is a superset of the entries
+    with score >= t. The overrides are applied to the candidates, and at
+    least k must still reach t. An override that lifts a left-out entry to
+    t or above sends the row to the every-entry path."""
     dim = row.numel()
     stride = max(1, dim // SAMPLE)
     sample = row[::stride]
@@ -141,17 +153,18 @@ def _row_topk(row, k: int, absolute: bool, fix) -> torch.Tensor:
             t = torch.topk(sample, rank, sorted=False).values.min().item()
         local, vals = _candidates(row, t, absolute, _block_size(rank / m))
         if fix is not None:
-            vals = _apply_fix(local, vals, fix)
-            enough = local.numel() >= k and int(torch.count_nonzero(vals >= t)) >= k
-        else:
-            enough = local.numel() >= k
-        if enough:
-            break
+            vals = _apply_fix(local, vals, fix, t)
+            if vals is None:  # an override raised an entry: take every entry
+                rank = m
+                continue
+        if local.numel() >= k:
+            if fix is None and local.numel() == k:
+                return local
+            keep, kth = _mask_and_kth(vals.unsqueeze(0), k)
+            # with overrides, k candidates must still reach t
+            if fix is None or bool(kth >= t):
+                return local[torch.nonzero(keep[0]).squeeze(1)]
         rank = min(m, rank * RETRY_DEPTH)  # t was above the k-th value
-    if local.numel() == k:
-        return local
-    keep = exact_mask(vals.unsqueeze(0), k)[0]
-    return local[torch.nonzero(keep).squeeze(1)]
 
 
 def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None) -> Selection:
@@ -163,8 +176,9 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None) 
     (as a stable descending sort would). With ``absolute`` the score is
     ``|score|``; ``fix = (flat idx, values)`` overrides the score at a few
     flat positions (RegTop-k's rescaled entries, ``|a| * tanh(.) <= |a|``).
-    Overrides that only lower the score take the fast path; one that raises
-    it makes the score materialized (exact either way). Neither ``|score|``
+    Overrides that only lower the score take the fast path; one that lifts
+    a left-out entry to the threshold makes that row take every entry as a
+    candidate (exact either way). Neither ``|score|``
     nor the overrides are materialized for long rows, and ``score`` is never
     changed. Works on any device.
     """
@@ -182,12 +196,7 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None) 
             if n > 1 and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 idx, order = torch.sort(idx)
                 val = val[order]
-            base = score.reshape(-1)[idx]
-            if bool((val.to(base.dtype) > (base.abs() if absolute else base)).any()):
-                # an override that raises the score: take the materialized path
-                score, absolute, fix = _materialize(score, absolute, (idx, val)), False, None
-            else:
-                fix = (idx, val)
+            fix = (idx, val)
     if dim < SMALL_J:
         keep = exact_mask(_materialize(score, absolute, fix), k)
         flat = torch.nonzero(keep.reshape(-1)).squeeze(1)

@@ -38,7 +38,7 @@ def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float):
     den = contrib if distortion == "reference" else ctx.fb_w * a_prev
     delta = (ctx.fb_g - contrib) / den
     ok = torch.isfinite(delta) & (den != 0)
-    delta = torch.where(ok, delta, torch.full_like(delta, q))
+    delta = torch.where(ok, delta, q)  # q in delta's dtype, as full_like would give
     return idx, a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
 
 

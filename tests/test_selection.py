@@ -145,6 +145,13 @@ def test_overrides_lower_or_raise(path):
     # raising entries that were far from the top: they must be selected
     low = torch.tensor([5, dim + 17, 2 * dim + 2999])
     check(a, k, absolute=True, fix=(low, torch.full((3,), 100.0)))
+    # negative overrides (not |.|-like): the materialized path, same rule
+    check(a, k, absolute=True, fix=(low, torch.full((3,), -100.0)))
+    check(a, k, fix=(top, torch.full((top.numel(),), -1.0)))
+    # the overrides were written into a and put back bitwise
+    before = a.clone()
+    rows_topk(a, k, absolute=True, fix=(top, torch.zeros(top.numel())))
+    assert torch.equal(a, before)
     # unsorted override indices
     perm = torch.randperm(top.numel(), generator=gen)
     check(a, k, absolute=True, fix=(top[perm], a.view(-1)[top[perm]].abs() * 0.5))

@@ -19,6 +19,11 @@ row lies far below it, so for a long row (J >= ``SMALL_J``):
    rank 8x deeper, then with ``t = -inf`` (every entry a candidate). The
    result never depends on the sample, only the cost does.
 
+RegTop-k's score is ``|a|`` except on last round's mask (O(k) entries, each
+``|a| * tanh(.) >= 0``): those values are written into ``a`` for the
+selection and the original entries put back bitwise afterwards, so RegTop-k
+costs Top-k's passes plus O(k).
+
 Passes over J per row (CPU): two read-only block reductions (``amax``,
 ``amin``; one for a materialized score), about 10% of J copied and compared,
 and O(k) work. No J-sized temporary is allocated. Short rows
@@ -114,31 +119,8 @@ def _candidates(row, t: float, absolute: bool, block: int):
     return local, vals
 
 
-def _apply_fix(local, vals, fix, t: float):
-    """``vals`` with the overrides of ``fix`` (local idx, score) that fall on
-    candidates, or None if an override off the candidates reaches t (it
-    raised an entry the unfixed score left out). Overrides off the
-    candidates below t change nothing: those entries stay below t."""
-    c = local.numel()
-    if not c:
-        return None if bool((fix[1] >= t).any()) else vals
-    p = torch.searchsorted(local, fix[0]).clamp_(max=c - 1)
-    on = local[p] == fix[0]
-    if bool((fix[1] >= t).logical_and_(~on).any()):
-        return None
-    out = torch.cat([vals, vals.new_zeros(1)])
-    out[torch.where(on, p, c)] = fix[1].to(out.dtype)  # c: a spare slot for misses
-    return out[:c]
-
-
-def _row_topk(row, k: int, absolute: bool, fix) -> torch.Tensor:
-    """Ascending local indices of the exact top-k of one long row.
-
-    With ``fix``, the candidates are chosen by the unfixed score; where the
-    overrides only lower it (RegTop-k), that is a superset of the entries
-    with score >= t. The overrides are applied to the candidates, and at
-    least k must still reach t. An override that lifts a left-out entry to
-    t or above sends the row to the every-entry path."""
+def _row_topk(row, k: int, absolute: bool) -> torch.Tensor:
+    """Ascending local indices of the exact top-k of one long row."""
     dim = row.numel()
     stride = max(1, dim // SAMPLE)
     sample = row[::stride]
@@ -152,18 +134,11 @@ def _row_topk(row, k: int, absolute: bool, fix) -> torch.Tensor:
         else:  # the rank-th largest of the sample
             t = torch.topk(sample, rank, sorted=False).values.min().item()
         local, vals = _candidates(row, t, absolute, _block_size(rank / m))
-        if fix is not None:
-            vals = _apply_fix(local, vals, fix, t)
-            if vals is None:  # an override raised an entry: take every entry
-                rank = m
-                continue
-        if local.numel() >= k:
-            if fix is None and local.numel() == k:
-                return local
-            keep, kth = _mask_and_kth(vals.unsqueeze(0), k)
-            # with overrides, k candidates must still reach t
-            if fix is None or bool(kth >= t):
-                return local[torch.nonzero(keep[0]).squeeze(1)]
+        if local.numel() == k:
+            return local
+        if local.numel() > k:
+            keep = exact_mask(vals.unsqueeze(0), k)[0]
+            return local[torch.nonzero(keep).squeeze(1)]
         rank = min(m, rank * RETRY_DEPTH)  # t was above the k-th value
 
 
@@ -175,12 +150,12 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None) 
     k-th largest value are broken deterministically, **lowest index wins**
     (as a stable descending sort would). With ``absolute`` the score is
     ``|score|``; ``fix = (flat idx, values)`` overrides the score at a few
-    flat positions (RegTop-k's rescaled entries, ``|a| * tanh(.) <= |a|``).
-    Overrides that only lower the score take the fast path; one that lifts
-    a left-out entry to the threshold makes that row take every entry as a
-    candidate (exact either way). Neither ``|score|``
-    nor the overrides are materialized for long rows, and ``score`` is never
-    changed. Works on any device.
+    flat positions (RegTop-k's rescaled entries). With ``absolute`` and
+    overrides >= 0, they are written into ``score`` for the selection and the
+    original entries are put back bitwise before returning (also on error):
+    O(k), where a rescaled copy of the score would cost a pass over J.
+    Otherwise the score is materialized. ``|score|`` is never materialized
+    for long rows, and ``score`` is unchanged on return. Works on any device.
     """
     n, dim = score.shape
     k = check_k(k, dim)
@@ -188,27 +163,23 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None) 
     if k == dim:
         flat = torch.arange(n * dim, device=dev)
         return Selection(flat, torch.full((n,), dim, dtype=torch.int64, device=dev))
-    if fix is not None:
-        idx, val = fix[0].to(torch.int64), fix[1]
-        if not idx.numel():
-            fix = None
-        else:  # several rows split it by position: ascending order needed
-            if n > 1 and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                idx, order = torch.sort(idx)
-                val = val[order]
-            fix = (idx, val)
+    if fix is not None and fix[0].numel():
+        idx, val = fix[0].to(torch.int64), fix[1].to(score.dtype)
+        if absolute and bool((val >= 0).all()):
+            # |score| with overrides v >= 0 is |score'| where score' holds v
+            # there: write them in, select, and restore the entries bitwise
+            flat = score.view(-1)
+            saved = flat[idx]
+            flat[idx] = val
+            try:
+                return rows_topk(score, k, absolute=True)
+            finally:
+                flat[idx] = saved
+        score, absolute = _materialize(score, absolute, (idx, val)), False
     if dim < SMALL_J:
-        keep = exact_mask(_materialize(score, absolute, fix), k)
+        keep = exact_mask(score.abs() if absolute else score, k)
         flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
         return Selection(flat, torch.full((n,), k, dtype=torch.int64, device=dev))
-    parts = []
-    if fix is not None and n > 1:
-        bounds = torch.searchsorted(fix[0], torch.arange(n + 1, device=dev) * dim).tolist()
-    for r in range(n):
-        row_fix = fix
-        if fix is not None and n > 1:
-            s, e = bounds[r], bounds[r + 1]
-            row_fix = (fix[0][s:e] - r * dim, fix[1][s:e]) if s < e else None
-        parts.append(_row_topk(score[r], k, absolute, row_fix) + r * dim)
+    parts = [_row_topk(score[r], k, absolute) + r * dim for r in range(n)]
     flat = parts[0] if n == 1 else torch.cat(parts)
     return Selection(flat, torch.full((n,), k, dtype=torch.int64, device=dev))

@@ -14,8 +14,8 @@ row lies far below it, so for a long row (J >= ``SMALL_J``):
    never materialized) bounds each block's largest score. Only blocks whose
    bound is >= t are copied out (for S = 0.001 and C = 64, ~10% of J), and
    only there are scores computed and compared with ``t``.
-3. **Exact top-k on the candidates** (score >= t, ~1.6k of them; in index
-   order). If fewer than k survive, ``t`` was too high: step 1 retries with a
+3. **Exact top-k on the candidates** (score >= t, about 1.5k for every 1k
+   selected; in index order). If fewer than k survive, ``t`` was too high: step 1 retries with a
    rank 8x deeper, then with ``t = -inf`` (every entry a candidate). The
    result never depends on the sample, only the cost does.
 
@@ -27,8 +27,9 @@ costs Top-k's passes plus O(k).
 Passes over J per row (CPU): two read-only block reductions (``amax``,
 ``amin``; one for a materialized score), about 10% of J copied and compared,
 and O(k) work. No J-sized temporary is allocated. Short rows
-(J < ``SMALL_J``) and the fallback take one vectorized exact pass over the
-whole batch instead.
+(J < ``SMALL_J``) take one vectorized exact pass (``kthvalue`` and a tie mask)
+over the whole batch instead; the ``t = -inf`` fallback copies the row once
+and does the same on it.
 
 **Ties.** The selected set is exactly the k largest scores; among entries equal
 to the k-th largest value, the lowest indices win. This is what a stable

@@ -57,18 +57,25 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
              rows=None, worker_ids=None, round: int = 0, observer=None) -> list:
     """Error feedback + selection for a batch of workers ([R, J] gradients).
     Returns one :class:`Upload` per row; the memory is updated in place.
-    ``observer(a, selection)``, when given, sees the accumulated gradients."""
+    ``observer(a, selection)``, when given, sees the accumulated gradients.
+
+    Passes over J (see memory.py and compress/exact_topk.py): for Top-k and
+    RegTop-k, the finiteness check and ``eps += g`` (accumulate), then two
+    read-only block reductions plus ~10% of J (selection); the rest is O(k).
+    A dense sparsifier skips the context and commits a copy of ``a``."""
     a = memory.accumulate(grad, rows)
-    ctx = memory.context(weights, rows, worker_ids, round)
+    ctx = (memory.context(weights, rows, worker_ids, round)
+           if getattr(sparsifier, "needs_context", True) else None)
     sel = sparsifier.select(a, ctx)
     if observer is not None:
         observer(a, sel)
     values, local = memory.commit(a, sel, rows)
     counts = sel.counts.tolist()
     dim = memory.dim
-    dense = not getattr(sparsifier, "sends_indices", True)
-    return [Upload(v, None if dense else i, dim)
-            for v, i in zip(torch.split(values, counts), torch.split(local, counts))]
+    vals = torch.split(values, counts)
+    if local is None or not getattr(sparsifier, "sends_indices", True):
+        return [Upload(v, None, dim) for v in vals]
+    return [Upload(v, i, dim) for v, i in zip(vals, torch.split(local, counts))]
 
 
 # -- server side -------------------------------------------------------------

@@ -12,6 +12,16 @@ One object holds the state of ``N`` workers (``N = 1`` for a Flower client):
 
 A row that skips a round keeps all of this untouched, so its next Delta uses the
 global gradient of the round it last took part in, never one it did not see.
+
+Passes over J in a worker step (``fedround.sparsify``), the cost that matters
+at J = 11M: ``accumulate`` is one read-only reduction (the finiteness check)
+plus the in-place add ``eps += g`` (``a`` *is* ``eps`` when all rows take
+part). ``commit`` of a sparse selection is O(k): it gathers and zeroes the k
+entries in place. A dense selection (``Selection.dense``) is committed as one
+copy of ``a`` (the upload's values, which the memory also keeps as
+``prev_sent``, not a second copy) and one zeroing pass; its J-sized indices
+(``prev_local``) and unknown feedback (``fb_g``, all NaN) are only
+materialized if something reads them.
 """
 from __future__ import annotations
 
@@ -45,6 +55,27 @@ class ErrorFeedbackMemory:
         self.prev_sent, self.fb_g = z, z.clone()
         self.fb_w = torch.zeros(self.num_rows, dtype=dtype, device=device)
         self._flat = None  # cached (flat index, row) of prev_local
+
+    # -- lazily materialized after a dense upload -----------------------------
+    @property
+    def prev_local(self) -> torch.Tensor:
+        if self._prev_local is None:  # the last upload was dense: every entry
+            self._prev_local = torch.arange(self.dim, device=self.eps.device).repeat(self.num_rows)
+        return self._prev_local
+
+    @prev_local.setter
+    def prev_local(self, value) -> None:
+        self._prev_local = value
+
+    @property
+    def fb_g(self) -> torch.Tensor:
+        if self._fb_g is None:  # no feedback yet on a dense upload: unknown
+            self._fb_g = torch.full_like(self.prev_sent, float("nan"))
+        return self._fb_g
+
+    @fb_g.setter
+    def fb_g(self, value) -> None:
+        self._fb_g = value
 
     # -- the round ---------------------------------------------------------
     def accumulate(self, grad: torch.Tensor, rows=None) -> torch.Tensor:
@@ -84,8 +115,10 @@ class ErrorFeedbackMemory:
 
     def commit(self, a: torch.Tensor, sel: Selection, rows=None):
         """Take the selected entries out of ``a``; the rest stays as residual.
-        Returns (values to send, their row-local indices); ``sent + new
-        residual == a`` exactly."""
+        Returns (values to send, their row-local indices, None for a dense
+        selection); ``sent + new residual == a`` exactly."""
+        if sel.dense:
+            return self._commit_dense(a, sel, rows)
         flat_a = a.view(-1)
         values = flat_a[sel.flat_idx]
         flat_a[sel.flat_idx] = 0
@@ -100,6 +133,22 @@ class ErrorFeedbackMemory:
             self.eps[list(rows)] = a
             self._scatter_rows(list(rows), local, sel.counts, values, nan)
         return values, local
+
+    def _commit_dense(self, a: torch.Tensor, sel: Selection, rows=None):
+        """Every entry is sent: one copy of ``a`` and one zeroing pass. The
+        copy is both the upload and ``prev_sent`` (uploads are replaced, never
+        edited in place: the server and fault injection build new tensors)."""
+        values = a.reshape(-1).clone()
+        a.zero_()
+        if rows is None:
+            self._prev_local, self.prev_counts = None, sel.counts.clone()
+            self.prev_sent, self._fb_g, self._flat = values, None, None
+        else:  # partial participation: per-row bookkeeping needs the indices
+            self.eps[list(rows)] = a
+            local = torch.arange(self.dim, device=a.device).repeat(len(rows))
+            nan = torch.full_like(values, float("nan"))
+            self._scatter_rows(list(rows), local, sel.counts, values.clone(), nan)
+        return values, None
 
     def set_feedback(self, fb_values: torch.Tensor, weights, rows=None) -> None:
         """Server feedback for the rows' last upload: the global gradient on

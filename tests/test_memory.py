@@ -271,3 +271,28 @@ def test_state_dict_round_trip_after_partial_participation():
     resumed.load_state_dict(mem.state_dict())
     for r in (0, 1):
         assert_row_state(row_state(resumed, r), row_state(mem, r))
+
+
+def test_dense_commit_builds_no_index_tensor():
+    """A dense upload is a copy of a plus a zeroed residual; the J-sized
+    indices and the NaN feedback are only built when something reads them."""
+    from regtopk_fl.compress import Dense
+    from regtopk_fl.memory import restore_rows
+
+    mem = ErrorFeedbackMemory(2, 3)
+    g = T([0.5, -3.0, 2.0], [1.0, 0.0, -1.0])
+    ups = sparsify(mem, g, Dense(), [0.5, 0.5])
+    assert [u.indices for u in ups] == [None, None]
+    assert torch.equal(torch.cat([u.values for u in ups]), g.reshape(-1))
+    assert torch.equal(mem.eps, torch.zeros(2, 3))
+    assert mem._prev_local is None and mem._fb_g is None  # nothing J-sized built
+    # read on demand: every entry of every row, feedback unknown
+    assert mem.prev_local.tolist() == [0, 1, 2, 0, 1, 2]
+    assert mem.prev_counts.tolist() == [3, 3] and bool(torch.isnan(mem.fb_g).all())
+    # a rejected dense upload goes back into the residual
+    restore_rows(mem, [1])
+    assert torch.equal(mem.eps, T([0, 0, 0], [1.0, 0.0, -1.0]))
+    # the state round-trips
+    other = ErrorFeedbackMemory(2, 3)
+    other.load_state_dict(mem.state_dict())
+    assert all(same(getattr(other, key), getattr(mem, key)) for key in KEYS)

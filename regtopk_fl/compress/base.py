@@ -9,7 +9,6 @@ order and ascending within a row, plus the count per row. It never changes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -18,12 +17,30 @@ class SparsifierError(ValueError):
     """Invalid sparsifier parameter or input; the message names key and value."""
 
 
-@dataclass(frozen=True)
 class Selection:
-    """Entries chosen for upload: ``flat_idx`` indexes ``a.view(-1)`` (row-major)."""
+    """Entries chosen for upload: ``flat_idx`` indexes ``a.view(-1)`` (row-major),
+    grouped by row, ascending within a row; ``counts`` [N] entries per row.
 
-    flat_idx: torch.Tensor  # int64 [M], grouped by row, ascending within a row
-    counts: torch.Tensor  # int64 [N], entries per row; counts.sum() == M
+    A *dense* selection (``Selection(None, counts)``, every entry of every row)
+    carries no index tensor: the worker step checks ``dense`` and never builds
+    the N*J indices. ``flat_idx`` still materializes them on request, for
+    callers that want them (tests, analysis)."""
+
+    __slots__ = ("_flat", "counts")
+
+    def __init__(self, flat_idx, counts):
+        self._flat = flat_idx  # int64 [M], or None: every entry (dense)
+        self.counts = counts  # int64 [N]; counts.sum() == M
+
+    @property
+    def dense(self) -> bool:
+        return self._flat is None
+
+    @property
+    def flat_idx(self) -> torch.Tensor:
+        if self._flat is None:
+            self._flat = torch.arange(int(self.counts.sum()), device=self.counts.device)
+        return self._flat
 
     def row_slices(self):
         """(start, stop) of each row's entries in ``flat_idx``."""
@@ -66,26 +83,9 @@ def check_k(k: int, dim: int) -> int:
     return int(k)
 
 
-def rows_topk(score: torch.Tensor, k: int) -> Selection:
-    """Exact top-k of each row of ``score`` ([N, J]); ties broken by torch.topk.
-
-    Uses a partial selection (torch.topk), never a full sort of the row.
-    """
-    n, dim = score.shape
-    if k >= dim:
-        return all_entries(n, dim, score.device)
-    idx = torch.topk(score, k, dim=1, largest=True, sorted=False).indices
-    idx, _ = torch.sort(idx, dim=1)
-    offsets = torch.arange(n, device=score.device).mul_(dim).unsqueeze_(1)
-    flat = (idx + offsets).reshape(-1)
-    counts = torch.full((n,), k, dtype=torch.int64, device=score.device)
-    return Selection(flat, counts)
-
-
 def all_entries(n: int, dim: int, device) -> Selection:
-    flat = torch.arange(n * dim, device=device)
-    counts = torch.full((n,), dim, dtype=torch.int64, device=device)
-    return Selection(flat, counts)
+    """Every entry of every row, as a dense selection (no index tensor)."""
+    return Selection(None, torch.full((n,), dim, dtype=torch.int64, device=device))
 
 
 def mask_selection(mask: torch.Tensor) -> Selection:
@@ -111,3 +111,7 @@ def row_of_entry(counts, device=None) -> torch.Tensor:
         return torch.arange(n, device=device).unsqueeze(1).expand(n, c[0]).reshape(-1)
     ends = torch.cumsum(torch.as_tensor(c, dtype=torch.int64, device=device), 0)
     return torch.searchsorted(ends, torch.arange(total, device=device), right=True)
+
+
+# the exact selection routine; imported last, as it builds on the pieces above
+from .exact_topk import rows_topk  # noqa: E402,F401

@@ -1,10 +1,14 @@
-"""No compression: every entry is sent (the paper's "distributed SGD")."""
+"""No compression: every entry is sent (the paper's "distributed SGD").
+
+The selection is dense (``Selection(None, counts)``): no index tensor is built,
+and the memory commits it as a copy of ``a`` plus a zeroing pass."""
 from .base import all_entries
 
 
 class Dense:
     name = "dense"
     sends_indices = False  # a dense upload is the value vector alone
+    needs_context = False  # select ignores ctx: the worker step does not build one
 
     def __init__(self, sparsity: float = 1.0, **_):
         self.sparsity = 1.0

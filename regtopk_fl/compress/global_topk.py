@@ -3,7 +3,8 @@ worker sending those same entries. Needs every worker's a at once, so it only
 runs in the in-process engine; it is an upper bound, not a deployable method."""
 import torch
 
-from .base import Selection, check_sparsity, num_selected
+from .base import Selection, check_sparsity, num_selected, rows_topk
+
 
 class GlobalTopK:
     name = "global_topk"
@@ -17,6 +18,6 @@ class GlobalTopK:
         n, dim = a.shape
         k = num_selected(self.sparsity, dim)
         total = (ctx.weights.to(a.dtype).unsqueeze(1) * a).sum(0).abs()
-        idx = torch.sort(torch.topk(total, k, sorted=False).indices).values
+        idx = rows_topk(total.unsqueeze(0), k).flat_idx  # exact, lowest index on ties
         flat = (idx.unsqueeze(0) + torch.arange(n, device=a.device).unsqueeze(1) * dim).reshape(-1)
         return Selection(flat, torch.full((n,), k, dtype=torch.int64, device=a.device))

@@ -16,7 +16,9 @@ global gradient on the entry:
 
 Every division is guarded: a zero denominator, NaN or Inf yields Delta = Q, so
 no NaN or Inf leaves the sparsifier. The extra cost over Top-k is O(k): only
-the previous mask's entries are rescaled.
+the previous mask's entries are rescaled, and they reach the exact selection
+as overrides of ``|a|`` (``rows_topk(a, k, absolute=True, fix=...)``), so
+RegTop-k runs Top-k's fused path without materializing its score.
 """
 import math
 
@@ -36,7 +38,7 @@ def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float):
     den = contrib if distortion == "reference" else ctx.fb_w * a_prev
     delta = (ctx.fb_g - contrib) / den
     ok = torch.isfinite(delta) & (den != 0)
-    delta = torch.where(ok, delta, torch.full_like(delta, q))
+    delta = torch.where(ok, delta, q)  # q in delta's dtype, as full_like would give
     return idx, a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
 
 
@@ -74,4 +76,8 @@ class RegTopK:
         return regularized_abs(a, ctx, self.mu, self.distortion, self.q)
 
     def select(self, a, ctx):
-        return rows_topk(self.score(a, ctx), num_selected(self.sparsity, a.shape[1]))
+        k = num_selected(self.sparsity, a.shape[1])
+        if off_mask_scale(self.mu, self.q) != 1.0:  # huge mu: every entry rescaled
+            return rows_topk(self.score(a, ctx), k)
+        fix = prev_scores(a, ctx, self.mu, self.distortion, self.q) if ctx.prev_flat.numel() else None
+        return rows_topk(a, k, absolute=True, fix=fix)

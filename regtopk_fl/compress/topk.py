@@ -1,4 +1,8 @@
-"""Top-k: the k largest |a| of the accumulated gradient a = eps + g."""
+"""Top-k: the k largest |a| of the accumulated gradient a = eps + g.
+
+``|a|`` is never materialized: the exact selection (``exact_topk``) bounds
+blocks of ``a`` by their max and min and takes ``|.|`` only where a block can
+hold one of the k largest."""
 from .base import check_sparsity, num_selected, rows_topk
 
 
@@ -10,4 +14,4 @@ class TopK:
         self.sparsity = check_sparsity(sparsity)
 
     def select(self, a, ctx):
-        return rows_topk(a.abs(), num_selected(self.sparsity, a.shape[1]))
+        return rows_topk(a, num_selected(self.sparsity, a.shape[1]), absolute=True)

@@ -180,7 +180,7 @@ def make_data(dim: int, sparsity: float, device: str, seed: int = 0, dist: str =
         return torch.roll(z, shifts=(t * 7_919_113) % dim, dims=1) * scale
 
     grad0, grad1 = grads(0), grads(1)
-    others = (torch.randn(dim, generator=gen) * scale).to(device)
+    others = torch.randn(dim, generator=gen).to(device) * scale  # the generator is on the CPU
     cancel = (torch.rand(dim, generator=gen) < CANCEL).to(device)
 
     reg = SPARSIFIERS["regtopk"](sparsity)

@@ -66,6 +66,7 @@ class RunRecorder:
         self.t0 = time.perf_counter()
         self.offset_s = 0.0  # wall time of a resumed run's earlier part
         self._last_flush = 0.0
+        self.extras: list = []  # callables -> dicts merged into summary.json (e.g. trust.py)
 
     def elapsed(self) -> float:
         return self.offset_s + time.perf_counter() - self.t0
@@ -107,6 +108,8 @@ class RunRecorder:
             "downlink_bytes": int(sum(r.get("downlink_bytes", 0) for r in self.rows)),
             "wall_time_s": self.elapsed(),
         })
+        for extra in self.extras:
+            s.update(extra())
         return s
 
     def write_summary(self, status: str) -> dict:

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import Checkpointer, config_fingerprint, crash_point, run_dir_status
+from . import trust
 from .results import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
                        fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg))
+    trust.install(run.server, cfg, task, recorder)  # what the server believes (#11)
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
     observer = None
     if obs_every:

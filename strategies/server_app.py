@@ -21,9 +21,11 @@ from flwr.app import DEFAULT_TTL, ConfigRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from regtopk_fl import trust  # noqa: E402
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
+from .identity import binding_from_cfg  # noqa: E402
 from .sparse_strategy import SparseAggregation, model_record  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trust.install(server, cfg, task, recorder)  # what the server believes (#11)
     coord = Coordinator(server)
     rounds = int(cfg.rounds)
     start, state = ckpt.load(recorder)
@@ -55,7 +58,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                                  wait_for_nodes_s=float(OmegaConf.select(
                                      cfg, "runtime.wait_for_nodes_s", default=600.0)),
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
-                                 first_round=start, checkpointer=ckpt, recorder=recorder)
+                                 first_round=start, checkpointer=ckpt, recorder=recorder,
+                                 identity=binding_from_cfg(cfg))  # node <-> partition (#11)
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:

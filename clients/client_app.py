@@ -41,6 +41,7 @@ from regtopk_fl.results import atomic_write
 from strategies.sparse_strategy import memory_content, read_memory
 
 from .cache import settings_and_build
+from . import hostile  # faults.hostile: the reply as a hostile worker sends it (#11)
 
 MEMORY_KEY = "ef-memory"
 META_KEY = "ef-meta"  # {"last-round": round of the upload the memory holds}
@@ -182,7 +183,9 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     metrics = MetricRecord({"num-examples": int(reply.num_examples), "loss": float(reply.loss),
                             "partition-id": pid, "sent": int(up.sent),
                             "uplink-bytes": int(raw_bytes(up))})
-    return Message(RecordDict({"upload": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"upload": ArrayRecord(upload), "metrics": metrics})
+    content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim)  # #11
+    return Message(content, reply_to=msg)
 
 
 def _identity_reply(msg: Message, context: Context) -> Message:

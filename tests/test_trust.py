@@ -44,7 +44,7 @@ def test_two_workers_lower_median_catches_the_larger():
     out = s.step([_reply(0, [1.0, 1.0], [0, 1]), _reply(1, [1e30, 1.0], [0, 1])])
     assert list(out.rejected) == [1]
     ok = _server(sizes=(10, 10)).step([_reply(0, [1.0, 1.0], [0, 1]),
-                                       _reply(1, [30.0, 1.0], [0, 1])])  # within 50x
+                                       _reply(1, [8.0, 1.0], [0, 1])])  # within 10x
     assert ok.rejected == {}
 
 
@@ -90,14 +90,14 @@ def test_trusted_counts_are_capped():
 # -- robust aggregation -------------------------------------------------------------
 def test_coordinate_median_on_the_union_support():
     s = _server(TrustPolicy(aggregate="median"), sizes=(1, 1, 1))
-    out = s.step([_reply(0, [1.0, 2.0], [0, 1], 1), _reply(1, [3.0, 100.0], [0, 1], 1),
+    out = s.step([_reply(0, [1.0, 2.0], [0, 1], 1), _reply(1, [3.0, 30.0], [0, 1], 1),
                   _reply(2, [5.0], [0], 1)])
     # x_n = R w_n g_n = g_n (equal weights); worker 2 did not send entry 1 -> 0 there
     assert out.grad[:3].tolist() == [3.0, 2.0, 0.0]
     assert out.feedback[1].tolist() == [3.0, 2.0]  # feedback = the applied g on its entries
     trimmed = _server(TrustPolicy(aggregate="trimmed_mean", trim_fraction=0.34), sizes=(1, 1, 1))
     assert trimmed.step([_reply(0, [1.0], [0], 1), _reply(1, [3.0], [0], 1),
-                         _reply(2, [100.0], [0], 1)]).grad[0] == 3.0  # 33x: not the guard
+                         _reply(2, [20.0], [0], 1)]).grad[0] == 3.0  # 6.7x: not the guard
 
 
 def test_regtopk_feedback_uses_the_applied_median():

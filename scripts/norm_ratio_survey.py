@@ -8,7 +8,7 @@ of an accepted upload's L2 norm to its round's lower-median norm
 numbers equal the recorded table.csv exactly (so the guard changed nothing).
 
     python scripts/norm_ratio_survey.py fig1_toy fig2_linreg sweep_linreg_workers ...
-        [--runtime inprocess] [--out survey.csv] [--limit-rounds N]
+        [--runtime inprocess] [--out survey.csv] [--limit-rounds N] [--set KEY=VALUE ...]
 
 ``--runtime inprocess`` runs a Flower preset (fig1_toy via `make run`,
 sweep_tiny_flower) in-process: the same arithmetic, much faster here
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runtime", default=None, help="override the preset's runtime")
     ap.add_argument("--limit-rounds", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more overrides, e.g. server.max_norm_ratio=null (measure without the guard)")
     args = ap.parse_args(argv)
 
     import torch
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
                 extra.append(f"runtime={args.runtime}")
             if args.limit_rounds:
                 extra.append(f"rounds={args.limit_rounds}")
-            cfg = compose_config([f"experiment={preset}", *overrides, *extra])
+            cfg = compose_config([f"experiment={preset}", *overrides, *extra, *args.set])
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="ratio-survey-") as tmp:
                 s = run_experiment(cfg, Path(tmp) / "run")

@@ -51,6 +51,7 @@ from strategies import wire
 from strategies.sparse_strategy import memory_content, read_memory
 
 from .cache import settings_and_build
+from . import hostile  # faults.hostile: the reply as a hostile worker sends it (#11)
 
 MEMORY_KEY = "ef-memory"
 META_KEY = "ef-meta"  # {"last-round": round of the upload the memory holds}
@@ -307,6 +308,7 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     if replica is not None:  # which model this upload was computed on
         content["replica-meta"] = ConfigRecord({"round": int(replica.round),
                                                 "digest": replica.digest()})
+    content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim)  # #11
     return Message(content, reply_to=msg)
 
 

@@ -4,12 +4,16 @@ so that both runtimes, a re-run and a resumed run inject the same faults.
 * ``drop_prob``: the worker fails the round (receives the broadcast, replies
   nothing, changes no state);
 * ``nan_prob``: the worker's upload arrives with NaN values (corrupted in
-  transit; its own memory is intact) and the server must reject it.
+  transit; its own memory is intact) and the server must reject it;
+* ``hostile``: one worker misbehaves by round (hostile.py); its ``absent``
+  rounds are drops.
 """
 from __future__ import annotations
 
 import hashlib
 import struct
+
+from . import hostile
 
 
 def _uniform(seed: int, worker: int, round: int, salt: str) -> float:
@@ -19,7 +23,8 @@ def _uniform(seed: int, worker: int, round: int, salt: str) -> float:
 
 def drops(cfg, seed: int, worker: int, round: int) -> bool:
     p = float(cfg.get("drop_prob", 0.0) or 0.0) if cfg else 0.0
-    return p > 0 and _uniform(seed, worker, round, "drop") < p
+    return (p > 0 and _uniform(seed, worker, round, "drop") < p) or hostile.absent(
+        cfg, worker, round)
 
 
 def corrupts(cfg, seed: int, worker: int, round: int) -> bool:

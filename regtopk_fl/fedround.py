@@ -121,6 +121,7 @@ class FedServer:
         self.params = params.detach().clone()
         self.buffers = None if buffers is None else buffers.detach().clone()
         self.opt = ServerSGD(self.params, lr, momentum, weight_decay)
+        self.trust = None  # a trust.Guard: counts, norms, weights, aggregation rule (#11)
 
     @property
     def dim(self) -> int:
@@ -188,8 +189,11 @@ class FedServer:
 
     def step(self, replies: list) -> RoundOutcome:
         replies = sorted(replies, key=lambda r: r.worker)  # same order in every runtime
-        packed = self._concat(replies)
-        if self._all_sound(replies, packed):
+        try:
+            packed = self._concat(replies)
+        except (RuntimeError, TypeError):  # uploads of mixed shapes: the slow path names them
+            packed = None
+        if packed is not None and self._all_sound(replies, packed):
             ok, rejected = replies, {}
         else:
             ok, rejected = [], {}
@@ -201,6 +205,14 @@ class FedServer:
                     rejected[r.worker] = why
                     log.warning("dropped the upload of worker %s: %s", r.worker, why)
             packed = self._concat(ok)
+        if self.trust is not None and ok:  # well-formed but not believed (trust.py, #11)
+            n_ok = len(ok)
+            ok, distrusted = self.trust.screen(ok)
+            for n, why in distrusted.items():
+                rejected[n] = why
+                log.warning("dropped the upload of worker %s: %s", n, why)
+            if len(ok) != n_ok:
+                packed = self._concat(ok)
         g = torch.zeros_like(self.params)
         out = RoundOutcome(g, {}, {}, [r.worker for r in ok], rejected)
         sparse, idx = packed[0], packed[1]
@@ -211,14 +223,22 @@ class FedServer:
         if not ok:
             log.warning("no valid reply this round; the model is left unchanged")
             return out
-        total = float(sum(r.num_examples for r in ok))
-        weights = [r.num_examples / total for r in ok]
+        if self.trust is not None:
+            weights = self.trust.weights(ok)
+        else:
+            total = float(sum(r.num_examples for r in ok))
+            weights = [r.num_examples / total for r in ok]
         out.weights = {r.worker: w for r, w in zip(ok, weights)}
+        robust = self.trust is not None and self.trust.robust
+        if robust:  # coordinate-wise rule; feedback below reads the g it made
+            self.trust.combine(g, ok, weights)
         for r, w in zip(ok, weights):
-            if r.upload.indices is None:
+            if r.upload.indices is None and not robust:
                 g.add_(r.upload.values, alpha=w)
         sparse, idx, vals, counts = packed
-        if sparse:
+        if sparse and robust:
+            fb = iter(torch.split(g[idx], counts))
+        elif sparse:
             # one scatter-add over all uploads, in worker order: the same
             # sequence of additions as adding them one by one
             wrep = torch.tensor([out.weights[r.worker] for r in sparse], dtype=g.dtype,

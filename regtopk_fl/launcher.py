@@ -1,14 +1,26 @@
 """The ``regtopk-fl`` command (also ``python -m regtopk_fl``): Hydra's CLI over
-conf/, validation before any work, then one run (or a sweep with -m)."""
+conf/, validation before any work, then one run (or a sweep with -m).
+
+A run directory that holds another configuration is refused untouched, byte
+for byte. Hydra would record the refused configuration in ``.hydra/`` before
+the task starts, so conf/config.yaml turns that off (``hydra.output_subdir:
+null``, and the log file is only created by a first log line) and
+:func:`claim_run_dir` writes the same three files itself once the directory
+is known to be this run's. A sweep's ``multirun.yaml`` (written by the
+sweeper before any job) is put back by :class:`KeepSweepRecord` when a job is
+refused.
+"""
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from .settings import CONF_DIR, ConfigError, validate
@@ -19,6 +31,65 @@ GROUPS = ("task", "sparsifier", "runtime", "experiment")
 def _fail(msg: str) -> None:
     print(f"regtopk-fl: error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+SWEEP_RECORD_ENV = "REGTOPK_FL_SWEEP_RECORD"  # "<multirun.yaml>\n<copy of it>"
+
+
+class KeepSweepRecord(Callback):
+    """Before a sweep starts, keep a copy of the sweep directory's existing
+    ``multirun.yaml`` (the sweeper overwrites it before any job runs), so a
+    refused job can put it back (:func:`_restore_sweep_record`). The copy's
+    path travels in the environment, which joblib's worker processes inherit."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        record = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        if record.is_file():
+            fd, copy = tempfile.mkstemp(prefix="regtopk-multirun-", suffix=".yaml")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(record.read_bytes())
+            shutil.copystat(record, copy)
+            os.environ[SWEEP_RECORD_ENV] = f"{record}\n{copy}"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        _drop_sweep_record()
+
+
+def _drop_sweep_record() -> None:
+    entry = os.environ.pop(SWEEP_RECORD_ENV, None)
+    if entry:
+        Path(entry.split("\n")[1]).unlink(missing_ok=True)
+
+
+def _restore_sweep_record() -> None:
+    """Put the sweep's old multirun.yaml back (a job was refused); the first
+    refused job does it, the sweeper never writes the file again."""
+    entry = os.environ.get(SWEEP_RECORD_ENV)
+    if entry:
+        record, copy = entry.split("\n")
+        if Path(copy).is_file():
+            shutil.copy2(copy, record)
+            Path(copy).unlink(missing_ok=True)
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> str:
+    """Refuse a directory that holds another configuration (ConfigError,
+    nothing written), else record this run's config in ``.hydra/`` as Hydra
+    does (config.yaml, hydra.yaml, overrides.yaml) and return the status
+    ("new", "resume"; "finished" writes nothing)."""
+    from omegaconf import OmegaConf
+
+    from .checkpoint import config_fingerprint, run_dir_status
+
+    status = run_dir_status(run_dir, config_fingerprint(cfg))
+    if status != "finished":
+        hydra_cfg = HydraConfig.instance().cfg
+        out = run_dir / ".hydra"
+        out.mkdir(parents=True, exist_ok=True)
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                           ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+            (out / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+    return status
 
 
 def check_group_choices(argv) -> None:
@@ -74,8 +145,10 @@ def _main(cfg: DictConfig) -> None:
     from .runner import run_experiment
 
     try:
+        claim_run_dir(cfg, run_dir)
         summary = run_experiment(cfg, run_dir)
     except ConfigError as exc:  # the run directory holds another run: leave it as it is
+        _restore_sweep_record()
         _fail(str(exc))
     final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
     print(f"{summary['task']}/{summary['sparsifier']} S={summary['sparsity']:g}: {final} "

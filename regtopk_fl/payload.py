@@ -196,4 +196,7 @@ def validate_upload(indices, values, dim: int, expect_dtype=None) -> str | None:
         srt = torch.sort(indices).values
         if bool((srt[1:] == srt[:-1]).any()):
             return "duplicate indices"
+        # the feedback is aligned with the upload's order, which the worker's
+        # memory holds ascending; the index coding assumes it too
+        return "indices not in ascending order"
     return None

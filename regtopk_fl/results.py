@@ -73,6 +73,7 @@ class RunRecorder:
         self.t0 = time.perf_counter()
         self.offset_s = 0.0  # wall time of a resumed run's earlier part
         self._last_flush = 0.0
+        self.extras: list = []  # callables -> dicts merged into summary.json (e.g. trust.py)
 
     def elapsed(self) -> float:
         return self.offset_s + time.perf_counter() - self.t0
@@ -117,6 +118,8 @@ class RunRecorder:
             "comm_s": _total(r.get("comm_s") for r in self.rows),
             "wall_time_s": self.elapsed(),
         })
+        for extra in self.extras:
+            s.update(extra())
         return s
 
     def write_summary(self, status: str) -> dict:

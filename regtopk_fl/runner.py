@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import network
 from .checkpoint import Checkpointer, config_fingerprint, crash_point, run_dir_status
+from . import trust
 from .results import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
                        local_lr=cfg.local_lr, seed=cfg.seed,
                        fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg),
                        broadcast=OmegaConf.select(cfg, "broadcast", default="gradient"))
+    trust.install(run.server, cfg, task, recorder)  # what the server believes (#11)
     net = network.settings(cfg)
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
     observer = None

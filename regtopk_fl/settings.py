@@ -59,6 +59,49 @@ def _choice(cfg, key, options):
     return v
 
 
+def _bool(cfg, key, default=False):
+    v = _get(cfg, key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        _fail(key, v, "must be true or false")
+    return v
+
+
+def validate_trust(cfg, n: int, runtime: str) -> None:
+    """The ``server:`` block (regtopk_fl/trust.py) and ``faults.hostile``."""
+    from .hostile import parse
+
+    _num(cfg, "server.max_norm_ratio", 1, required=False,
+         allowed="must be null (off) or a number >= 1")
+    _num(cfg, "server.max_upload_norm", 0, lo_open=True, required=False,
+         allowed="must be null (off) or a number > 0")
+    _bool(cfg, "server.trust_num_examples")
+    _num(cfg, "server.max_weight_share", 0, 1, lo_open=True, required=False,
+         allowed="must be in (0, 1]")
+    if _get(cfg, "server.aggregate") is not None:
+        _choice(cfg, "server.aggregate", ("mean", "trimmed_mean", "median"))
+    _num(cfg, "server.trim_fraction", 0, 0.5, hi_open=True, required=False,
+         allowed="must be in [0, 0.5)")
+    keys = _get(cfg, "server.node_keys")
+    if keys is not None and (not isinstance(keys, str) or not keys.strip()):
+        _fail("server.node_keys", keys, "must be null or the path of a PARTITION PUBLIC-KEY file")
+    who = _num(cfg, "faults.hostile.worker", -1, n - 1, integer=True, required=False,
+               allowed=f"must be -1 (nobody) or a partition id in 0..{n - 1}")
+    spec = _get(cfg, "faults.hostile.attacks")
+    if spec is not None:
+        try:
+            plan = parse(spec)
+        except ValueError as exc:
+            _fail("faults.hostile.attacks", spec, str(exc))
+        tampering = sorted({a for a in plan.values() if a != "absent"})
+        if tampering and runtime != "flower":
+            _fail("faults.hostile.attacks", spec, f"{tampering[0]} tampers with a Flower "
+                  "message: use runtime=flower (runtime=inprocess knows only absent)")
+        if plan and (who is None or who < 0):
+            _fail("faults.hostile.worker", who, "must name the partition that makes the attacks")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every user-settable key; raise ConfigError on the first bad one."""
     task = _choice(cfg, "task.name", TASKS)
@@ -85,6 +128,7 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "checkpoint.every", 0, integer=True,
              allowed="must be auto or an integer >= 0 (0 = off)")
     _num(cfg, "checkpoint.seconds", 0, lo_open=True, allowed="must be a finite number > 0")
+    validate_trust(cfg, n, runtime)
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
     _choice(cfg, "broadcast", ("gradient", "model"))
     for key in ("network.uplink_mbps", "network.downlink_mbps"):
@@ -155,10 +199,10 @@ def resolve_path(path) -> str:
 
 
 # -- the flat form used as Flower's run config ---------------------------------
-RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "broadcast", "network",
-            "num_workers", "rounds",
-            "lr", "momentum", "weight_decay", "seed", "eval_every", "local_steps", "local_lr",
-            "device", "experiment", "observe", "threads", "progress", "output_dir")
+RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
+            "network", "num_workers", "rounds", "lr", "momentum", "weight_decay", "seed",
+            "eval_every", "local_steps", "local_lr", "device", "experiment", "observe", "threads",
+            "progress", "output_dir")
 
 
 def to_run_config(cfg: DictConfig) -> dict:

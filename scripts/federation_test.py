@@ -23,7 +23,13 @@ process group, and every process stopped at the end, pass or fail:
 7. the server crash: a third run (checkpoint.every=3); its ServerApp is
    SIGKILLed after the first checkpoint, the run is stopped, the same `flwr
    run` with the same output_dir resumes it, and it must still match its
-   runtime=inprocess twin.
+   runtime=inprocess twin;
+8. the impostor: a fourth SuperNode with a *registered* key (so the
+   SuperLink admits it) started as partition 1, which node 1 already is; the
+   run pins partitions 0-2 to the honest nodes' keys (server.node_keys), so
+   the impostor is refused when it is identified ("pinned to no partition",
+   in the ServerApp's log) and never sent the model, while the run goes on
+   and still matches its twin.
 
 Throughout, broadcast=gradient (the default): the nodes keep model replicas
 and every reply carries the digest of the replica it was computed on; the
@@ -32,7 +38,7 @@ the same downlink bytes and resyncs as the in-process twin, apart from the
 one resync round after a server resume.
 
     python scripts/federation_test.py [--rounds 20] [--skip-negative] [--skip-fault] [--skip-crash]
-                                      [--workdir DIR] [--keep]
+                                      [--skip-impostor] [--workdir DIR] [--keep]
 
 Exit status 0 iff every check passed; a summary with timings is printed and
 written to WORKDIR/report.json.
@@ -275,7 +281,7 @@ class FederationTest:
         t0 = time.perf_counter()
         self.sh([SCRIPTS / "make_certs.sh", "certs", "127.0.0.1", "localhost"])
         self.sh([SCRIPTS / "make_certs.sh", "other_ca", "127.0.0.1", "localhost"])
-        self.sh([SCRIPTS / "make_node_keys.sh", "keys", 5])
+        self.sh([SCRIPTS / "make_node_keys.sh", "keys", 6])  # 5: the impostor's
         ca = self.work / "certs" / "ca.crt"
         self.cli_home.mkdir(exist_ok=True)
         (self.cli_home / "config.toml").write_text(
@@ -406,10 +412,11 @@ class FederationTest:
         self.compare_with_twin(out, overrides, rows)
 
     def compare_with_twin(self, out: Path, overrides: list, rows: list, label: str = "",
-                          resumed: bool = False) -> None:
+                          resumed: bool = False, ignore=()) -> None:
         """The deployed run against the same config under runtime=inprocess.
         ``resumed``: the one round after the restart resyncs every node (the
-        full model), so its downlink columns are checked for that instead."""
+        full model), so its downlink columns are checked for that instead;
+        ``ignore``: columns not compared."""
         import torch
 
         from regtopk_fl.deploy import compose_config
@@ -435,7 +442,7 @@ class FederationTest:
             else:
                 keys += ["downlink_bytes", "downlink_coded_bytes", "resyncs"]
             for k in keys:
-                if x[k] != y[k]:
+                if k not in ignore and x[k] != y[k]:
                     bad.append((x["round"], k, x[k], y[k]))
             if abs(float(x["gap"]) - float(y["gap"])) > 1e-6 * max(1.0, abs(float(y["gap"]))):
                 bad.append((x["round"], "gap", x["gap"], y["gap"]))
@@ -550,6 +557,49 @@ class FederationTest:
         self.compare_with_twin(out, overrides, read_rows(out), label=" after resume",
                                resumed=True)
 
+    def impostor_run(self) -> None:
+        """A registered SuperNode claims partition 1, which node 1 already is.
+        The run pins partitions to the honest nodes' keys; the impostor's
+        replies are refused every round and the result is the twin's."""
+        rounds = self.args.impostor_rounds
+        keys, ca = self.work / "keys", self.work / "certs" / "ca.crt"
+        pins = self.work / "node_keys.txt"
+        pins.write_text("".join(f"{i} {keys / f'node{i}.pub'}\n" for i in range(N)))
+        self.sh([SCRIPTS / "register_nodes.sh", CONN, keys / "node5.pub"],
+                env_extra={"FLWR_HOME": str(self.cli_home)})
+        self.procs.start("impostor", [
+            SCRIPTS / "start_supernode.sh", self.address, 1, N, keys / "node5", ca,
+            self.node_ports[N], self.work / "state" / "impostor", "--"],
+            env_extra={"SUPERNODE_HOME": str(self.work / "node_home_impostor")})
+        deadline = time.monotonic() + 180
+        while len(self.online_nodes()) < N + 1:
+            if time.monotonic() > deadline or self.procs.procs["impostor"].poll() is not None:
+                raise Failed(f"the impostor did not come online (see {self.work}/impostor.log)")
+            time.sleep(2)
+        overrides = BASE_OVERRIDES + [f"rounds={rounds}", f"server.node_keys={pins}"]
+        out = self.work / "run_impostor"
+        t0 = time.perf_counter()
+        run_id = self.submit(overrides, out)
+        st = self.wait_run(run_id, out, timeout=60 * rounds + 600)
+        self.timings["impostor_run_s"] = time.perf_counter() - t0
+        if not self.check("run with a registered impostor node finished",
+                          st["status"] == "finished:completed",
+                          f"{st['status']} {st.get('status-details', '')}"):
+            return
+        rows = read_rows(out)
+        per_round = [(int(r["replies"]), int(r["rejected"])) for r in rows[1:]]
+        # the impostor is refused when it is identified, so it is never sent
+        # the model: N replies, none rejected, every round
+        self.check("the impostor was refused in every round and never sent the model; the "
+                   "honest nodes used", per_round == [(N, 0)] * rounds
+                   and all(r["missing"] == "0" for r in rows),
+                   f"(replies, rejected) per round: {per_round}")
+        text = self.flwr("log", run_id, CONN, "--show", timeout=120, check=False).stdout
+        self.check("the ServerApp's log names the reason", "pinned to no partition" in text,
+                   next((ln.strip() for ln in text.splitlines() if "pinned to no" in ln), "")[:160])
+        self.compare_with_twin(out, overrides, rows, label=" with an impostor")
+        self.procs.stop("impostor")
+
     # -- all -------------------------------------------------------------------------
     def run(self) -> int:
         t0 = time.perf_counter()
@@ -563,6 +613,8 @@ class FederationTest:
                 self.fault_run()
             if not self.args.skip_crash:
                 self.server_crash_run()
+            if not self.args.skip_impostor:  # last: a stopped node stays "online" for ~1 min
+                self.impostor_run()
         except Exception as exc:  # noqa: BLE001 - report, then clean up
             self.check("federation test ran to the end", False, f"{type(exc).__name__}: {exc}")
         finally:
@@ -612,6 +664,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-fault", action="store_true")
     ap.add_argument("--crash-rounds", type=int, default=9)
     ap.add_argument("--skip-crash", action="store_true")
+    ap.add_argument("--impostor-rounds", type=int, default=4)
+    ap.add_argument("--skip-impostor", action="store_true")
     ap.add_argument("--workdir", default=None, help="default: a fresh temp dir (removed if all pass)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir even if all pass")
     args = ap.parse_args(argv)

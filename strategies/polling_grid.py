@@ -36,6 +36,9 @@ class PollingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
 
+    def get_nodes(self):  # NodeInfo with each node's public key (Grid's default drops it)
+        return self._grid.get_nodes()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 

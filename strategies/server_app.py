@@ -23,10 +23,12 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context  # noqa: E4
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from regtopk_fl import trust  # noqa: E402
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl import network  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
+from .identity import binding_from_cfg  # noqa: E402
 from .sparse_strategy import SparseAggregation  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trust.install(server, cfg, task, recorder)  # what the server believes (#11)
     # replicas are checked against the digest of the server's model
     coord = Coordinator(server, OmegaConf.select(cfg, "broadcast", default="gradient"),
                         verify=True)
@@ -62,7 +65,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                                  wait_for_nodes_s=float(OmegaConf.select(
                                      cfg, "runtime.wait_for_nodes_s", default=600.0)),
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
-                                 first_round=start, checkpointer=ckpt, recorder=recorder)
+                                 first_round=start, checkpointer=ckpt, recorder=recorder,
+                                 identity=binding_from_cfg(cfg))  # node <-> partition (#11)
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:

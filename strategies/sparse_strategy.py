@@ -40,6 +40,7 @@ from regtopk_fl.payload import Upload
 
 from . import wire
 from .wire import model_record  # noqa: F401  (re-exported)
+from .identity import NodeBinding, screen_claims
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class SparseAggregation(Strategy):
     def __init__(self, coordinator: Coordinator, num_nodes: int,
                  on_round: Callable[[int, dict], None] | None = None,
                  wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None,
-                 first_round: int = 1, checkpointer=None, recorder=None):
+                 first_round: int = 1, checkpointer=None, recorder=None,
+                 identity: NodeBinding | None = None):
         self.coord = coordinator
         self.first_round = int(first_round)  # Flower counts from 1 again after a resume
         self.checkpointer, self.recorder = checkpointer, recorder
@@ -93,12 +95,17 @@ class SparseAggregation(Strategy):
         self.num_nodes = int(num_nodes)
         self.on_round = on_round
         self.wait_for_nodes_s = wait_for_nodes_s
-        self.node_worker: dict = {}  # Flower node id -> worker (partition id)
+        # Flower node id -> worker (partition id): bound once, every claim checked (#11)
+        self.identity = identity or NodeBinding(num_nodes)
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
         self._round_info: dict = {}
         self._started = False
         self._restore: dict | None = None  # worker -> memory, to hand back after a resume
         self._checkpoint_round = None
+
+    @property
+    def node_worker(self) -> dict:
+        return self.identity.node_partition
 
     def _t(self, server_round: int) -> int:
         return server_round + self.first_round - 1
@@ -127,11 +134,16 @@ class SparseAggregation(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         nodes = self._nodes(grid)
+        if self.identity.pins:  # partitions pinned to the nodes' authenticated keys
+            self.identity.pin(grid.get_nodes())
+        if self._restore is not None:
+            self._restore_memories(grid, nodes)
         unknown = [n for n in nodes if n not in self.node_worker]
         if unknown:  # which partition each new node holds decides what it is sent
             self._identify(grid, unknown)
-        if self._restore is not None:
-            self._restore_memories(grid, nodes)
+        # only nodes bound to a partition are sent anything: the model never
+        # goes to a node the server cannot place (asked again next round)
+        nodes = [n for n in nodes if n in self.node_worker]
         server_round = self._t(server_round)
         workers = [self.node_worker.get(n) for n in nodes]
         plan = self.coord.plan(workers)
@@ -169,7 +181,7 @@ class SparseAggregation(Strategy):
         server_round = self._t(server_round)
         server = self.coord.server
         replies = list(replies)
-        good, rejected, failed, undecodable = [], {}, 0, 0
+        decoded, rejected, failed, undecodable = [], {}, 0, 0
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -187,8 +199,10 @@ class SparseAggregation(Strategy):
                 else:
                     undecodable += 1
                 continue
-            self.node_worker[msg.metadata.src_node_id] = worker
-            good.append(reply)
+            decoded.append((msg.metadata.src_node_id, worker, reply))
+        good, distrusted, unbound = screen_claims(self.identity, decoded, server_round)
+        rejected.update(distrusted)
+        undecodable += unbound
         outcome = self.coord.collect(good, rejected)
         for worker in [r.worker for r in good] + list(rejected):
             self.upload_round[worker] = server_round
@@ -227,7 +241,17 @@ class SparseAggregation(Strategy):
             memories = {}
             for msg in replies:
                 if not msg.has_error():
-                    worker, memory = read_memory(msg.content)
+                    try:
+                        worker, memory = read_memory(msg.content)
+                    except Exception as exc:  # noqa: BLE001 - a hostile reply: no memory
+                        log.warning("round %d: unreadable memory from node %s: %s", t,
+                                    msg.metadata.src_node_id, exc)
+                        continue
+                    if self.node_worker.get(msg.metadata.src_node_id) != worker:
+                        log.warning("round %d: node %s sent the memory of worker %s, which "
+                                    "is not its partition; ignored", t,
+                                    msg.metadata.src_node_id, worker)
+                        continue
                     memories[worker] = memory
             absent = sorted(set(range(self.num_nodes)) - set(memories))
             if absent:
@@ -240,7 +264,7 @@ class SparseAggregation(Strategy):
 
     def state_dict(self, memories: dict) -> dict:
         return {"coord": self.coord.state_dict(), "upload_round": dict(self.upload_round),
-                "memories": memories}
+                "memories": memories, "identity": self.identity.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.coord.load_state_dict(state["coord"])
@@ -249,16 +273,28 @@ class SparseAggregation(Strategy):
         # restarted SuperNode): every worker gets the full model once
         self.coord.downlink.current = {}
         self._restore = dict(state["memories"])
+        if "identity" in state:
+            self.identity.load_state_dict(state["identity"])
 
     def _identify(self, grid: Grid, nodes: list) -> None:
-        """Ask these nodes which partition they hold (``query.identify``)."""
+        """Ask these nodes which partition they hold (``query.identify``); a
+        clean claim binds the node to it (strategies/identity.py)."""
+        claims = []
         for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
             if not msg.has_error():
-                self.node_worker[msg.metadata.src_node_id] = int(
-                    msg.content["metrics"]["partition-id"])
+                try:
+                    claims.append((msg.metadata.src_node_id,
+                                   int(msg.content["metrics"]["partition-id"])))
+                except Exception:  # noqa: BLE001 - an unreadable claim binds nothing
+                    continue
+        for node, why in self.identity.resolve(claims).items():
+            if why is not None:
+                log.warning("node %s not identified: %s", node, why)
 
     def _restore_memories(self, grid: Grid, nodes: list) -> None:
         memories, self._restore = self._restore, None
+        self.identity.forget_unless_connected(nodes)
+        self._identify(grid, nodes)
         contents = {n: memory_content(w, memories[w]) for n, w in self.node_worker.items()
                     if n in nodes and w in memories}
         done = {int(m.content["metrics"]["partition-id"])

@@ -57,6 +57,19 @@ BAD = [  # (overrides, key named in the message)
      "num_workers=11"),
     (["sparsifier=global_topk", "runtime=flower"], "sparsifier='global_topk'"),
     (["runtime=flower", "runtime.client_gpus=2"], "runtime.client_gpus=2"),
+    (["server.max_norm_ratio=0.5"], "server.max_norm_ratio=0.5"),
+    (["server.max_norm_ratio=abc"], "server.max_norm_ratio='abc'"),
+    (["server.max_upload_norm=0"], "server.max_upload_norm=0"),
+    (["server.trust_num_examples=maybe"], "server.trust_num_examples='maybe'"),
+    (["server.max_weight_share=0"], "server.max_weight_share=0"),
+    (["server.max_weight_share=1.5"], "server.max_weight_share=1.5"),
+    (["server.aggregate=mode"], "server.aggregate='mode'"),
+    (["server.trim_fraction=0.5"], "server.trim_fraction=0.5"),
+    (["server.node_keys=''"], "server.node_keys=''"),
+    (["num_workers=4", "faults.hostile.worker=4"], "faults.hostile.worker=4"),
+    (["faults.hostile.worker=1", "faults.hostile.attacks=3:fly"], "faults.hostile.attacks='3:fly'"),
+    (["faults.hostile.worker=1", "faults.hostile.attacks=3:nan"], "faults.hostile.attacks='3:nan'"),
+    (["faults.hostile.attacks=3:absent"], "faults.hostile.worker=-1"),
 ]
 
 
@@ -74,7 +87,12 @@ def test_default_and_presets_are_valid(make_cfg):
     for overrides in ([], ["experiment=fig1_toy"], ["experiment=fig2_linreg"],
                       ["experiment=fig3_cifar10_cpu", f"task.data_path={__file__}"],
                       ["experiment=gaussiank", f"task.data_path={__file__}"],
-                      ["task=tiny_image", "num_workers=4"], ["runtime=flower"]):
+                      ["task=tiny_image", "num_workers=4"], ["runtime=flower"],
+                      ["server.max_norm_ratio=null", "server.aggregate=median",
+                       "server.trust_num_examples=true", "faults.hostile.worker=1",
+                       "faults.hostile.attacks=3-4:absent"],
+                      ["runtime=flower", "faults.hostile.worker=0",
+                       "faults.hostile.attacks=2:nan 3:impersonate"]):
         validate(make_cfg(overrides))
 
 
@@ -87,6 +105,7 @@ def _launch(tmp_path, *args):
 @pytest.mark.parametrize("args,named", [
     (["sparsifier.sparsity=1.5"], "sparsifier.sparsity=1.5"),
     (["sparsifier=regtopk", "sparsifier.mu=0"], "sparsifier.mu=0"),
+    (["server.max_norm_ratio=0.5"], "server.max_norm_ratio=0.5"),
     (["task=cifar10", "task.data_path=/no/such/file"], "task.data_path='/no/such/file'"),
     (["sparsifier=nosuch"], "sparsifier='nosuch'"),
     (["runtime=nosuch"], "runtime='nosuch'"),

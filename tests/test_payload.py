@@ -172,7 +172,9 @@ F32 = torch.float32
 @pytest.mark.parametrize("indices, values, dim, expect, why", [
     (torch.tensor([0, 3, 5]), torch.tensor([1.0, 2.0, 3.0]), 6, F32, None),
     (torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([1.0, 2.0, 3.0]), 6, F32, None),
-    (torch.tensor([5, 0]), torch.tensor([1.0, 2.0]), 6, F32, None),  # unique, any order
+    # unique but descending: the feedback g[idx] follows the upload's order, the
+    # worker's memory holds it ascending (and the index coding assumes it)
+    (torch.tensor([5, 0]), torch.tensor([1.0, 2.0]), 6, F32, "not in ascending order"),
     (torch.zeros(0, dtype=I64), torch.zeros(0), 6, F32, None),
     (None, torch.zeros(6), 6, F32, None),
     (torch.tensor([0, 6]), torch.tensor([1.0, 2.0]), 6, F32, "out of range"),

@@ -29,13 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
+                      RecordDict)
 from flwr.clientapp import ClientApp
 
 from regtopk_fl import faults
 from regtopk_fl.fedround import Feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.payload import index_itemsize, raw_bytes
+from regtopk_fl.ray_cluster import ray_node_id
 from regtopk_fl.results import atomic_write
 
 from strategies.sparse_strategy import memory_content, read_memory
@@ -182,7 +184,11 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     metrics = MetricRecord({"num-examples": int(reply.num_examples), "loss": float(reply.loss),
                             "partition-id": pid, "sent": int(up.sent),
                             "uplink-bytes": int(raw_bytes(up))})
-    return Message(RecordDict({"upload": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"upload": ArrayRecord(upload), "metrics": metrics})
+    node = ray_node_id()  # #12: which Ray node ran this client (cluster placement)
+    if node is not None:
+        content["placement"] = ConfigRecord({"ray-node-id": node})
+    return Message(content, reply_to=msg)
 
 
 def _identity_reply(msg: Message, context: Context) -> Message:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import faults
+from .client_states import ClientStates
 from .fedround import Coordinator, FedServer, worker_round
 from .memory import ErrorFeedbackMemory
 
@@ -22,7 +23,7 @@ class InProcessRun:
     """State of one in-process run; ``round(t)`` advances it by one round."""
 
     def __init__(self, task, sparsifier, lr, momentum=0.0, weight_decay=0.0, local_steps=1,
-                 local_lr=None, seed=0, fault_cfg=None, device="cpu"):
+                 local_lr=None, seed=0, fault_cfg=None, device="cpu", participation=None):
         self.task, self.sparsifier = task, sparsifier
         self.local_steps, self.local_lr = int(local_steps), local_lr
         self.seed, self.fault_cfg = int(seed), fault_cfg or {}
@@ -32,32 +33,47 @@ class InProcessRun:
             params, None if buffers is None else buffers.to(device), lr, momentum, weight_decay))
         self.memory = ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype, device)
         self.sizes = task.num_examples()
+        # client sampling (#12): per-client states of the sampled clients only
+        self.participation = participation
+        self.clients = None
+        if participation is not None and (not participation.full
+                                          or participation.stale_feedback != "keep"):
+            self.memory, self.clients = None, ClientStates(task.dim, task.dtype, device)
 
     @property
     def server(self):
         return self.coord.server
 
     def round(self, t: int, observer=None) -> dict:
-        n_all = list(range(self.task.num_workers))
+        n_all = (list(range(self.task.num_workers)) if self.participation is None
+                 else self.participation.clients(t))  # #12: the sampled clients
         downlink = self.coord.broadcast_bytes(n_all)
         alive = [n for n in n_all if not faults.drops(self.fault_cfg, self.seed, n, t)]
         replies = []
         if alive:
             total = float(sum(self.sizes[n] for n in alive))
             weights = [self.sizes[n] / total for n in alive]
+            memory, rows = self.memory, None if len(alive) == self.task.num_workers else alive
+            feedbacks = self.coord.feedback_for(alive)
+            if self.clients is not None:  # #12: a batch of just these clients' states
+                memory, rows = self.clients.gather(alive), None
+                feedbacks = self.clients.usable(feedbacks, alive, t, self.participation)
             replies = worker_round(
-                self.task, self.memory, self.sparsifier, self.server.params, self.server.buffers,
-                self.coord.feedback_for(alive), alive, t, self.local_steps, self.local_lr,
-                weights, rows=None if len(alive) == len(n_all) else alive, observer=observer)
+                self.task, memory, self.sparsifier, self.server.params, self.server.buffers,
+                feedbacks, alive, t, self.local_steps, self.local_lr,
+                weights, rows=rows, observer=observer)
+            if self.clients is not None:
+                self.clients.scatter(alive, memory, t)
             replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
                        for r in replies]
         out = self.coord.collect(replies)
         return {"outcome": out, "downlink_bytes": downlink,
-                "missing": len(n_all) - len(alive), "replies": len(replies)}
+                "missing": len(n_all) - len(alive), "replies": len(replies), "sampled": len(n_all)}
 
     def state_dict(self) -> dict:
-        return {"coord": self.coord.state_dict(), "memory": self.memory.state_dict()}
+        mem = self.memory if self.clients is None else self.clients
+        return {"coord": self.coord.state_dict(), "memory": mem.state_dict()}
 
     def load_state_dict(self, state) -> None:
         self.coord.load_state_dict(state["coord"])
-        self.memory.load_state_dict(state["memory"])
+        (self.memory if self.clients is None else self.clients).load_state_dict(state["memory"])

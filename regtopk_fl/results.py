@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
-           "uplink_coded_bytes", "downlink_bytes", "sent", "replies", "missing",
+           "uplink_coded_bytes", "downlink_bytes", "sent", "sampled", "replies", "missing",
            "rejected", "wall_s"]
 
 

@@ -60,7 +60,7 @@ def identity(cfg: DictConfig, sparsifier) -> dict:
 
 
 def round_row(t: int, outcome, eval_metrics: dict, downlink: int, missing: int,
-              replies: int) -> dict:
+              replies: int, sampled: int | None = None) -> dict:
     """One metrics.csv row; ``loss`` is the task's exact global training loss
     where it has one (toy, linreg), else the weighted minibatch loss."""
     loss = eval_metrics.get("loss", outcome.loss if outcome is not None else float("nan"))
@@ -70,7 +70,7 @@ def round_row(t: int, outcome, eval_metrics: dict, downlink: int, missing: int,
         "uplink_bytes": outcome.uplink_raw if outcome else 0,
         "uplink_coded_bytes": outcome.uplink_coded if outcome else 0,
         "downlink_bytes": downlink, "sent": outcome.sent if outcome else 0,
-        "replies": replies, "missing": missing,
+        "sampled": sampled, "replies": replies, "missing": missing,
         "rejected": len(outcome.rejected) if outcome else 0,
     }
 
@@ -103,11 +103,13 @@ class Progress:
 def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
                   ckpt: Checkpointer) -> None:
     from .engine import InProcessRun
+    from .participation import from_cfg as participation_from_cfg
 
     run = InProcessRun(task, sparsifier, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
-                       fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg))
+                       fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg),
+                       participation=participation_from_cfg(cfg, task.num_examples()))
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
     observer = None
     if obs_every:
@@ -127,7 +129,8 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
             observer.round = t
         r = run.round(t, observer if watch else None)
         ev = task.evaluate(run.server.params, run.server.buffers) if evaluate_due(task, t, cfg) else {}
-        row = round_row(t, r["outcome"], ev, r["downlink_bytes"], r["missing"], r["replies"])
+        row = round_row(t, r["outcome"], ev, r["downlink_bytes"], r["missing"], r["replies"],
+                        r.get("sampled"))
         if not r["outcome"].accepted:
             log.warning("round %d: no valid reply; model unchanged", t)
         recorder.add(row)

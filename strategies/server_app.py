@@ -22,6 +22,8 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
+from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
+from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
 from .sparse_strategy import SparseAggregation, model_record  # noqa: E402
@@ -45,7 +47,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
     def on_round(t: int, info: dict) -> None:
         ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
         row = round_row(t, info["outcome"], ev, info["downlink_bytes"], info["missing"],
-                        info["replies"])
+                        info["replies"], info.get("sampled"))
         row["rejected"] += info.get("rejected_extra", 0)
         recorder.add(row)
         bar.update(row)
@@ -55,7 +57,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                                  wait_for_nodes_s=float(OmegaConf.select(
                                      cfg, "runtime.wait_for_nodes_s", default=600.0)),
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
-                                 first_round=start, checkpointer=ckpt, recorder=recorder)
+                                 first_round=start, checkpointer=ckpt, recorder=recorder,
+                                 participation=participation_from_cfg(cfg, task.num_examples()))
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:
@@ -63,6 +66,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                        num_rounds=rounds - start + 1, timeout=timeout,
                        train_config=ConfigRecord())
     bar.close()
+    if strategy.ray_nodes:  # #12: where the ClientApps ran (scripts/cluster_test.py reads it)
+        log.info("replies per Ray node: %s", strategy.ray_nodes)
     recorder.save_model(server.params, server.buffers)
     return server
 
@@ -89,12 +94,15 @@ def run_simulation(cfg, task, recorder, ckpt) -> None:
     def main(grid: Grid, context: Context) -> None:
         run_server(grid, cfg, task, recorder, ckpt, device)
 
-    gpus = float(cfg.runtime.client_gpus) if device == "cuda" else 0.0
+    # on a cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
+    on_cluster = bool(ray_init_address(cfg))
+    gpus = float(cfg.runtime.client_gpus) if device == "cuda" or on_cluster else 0.0
     level = str(cfg.runtime.log_level).upper()
     logging.getLogger("flwr").setLevel(level)
     backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},
                "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
                              "include_dashboard": False}}
+    backend["init_args"].update(ray_init_address(cfg))  # #12: attach to a running cluster
     flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
                         num_supernodes=int(cfg.num_workers), backend_config=backend)
 

@@ -78,8 +78,9 @@ class SparseAggregation(Strategy):
     def __init__(self, coordinator: Coordinator, num_nodes: int,
                  on_round: Callable[[int, dict], None] | None = None,
                  wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None,
-                 first_round: int = 1, checkpointer=None, recorder=None):
+                 first_round: int = 1, checkpointer=None, recorder=None, participation=None):
         self.coord = coordinator
+        self.participation = participation  # #12: which partitions take part in round t
         self.first_round = int(first_round)  # Flower counts from 1 again after a resume
         self.checkpointer, self.recorder = checkpointer, recorder
         # a train message expires when the server stops waiting for its reply,
@@ -89,6 +90,7 @@ class SparseAggregation(Strategy):
         self.on_round = on_round
         self.wait_for_nodes_s = wait_for_nodes_s
         self.node_worker: dict = {}  # Flower node id -> worker (partition id)
+        self.ray_nodes: dict = {}  # Ray node id -> replies computed there (#12, under Ray)
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
         self._round_info: dict = {}
         self._started = False
@@ -125,8 +127,12 @@ class SparseAggregation(Strategy):
         if self._restore is not None:
             self._restore_memories(grid, nodes)
         server_round = self._t(server_round)
+        sampled = self.num_nodes
+        if self.participation is not None and not self.participation.full:  # #12
+            nodes, sampled = self._sampled_nodes(grid, nodes, server_round)
         workers = [self.node_worker.get(n) for n in nodes]
-        self._round_info = {"nodes": len(nodes), "downlink": self.coord.broadcast_bytes(workers)}
+        self._round_info = {"nodes": len(nodes), "downlink": self.coord.broadcast_bytes(workers),
+                            "sampled": sampled}
         msgs = []
         for node, worker in zip(nodes, workers):
             content = RecordDict({"arrays": arrays,
@@ -167,17 +173,21 @@ class SparseAggregation(Strategy):
                     undecodable += 1
                 continue
             self.node_worker[msg.metadata.src_node_id] = worker
+            if "placement" in msg.content:
+                ray_node = str(msg.content["placement"]["ray-node-id"])
+                self.ray_nodes[ray_node] = self.ray_nodes.get(ray_node, 0) + 1
             good.append(reply)
         outcome = self.coord.collect(good, rejected)
         for worker in [r.worker for r in good] + list(rejected):
             self.upload_round[worker] = server_round
         nodes = self._round_info.get("nodes", self.num_nodes)
+        sampled = self._round_info.get("sampled", self.num_nodes)  # #12: all but sampling
         no_reply = max(0, nodes - len(replies))  # timed out (round_timeout_s)
-        if no_reply or nodes < self.num_nodes:
+        if no_reply or nodes < sampled:
             log.info("round %d: %d of %d nodes online, %d replies, %d without reply in time",
-                     server_round, nodes, self.num_nodes, len(replies), no_reply)
+                     server_round, nodes, sampled, len(replies), no_reply)
         info = {"outcome": outcome, "downlink_bytes": self._round_info.get("downlink", 0),
-                "missing": failed + no_reply + max(0, self.num_nodes - nodes),
+                "missing": failed + no_reply + max(0, sampled - nodes), "sampled": sampled,
                 "replies": len(good) + len(rejected) + undecodable,
                 "rejected_extra": undecodable}
         if self.on_round is not None:
@@ -186,6 +196,26 @@ class SparseAggregation(Strategy):
                                 "accepted": len(outcome.accepted),
                                 "rejected": len(outcome.rejected)})
         return model_record(server.params, server.buffers), metrics
+
+    def _sampled_nodes(self, grid: Grid, nodes: list, t: int) -> tuple:
+        """(the online nodes of round t's sampled partitions, how many were
+        sampled). The seeded choice of partitions decides, as in-process; the
+        nodes of partitions not yet known are asked who they are first
+        (``query.identify``), once. A sampled partition without an online node
+        is counted as missing. (flwr's ``sample_nodes`` would pick random node
+        ids with the unseeded ``random`` module and wait without a deadline,
+        so it fits neither the parity with in-process nor ``wait_for_nodes_s``.)"""
+        unknown = [n for n in nodes if n not in self.node_worker]
+        if unknown:
+            self._identify(grid, unknown)
+        chosen = set(self.participation.clients(t))
+        return [n for n in nodes if self.node_worker.get(n) in chosen], len(chosen)
+
+    def _identify(self, grid: Grid, nodes: list) -> None:
+        for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
+            if not msg.has_error():
+                self.node_worker[msg.metadata.src_node_id] = int(
+                    msg.content["metrics"]["partition-id"])
 
     # -- the evaluate phase: checkpoints (evaluation itself is central) --------
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -226,10 +256,7 @@ class SparseAggregation(Strategy):
 
     def _restore_memories(self, grid: Grid, nodes: list) -> None:
         memories, self._restore = self._restore, None
-        for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
-            if not msg.has_error():
-                self.node_worker[msg.metadata.src_node_id] = int(
-                    msg.content["metrics"]["partition-id"])
+        self._identify(grid, nodes)
         contents = {n: memory_content(w, memories[w]) for n, w in self.node_worker.items()
                     if n in nodes and w in memories}
         done = {int(m.content["metrics"]["partition-id"])

@@ -52,6 +52,20 @@ BAD = [  # (overrides, key named in the message)
      "num_workers=11"),
     (["sparsifier=global_topk", "runtime=flower"], "sparsifier='global_topk'"),
     (["runtime=flower", "runtime.client_gpus=2"], "runtime.client_gpus=2"),
+    (["participation.clients_per_round=0"], "participation.clients_per_round=0"),
+    (["num_workers=10", "participation.clients_per_round=11"], "participation.clients_per_round=11"),
+    (["participation.clients_per_round=2.5"], "participation.clients_per_round=2.5"),
+    (["participation.fraction=0"], "participation.fraction=0"),
+    (["participation.fraction=1.5"], "participation.fraction=1.5"),
+    (["participation.clients_per_round=5", "participation.fraction=0.5"],
+     "participation.fraction=0.5"),
+    (["participation.weighted=maybe"], "participation.weighted='maybe'"),
+    (["participation.stale_feedback=drop"], "participation.stale_feedback='drop'"),
+    (["runtime=flower", "participation.stale_feedback=forget"],
+     "participation.stale_feedback='forget'"),
+    (["runtime=flower", "runtime.ray_address=nohost"], "runtime.ray_address='nohost'"),
+    (["runtime=flower", "runtime.ray_address=ray://127.0.0.1:port"],
+     "runtime.ray_address='ray://127.0.0.1:port'"),
 ]
 
 
@@ -69,7 +83,11 @@ def test_default_and_presets_are_valid(make_cfg):
     for overrides in ([], ["experiment=fig1_toy"], ["experiment=fig2_linreg"],
                       ["experiment=fig3_cifar10_cpu", f"task.data_path={__file__}"],
                       ["experiment=gaussiank", f"task.data_path={__file__}"],
-                      ["task=tiny_image", "num_workers=4"], ["runtime=flower"]):
+                      ["task=tiny_image", "num_workers=4"], ["runtime=flower"],
+                      ["experiment=sweep_participation"], ["experiment=sweep_participation_tiny"],
+                      ["runtime=flower", "runtime.ray_address=auto",
+                       "participation.fraction=0.5", "participation.weighted=true"],
+                      ["runtime=flower", "runtime.ray_address=ray://127.0.0.1:10001"]):
         validate(make_cfg(overrides))
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .memory import ErrorFeedbackMemory
+from .compress.base import SparsifierError
+from .memory import ErrorFeedbackMemory, restore_rows
 
 _ROW_KEYS = ("eps", "prev_local", "prev_sent", "fb_g")  # split per client
 _SCALAR_KEYS = ("prev_counts", "fb_w")  # one entry per client
@@ -35,18 +36,43 @@ class ClientStates:
     def __len__(self) -> int:
         return len(self.states)
 
-    def gather(self, workers) -> ErrorFeedbackMemory:
+    def gather(self, workers, feedbacks=None) -> ErrorFeedbackMemory:
         """A fresh memory whose row i is worker ``workers[i]`` (zeros for one
-        without state: no residual, no previous mask)."""
+        without state: no residual, no previous mask), with ``feedbacks[i]``
+        (the server's word on its last upload, or None) already applied.
+
+        Feedback is applied here, per client, and not by the batched memory:
+        there a batch mixing rows with and without feedback (common under
+        sampling: first-time clients) is applied row by row, each re-packing
+        the whole batch, O(m^2). Per client it is what
+        ``ErrorFeedbackMemory.set_feedback`` does to one row (the feedback
+        values, aligned with the last upload, and the weight), and for a
+        rejected upload the memory's own ``restore_rows`` on a one-row memory."""
         workers = list(workers)
+        feedbacks = [None] * len(workers) if feedbacks is None else list(feedbacks)
         mem = ErrorFeedbackMemory(len(workers), self.dim, self.dtype, self.device)
         if not any(n in self.states for n in workers):
             return mem
         empty = ErrorFeedbackMemory(1, self.dim, self.dtype, self.device).state_dict()
-        rows = [self.states.get(n, empty) for n in workers]
+        rows = [self._with_feedback(self.states[n], fb) if n in self.states else empty
+                for n, fb in zip(workers, feedbacks)]
         state = {k: torch.cat([r[k] for r in rows]) for k in (*_ROW_KEYS, *_SCALAR_KEYS)}
         mem.load_state_dict(state)
         return mem
+
+    def _with_feedback(self, row: dict, fb) -> dict:
+        if fb is None:
+            return row
+        if fb.rejected:
+            one = ErrorFeedbackMemory(1, self.dim, self.dtype, self.device)
+            one.load_state_dict(row)
+            restore_rows(one, [0])
+            return one.state_dict()
+        if fb.values.shape != row["prev_sent"].shape:
+            raise SparsifierError(f"feedback length={fb.values.numel()}: expected "
+                                  f"{row['prev_sent'].numel()}")
+        return {**row, "fb_g": fb.values.to(self.dtype),
+                "fb_w": torch.tensor([fb.weight], dtype=self.dtype, device=self.device)}
 
     def usable(self, feedbacks, workers, round: int, participation) -> list:
         """The pending feedback each worker applies this round: under

@@ -56,8 +56,9 @@ class InProcessRun:
             memory, rows = self.memory, None if len(alive) == self.task.num_workers else alive
             feedbacks = self.coord.feedback_for(alive)
             if self.clients is not None:  # #12: a batch of just these clients' states
-                memory, rows = self.clients.gather(alive), None
                 feedbacks = self.clients.usable(feedbacks, alive, t, self.participation)
+                memory, rows = self.clients.gather(alive, feedbacks), None
+                feedbacks = [None] * len(alive)  # applied by gather
             replies = worker_round(
                 self.task, memory, self.sparsifier, self.server.params, self.server.buffers,
                 feedbacks, alive, t, self.local_steps, self.local_lr,

@@ -1,6 +1,7 @@
 """A Flower strategy that aggregates sparse uploads and broadcasts the model.
 
-Round t: ``configure_train`` sends every node the global model plus the
+Round t: ``configure_train`` sends every node (under client sampling, #12:
+only the nodes of round t's sampled partitions) the global model plus the
 feedback it is owed on its last upload (the global gradient on the entries it
 sent and its weight w_n, or "rejected"); ``aggregate_train`` decodes the
 replies, and the framework-free :class:`~regtopk_fl.fedround.Coordinator`
@@ -73,7 +74,7 @@ def read_memory(content: RecordDict) -> tuple:
 
 
 class SparseAggregation(Strategy):
-    """Sparse uploads in, dense model out; every node, every round."""
+    """Sparse uploads in, dense model out; every node (or the sampled ones), every round."""
 
     def __init__(self, coordinator: Coordinator, num_nodes: int,
                  on_round: Callable[[int, dict], None] | None = None,

@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test setup bench federation-test clean
+.PHONY: run test setup bench federation-test cluster-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 # where tests/test_deploy.py's loopback test is skipped unless REGTOPK_DEPLOY_TESTS=1).
 federation-test: $(STAMP)
 	$(BIN)/python scripts/federation_test.py
+
+# runtime=flower attached to a real two-node Ray cluster on 127.0.0.1 (head + worker,
+# scripts/cluster_test.py, docs/ray-cluster.md): clients run on both nodes and the
+# result equals a local-Ray run bit for bit (~1 min; not in `make test`).
+cluster-test: $(STAMP)
+	$(BIN)/python scripts/cluster_test.py
 
 clean:
 	rm -rf results/runs results/sweeps

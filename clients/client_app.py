@@ -45,6 +45,7 @@ from regtopk_fl.broadcast import Replica
 from regtopk_fl.fedround import Feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.payload import raw_bytes
+from regtopk_fl.ray_cluster import ray_node_id
 from regtopk_fl.results import atomic_write
 
 from strategies import wire
@@ -309,6 +310,9 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
         content["replica-meta"] = ConfigRecord({"round": int(replica.round),
                                                 "digest": replica.digest()})
     content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim)  # #11
+    node = ray_node_id()  # #12: which Ray node ran this client (cluster placement)
+    if node is not None:
+        content["placement"] = ConfigRecord({"ray-node-id": node})
     return Message(content, reply_to=msg)
 
 

@@ -42,11 +42,21 @@ FILE = "checkpoint.pt"
 CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
 # keys that do not change what a run computes
 _NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir")
+_EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
+             "stale_feedback": "keep"}
 
 
 def config_fingerprint(cfg) -> str:
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in _NOT_IDENTITY}
+    # where the Ray cluster is and where simulated clients keep their state do
+    # not change what a run computes, and the default participation (everyone)
+    # is what runs before these keys computed, so their checkpoints still resume
+    if isinstance(keep.get("runtime"), dict):
+        keep["runtime"] = {k: v for k, v in keep["runtime"].items()
+                           if k not in ("ray_address", "state_dir")}
+    if keep.get("participation") == _EVERYONE:
+        del keep["participation"]
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(keep)).encode()).hexdigest()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import faults
+from .client_states import ClientStates
 from .fedround import Coordinator, FedServer, worker_round
 from .memory import ErrorFeedbackMemory
 
@@ -25,7 +26,8 @@ class InProcessRun:
     """State of one in-process run; ``round(t)`` advances it by one round."""
 
     def __init__(self, task, sparsifier, lr, momentum=0.0, weight_decay=0.0, local_steps=1,
-                 local_lr=None, seed=0, fault_cfg=None, device="cpu", broadcast="gradient"):
+                 local_lr=None, seed=0, fault_cfg=None, device="cpu", broadcast="gradient",
+                 participation=None):
         self.task, self.sparsifier = task, sparsifier
         self.local_steps, self.local_lr = int(local_steps), local_lr
         self.seed, self.fault_cfg = int(seed), fault_cfg or {}
@@ -37,34 +39,50 @@ class InProcessRun:
         self.coord.start(range(task.num_workers))
         self.memory = ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype, device)
         self.sizes = task.num_examples()
+        # client sampling (#12): per-client states of the sampled clients only
+        self.participation = participation
+        self.clients = None
+        if participation is not None and (not participation.full
+                                          or participation.stale_feedback != "keep"):
+            self.memory, self.clients = None, ClientStates(task.dim, task.dtype, device)
 
     @property
     def server(self):
         return self.coord.server
 
     def round(self, t: int, observer=None) -> dict:
-        n_all = list(range(self.task.num_workers))
-        plan = self.coord.plan(n_all)
+        n_all = (list(range(self.task.num_workers)) if self.participation is None
+                 else self.participation.clients(t))  # #12: the sampled clients
+        plan = self.coord.plan(n_all)  # only the sampled clients are sent anything
         alive = [n for n in n_all if not faults.drops(self.fault_cfg, self.seed, n, t)]
         replies = []
         if alive:
             total = float(sum(self.sizes[n] for n in alive))
             weights = [self.sizes[n] / total for n in alive]
+            memory, rows = self.memory, None if len(alive) == self.task.num_workers else alive
+            feedbacks = self.coord.feedback_for(alive)
+            if self.clients is not None:  # #12: a batch of just these clients' states
+                feedbacks = self.clients.usable(feedbacks, alive, t, self.participation)
+                memory, rows = self.clients.gather(alive, feedbacks), None
+                feedbacks = [None] * len(alive)  # applied by gather
             replies = worker_round(
-                self.task, self.memory, self.sparsifier, self.server.params, self.server.buffers,
-                self.coord.feedback_for(alive), alive, t, self.local_steps, self.local_lr,
-                weights, rows=None if len(alive) == len(n_all) else alive, observer=observer)
+                self.task, memory, self.sparsifier, self.server.params, self.server.buffers,
+                feedbacks, alive, t, self.local_steps, self.local_lr,
+                weights, rows=rows, observer=observer)
+            if self.clients is not None:
+                self.clients.scatter(alive, memory, t)
             for r in replies:  # computed on model_{t-1}, the replica every worker holds
                 r.replica_round = t - 1
             replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
                        for r in replies]
         out = self.coord.collect(replies)
         return {"outcome": out, "plan": plan,
-                "missing": len(n_all) - len(alive), "replies": len(replies)}
+                "missing": len(n_all) - len(alive), "replies": len(replies), "sampled": len(n_all)}
 
     def state_dict(self) -> dict:
-        return {"coord": self.coord.state_dict(), "memory": self.memory.state_dict()}
+        mem = self.memory if self.clients is None else self.clients
+        return {"coord": self.coord.state_dict(), "memory": mem.state_dict()}
 
     def load_state_dict(self, state) -> None:
         self.coord.load_state_dict(state["coord"])
-        self.memory.load_state_dict(state["memory"])
+        (self.memory if self.clients is None else self.clients).load_state_dict(state["memory"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
            "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes", "resyncs", "sent",
-           "replies", "missing", "rejected", "comm_s", "wall_s"]
+           "sampled", "replies", "missing", "rejected", "comm_s", "wall_s"]
 
 
 _UMASK = os.umask(0)

@@ -62,7 +62,7 @@ def identity(cfg: DictConfig, sparsifier) -> dict:
 
 
 def round_row(t: int, outcome, eval_metrics: dict, plan, missing: int, replies: int,
-              net=None) -> dict:
+              net=None, sampled: int | None = None) -> dict:
     """One metrics.csv row; ``loss`` is the task's exact global training loss
     where it has one (toy, linreg), else the weighted minibatch loss.
     ``plan`` is the round's downlink (broadcast.Plan; None for round 0)."""
@@ -79,7 +79,7 @@ def round_row(t: int, outcome, eval_metrics: dict, plan, missing: int, replies: 
         "downlink_coded_bytes": sum(plan.coded.values()) if plan else 0,
         "resyncs": plan.resyncs if plan else 0,
         "sent": outcome.sent if outcome else 0,
-        "replies": replies, "missing": missing,
+        "sampled": sampled, "replies": replies, "missing": missing,
         "rejected": len(outcome.rejected) if outcome else 0,
         "comm_s": comm_seconds(net, ups, plan.coded.values() if plan else []) if t else (
             0.0 if net is not None else None),
@@ -114,12 +114,14 @@ class Progress:
 def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
                   ckpt: Checkpointer) -> None:
     from .engine import InProcessRun
+    from .participation import from_cfg as participation_from_cfg
 
     run = InProcessRun(task, sparsifier, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
                        fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg),
-                       broadcast=OmegaConf.select(cfg, "broadcast", default="gradient"))
+                       broadcast=OmegaConf.select(cfg, "broadcast", default="gradient"),
+                       participation=participation_from_cfg(cfg, task.num_examples()))
     trust.install(run.server, cfg, task, recorder)  # what the server believes (#11)
     net = network.settings(cfg)
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
@@ -142,7 +144,8 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
             observer.round = t
         r = run.round(t, observer if watch else None)
         ev = task.evaluate(run.server.params, run.server.buffers) if evaluate_due(task, t, cfg) else {}
-        row = round_row(t, r["outcome"], ev, r["plan"], r["missing"], r["replies"], net)
+        row = round_row(t, r["outcome"], ev, r["plan"], r["missing"], r["replies"], net,
+                        r.get("sampled"))
         if not r["outcome"].accepted:
             log.warning("round %d: no valid reply; model unchanged", t)
         recorder.add(row)

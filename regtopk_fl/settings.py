@@ -136,6 +136,7 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "network.latency_ms", 0, required=False, allowed="must be null or a number >= 0")
     _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
     _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")
+    _participation(cfg, n, runtime)
     if _get(cfg, "device") == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -154,6 +155,7 @@ def validate(cfg: DictConfig) -> None:
         sd = _get(cfg, "runtime.state_dir")
         if sd is not None and (not isinstance(sd, str) or not sd.strip()):
             _fail("runtime.state_dir", sd, "must be auto, null or a directory path")
+        _ray_address(cfg)
     if task == "toy" and n != 2:
         _fail("num_workers", n, "the toy task (Fig. 1) has exactly 2 workers")
     if task == "linreg":
@@ -192,6 +194,38 @@ def validate(cfg: DictConfig) -> None:
             _fail("num_workers", n, "more workers than data points (50000)")
 
 
+def _participation(cfg, n: int, runtime: str) -> None:
+    """participation.*: at most one of clients_per_round / fraction."""
+    m = _num(cfg, "participation.clients_per_round", 1, n, integer=True, required=False,
+             allowed=f"must be null or an integer in [1, num_workers={n}]")
+    f = _num(cfg, "participation.fraction", 0, 1, lo_open=True, required=False,
+             allowed="must be null or in (0, 1]")
+    if m is not None and f is not None:
+        _fail("participation.fraction", f, "set participation.clients_per_round or "
+              "participation.fraction, not both")
+    w = _get(cfg, "participation.weighted", False)
+    if not isinstance(w, bool):
+        _fail("participation.weighted", w, "must be true or false")
+    policy = _get(cfg, "participation.stale_feedback", "keep")
+    if policy not in ("keep", "forget"):
+        _fail("participation.stale_feedback", policy, "must be one of keep, forget")
+    if policy == "forget" and runtime != "inprocess":
+        _fail("participation.stale_feedback", policy, "forget is an in-process ablation: "
+              "use runtime=inprocess")
+
+
+def _ray_address(cfg) -> None:
+    """runtime.ray_address: null, ``auto``, ``host:port`` or ``ray://host:port``."""
+    v = _get(cfg, "runtime.ray_address")
+    if v is None or v == "auto":
+        return
+    hostport = v[len("ray://"):] if isinstance(v, str) and v.startswith("ray://") else v
+    host, _, port = hostport.rpartition(":") if isinstance(hostport, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        _fail("runtime.ray_address", v, "must be null, auto, host:port (a running Ray "
+              "cluster's GCS) or ray://host:port (Ray Client)")
+
+
 def resolve_path(path) -> str:
     """Relative data paths are relative to the project root, wherever we run."""
     p = Path(os.path.expanduser(str(path)))
@@ -200,9 +234,9 @@ def resolve_path(path) -> str:
 
 # -- the flat form used as Flower's run config ---------------------------------
 RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
-            "network", "num_workers", "rounds", "lr", "momentum", "weight_decay", "seed",
-            "eval_every", "local_steps", "local_lr", "device", "experiment", "observe", "threads",
-            "progress", "output_dir")
+            "network", "participation", "num_workers", "rounds", "lr", "momentum",
+            "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "device",
+            "experiment", "observe", "threads", "progress", "output_dir")
 
 
 def to_run_config(cfg: DictConfig) -> dict:

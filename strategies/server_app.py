@@ -26,6 +26,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from regtopk_fl import trust  # noqa: E402
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl import network  # noqa: E402
+from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
+from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
 from .identity import binding_from_cfg  # noqa: E402
@@ -55,7 +57,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
     def on_round(t: int, info: dict) -> None:
         ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
         row = round_row(t, info["outcome"], ev, info["plan"], info["missing"],
-                        info["replies"], net)
+                        info["replies"], net, info.get("sampled"))
         row["rejected"] += info.get("rejected_extra", 0)
         recorder.add(row)
         bar.update(row)
@@ -66,7 +68,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                                      cfg, "runtime.wait_for_nodes_s", default=600.0)),
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
                                  first_round=start, checkpointer=ckpt, recorder=recorder,
-                                 identity=binding_from_cfg(cfg))  # node <-> partition (#11)
+                                 identity=binding_from_cfg(cfg),  # node <-> partition (#11)
+                                 participation=participation_from_cfg(cfg, task.num_examples()))
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:
@@ -74,6 +77,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                        num_rounds=rounds - start + 1, timeout=timeout,
                        train_config=ConfigRecord())
     bar.close()
+    if strategy.ray_nodes:  # #12: where the ClientApps ran (scripts/cluster_test.py reads it)
+        log.info("replies per Ray node: %s", strategy.ray_nodes)
     recorder.save_model(server.params, server.buffers)
     return server
 
@@ -100,19 +105,25 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     def main(grid: Grid, context: Context) -> None:
         run_server(grid, cfg, task, recorder, ckpt, device)
 
-    gpus = float(cfg.runtime.client_gpus) if device == "cuda" else 0.0
+    # on a cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
+    on_cluster = bool(ray_init_address(cfg))
+    gpus = float(cfg.runtime.client_gpus) if device == "cuda" or on_cluster else 0.0
     level = str(cfg.runtime.log_level).upper()
     logging.getLogger("flwr").setLevel(level)
     backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},
                "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
                              "include_dashboard": False}}
+    backend["init_args"].update(ray_init_address(cfg))  # #12: attach to a running cluster
     tmp = None
     if settings["runtime"].get("state_dir", "auto") == "auto":
-        # the clients' memories and replicas in files on this machine, not in
-        # the Contexts that Ray ships to and from the actors with every message
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(prefix="regtopk-fl-state-",
-                                                                  dir=shm)
+        settings["runtime"]["state_dir"] = None  # on a cluster: in context.state
+        if not OmegaConf.select(cfg, "runtime.ray_address", default=None):
+            # the clients' memories and replicas in files on this machine, not in
+            # the Contexts that Ray ships to and from the actors with every message
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+                else None
+            tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(
+                prefix="regtopk-fl-state-", dir=shm)
     try:
         flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
                             num_supernodes=int(cfg.num_workers), backend_config=backend)

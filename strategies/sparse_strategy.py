@@ -1,18 +1,20 @@
 """A Flower strategy that aggregates sparse uploads and broadcasts the
 global gradient (or, with ``broadcast=model``, the model).
 
-Round t: ``configure_train`` sends every node what the Coordinator's plan
+Round t: ``configure_train`` sends every node (under client sampling, #12:
+only the nodes of round t's sampled partitions) what the Coordinator's plan
 says (regtopk_fl/broadcast.py, strategies/wire.py): the sparse global
 gradient of round t-1 with the digest of the server's model, or, to a node
-whose replica is missing or stale, the full model and optimizer state once
-(a resync), plus the status of its last upload (its weight w_n, or
-"rejected"); the feedback values are read off the broadcast g, or travel
-explicitly with a resync. ``aggregate_train`` decodes the replies (coded
-indices), and the framework-free :class:`~regtopk_fl.fedround.Coordinator`
-rejects a reply computed on another model than the server's (round and
-digest), validates the rest (a bad upload is dropped with a logged reason),
-scatter-adds g = sum_n w_n g_hat_n without densifying any upload, and steps
-the server optimizer. The in-process engine runs the very same Coordinator.
+whose replica is missing or stale (a sampled client that missed rounds, say),
+the full model and optimizer state once (a resync), plus the status of its
+last upload (its weight w_n, or "rejected"); the feedback values are read
+off the broadcast g, or travel explicitly with a resync. ``aggregate_train``
+decodes the replies (coded indices), and the framework-free
+:class:`~regtopk_fl.fedround.Coordinator` rejects a reply computed on another
+model than the server's (round and digest), validates the rest (a bad upload
+is dropped with a logged reason), scatter-adds g = sum_n w_n g_hat_n without
+densifying any upload, and steps the server optimizer. The in-process engine
+runs the very same Coordinator.
 
 Checkpoints (``checkpoint.every``) use the evaluate phase of Flower's round
 loop, which this strategy does not need for evaluation (that is central):
@@ -79,14 +81,15 @@ def read_memory(content: RecordDict) -> tuple:
 
 
 class SparseAggregation(Strategy):
-    """Sparse uploads in, dense model out; every node, every round."""
+    """Sparse uploads in, dense model out; every node (or the sampled ones), every round."""
 
     def __init__(self, coordinator: Coordinator, num_nodes: int,
                  on_round: Callable[[int, dict], None] | None = None,
                  wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None,
                  first_round: int = 1, checkpointer=None, recorder=None,
-                 identity: NodeBinding | None = None):
+                 identity: NodeBinding | None = None, participation=None):
         self.coord = coordinator
+        self.participation = participation  # #12: which partitions take part in round t
         self.first_round = int(first_round)  # Flower counts from 1 again after a resume
         self.checkpointer, self.recorder = checkpointer, recorder
         # a train message expires when the server stops waiting for its reply,
@@ -97,6 +100,7 @@ class SparseAggregation(Strategy):
         self.wait_for_nodes_s = wait_for_nodes_s
         # Flower node id -> worker (partition id): bound once, every claim checked (#11)
         self.identity = identity or NodeBinding(num_nodes)
+        self.ray_nodes: dict = {}  # Ray node id -> replies computed there (#12, under Ray)
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
         self._round_info: dict = {}
         self._started = False
@@ -145,9 +149,12 @@ class SparseAggregation(Strategy):
         # goes to a node the server cannot place (asked again next round)
         nodes = [n for n in nodes if n in self.node_worker]
         server_round = self._t(server_round)
+        sampled = self.num_nodes
+        if self.participation is not None and not self.participation.full:  # #12
+            nodes, sampled = self._sampled_nodes(grid, nodes, server_round)
         workers = [self.node_worker.get(n) for n in nodes]
         plan = self.coord.plan(workers)
-        self._round_info = {"nodes": len(nodes), "plan": plan}
+        self._round_info = {"nodes": len(nodes), "plan": plan, "sampled": sampled}
         server, step = self.coord.server, self.coord.downlink.step
         shared = None  # the delta records, built once and sent to every node
         msgs = []
@@ -199,6 +206,9 @@ class SparseAggregation(Strategy):
                 else:
                     undecodable += 1
                 continue
+            if "placement" in msg.content:  # #12: which Ray node computed it
+                ray_node = str(msg.content["placement"]["ray-node-id"])
+                self.ray_nodes[ray_node] = self.ray_nodes.get(ray_node, 0) + 1
             decoded.append((msg.metadata.src_node_id, worker, reply))
         good, distrusted, unbound = screen_claims(self.identity, decoded, server_round)
         rejected.update(distrusted)
@@ -207,12 +217,13 @@ class SparseAggregation(Strategy):
         for worker in [r.worker for r in good] + list(rejected):
             self.upload_round[worker] = server_round
         nodes = self._round_info.get("nodes", self.num_nodes)
+        sampled = self._round_info.get("sampled", self.num_nodes)  # #12: all but sampling
         no_reply = max(0, nodes - len(replies))  # timed out (round_timeout_s)
-        if no_reply or nodes < self.num_nodes:
+        if no_reply or nodes < sampled:
             log.info("round %d: %d of %d nodes online, %d replies, %d without reply in time",
-                     server_round, nodes, self.num_nodes, len(replies), no_reply)
+                     server_round, nodes, sampled, len(replies), no_reply)
         info = {"outcome": outcome, "plan": self._round_info.get("plan"),
-                "missing": failed + no_reply + max(0, self.num_nodes - nodes),
+                "missing": failed + no_reply + max(0, sampled - nodes), "sampled": sampled,
                 "replies": len(good) + len(rejected) + undecodable,
                 "rejected_extra": undecodable}
         if self.on_round is not None:
@@ -223,6 +234,17 @@ class SparseAggregation(Strategy):
         # no arrays: Flower's loop would only carry them to the next
         # configure_train, which builds its messages from the Coordinator
         return None, metrics
+
+    def _sampled_nodes(self, grid: Grid, nodes: list, t: int) -> tuple:
+        """(the online, identified nodes of round t's sampled partitions, how
+        many were sampled). The seeded choice of partitions decides, as
+        in-process (nodes are identified before this, in configure_train). A
+        sampled partition without an online node is counted as missing.
+        (flwr's ``sample_nodes`` would pick random node ids with the unseeded
+        ``random`` module and wait without a deadline, so it fits neither the
+        parity with in-process nor ``wait_for_nodes_s``.)"""
+        chosen = set(self.participation.clients(t))
+        return [n for n in nodes if self.node_worker.get(n) in chosen], len(chosen)
 
     # -- the evaluate phase: checkpoints (evaluation itself is central) --------
     def configure_evaluate(self, server_round, arrays, config, grid):

@@ -70,6 +70,20 @@ BAD = [  # (overrides, key named in the message)
     (["faults.hostile.worker=1", "faults.hostile.attacks=3:fly"], "faults.hostile.attacks='3:fly'"),
     (["faults.hostile.worker=1", "faults.hostile.attacks=3:nan"], "faults.hostile.attacks='3:nan'"),
     (["faults.hostile.attacks=3:absent"], "faults.hostile.worker=-1"),
+    (["participation.clients_per_round=0"], "participation.clients_per_round=0"),
+    (["num_workers=10", "participation.clients_per_round=11"], "participation.clients_per_round=11"),
+    (["participation.clients_per_round=2.5"], "participation.clients_per_round=2.5"),
+    (["participation.fraction=0"], "participation.fraction=0"),
+    (["participation.fraction=1.5"], "participation.fraction=1.5"),
+    (["participation.clients_per_round=5", "participation.fraction=0.5"],
+     "participation.fraction=0.5"),
+    (["participation.weighted=maybe"], "participation.weighted='maybe'"),
+    (["participation.stale_feedback=drop"], "participation.stale_feedback='drop'"),
+    (["runtime=flower", "participation.stale_feedback=forget"],
+     "participation.stale_feedback='forget'"),
+    (["runtime=flower", "runtime.ray_address=nohost"], "runtime.ray_address='nohost'"),
+    (["runtime=flower", "runtime.ray_address=ray://127.0.0.1:port"],
+     "runtime.ray_address='ray://127.0.0.1:port'"),
 ]
 
 
@@ -92,7 +106,12 @@ def test_default_and_presets_are_valid(make_cfg):
                        "server.trust_num_examples=true", "faults.hostile.worker=1",
                        "faults.hostile.attacks=3-4:absent"],
                       ["runtime=flower", "faults.hostile.worker=0",
-                       "faults.hostile.attacks=2:nan 3:impersonate"]):
+                       "faults.hostile.attacks=2:nan 3:impersonate"],
+                      ["experiment=sweep_participation"], ["experiment=sweep_participation_tiny"],
+                      ["runtime=flower", "runtime.ray_address=auto",
+                       "participation.fraction=0.5", "participation.weighted=true"],
+                      ["runtime=flower", "runtime.ray_address=ray://127.0.0.1:10001"],
+                      ["experiment=net_linreg"], ["broadcast=model", "network.uplink_mbps=1"]):
         validate(make_cfg(overrides))
 
 

@@ -186,6 +186,27 @@ def test_flower_run_killed_and_resumed_is_identical(tmp_path):
                for r, ref in zip(rows(run_dir), rows(tmp_path / "ref")))
 
 
+def test_sampled_run_killed_and_resumed_is_identical(tmp_path):
+    """Client sampling (#12), in-process: the per-client states of the clients
+    sampled so far (ClientStates) and their last rounds are in the checkpoint,
+    and the sampler needs no state (seeded by (seed, round)), so the resumed
+    run samples the same clients and ends bitwise equal."""
+    args = ["task=linreg", "num_workers=20", "rounds=30", "sparsifier=regtopk",
+            "sparsifier.sparsity=0.3", "participation.clients_per_round=4",
+            "participation.weighted=true", "task.size_ratio=4", "faults.drop_prob=0.2",
+            "checkpoint.every=10", "threads=1"]
+    assert launch(tmp_path / "ref", args)[0] == 0
+    rc, out = launch(tmp_path / "killed", args, crash_after=14)
+    assert rc == -signal.SIGKILL, out
+    ckpt = _checkpoint(tmp_path / "killed")
+    assert ckpt["round"] == 10
+    clients = ckpt["state"]["run"]["memory"]["clients"]
+    assert 4 <= len(clients) < 20  # only clients that took part hold state
+    assert launch(tmp_path / "killed", args)[0] == 0
+    assert differences(tmp_path / "killed", tmp_path / "ref") == []
+    assert {r["sampled"] for r in _rows(tmp_path / "ref")[1:]} == {"4"}
+
+
 def test_observations_survive_a_resume(tmp_path):
     """observe.every rows taken before the crash are in the checkpoint, so the
     resumed run's observations.csv equals the uninterrupted run's (timings aside)."""

@@ -112,3 +112,36 @@ def test_tiny_image_flower_equals_inprocess(make_cfg, tmp_path):
     from regtopk_fl.runner import build
     task, _ = build(make_cfg(["task=tiny_image", "num_workers=3", "task.samples=300"]))
     assert not torch.equal(first, task.init_params())  # training moved the model
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_sampled_clients_flower_equals_inprocess(make_cfg, tmp_path):
+    """Client sampling (#12): 3 of 8 clients per round, seeded by (seed, round),
+    with drops and NaN uploads among the sampled ones. The strategy picks the
+    nodes of the sampled partitions, so both runtimes make the same choice,
+    the same byte and fault counts and the same model."""
+    ip, fl = _both(make_cfg, tmp_path, ["task=linreg", "num_workers=8", "rounds=15",
+                                        "sparsifier=regtopk", "sparsifier.sparsity=0.3",
+                                        "sparsifier.mu=2", "task.size_ratio=3", "threads=1",
+                                        "participation.clients_per_round=3",
+                                        "faults.drop_prob=0.2", "faults.nan_prob=0.1"])
+    assert _rel(_final_model(fl)["params"], _final_model(ip)["params"]) <= 1e-6
+    r_ip, r_fl = _rows(ip), _rows(fl)
+    for a, b in zip(r_ip[1:], r_fl[1:]):
+        for key in ("uplink_bytes", "downlink_bytes", "sent", "sampled", "replies", "missing",
+                    "rejected"):
+            assert a[key] == b[key], (key, a["round"])
+    assert {r["sampled"] for r in r_ip[1:]} == {"3"}
+    # only sampled clients can be missing, and some were (drops)
+    missing = [int(r["missing"]) for r in r_ip[1:]]
+    assert max(missing) <= 3 and sum(missing) > 0
+    # and some clients came back after skipping rounds (feedback older than t - 1)
+    from regtopk_fl.participation import sample_clients
+    last, stale = {}, 0
+    for t in range(1, 16):
+        for n in sample_clients(8, 3, 0, t):
+            stale += n in last and t - last[n] > 1
+            last[n] = t
+    assert stale > 0
+    assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])

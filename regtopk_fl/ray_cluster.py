@@ -1,0 +1,36 @@
+"""runtime=flower on an existing Ray cluster (``runtime.ray_address``).
+
+Flower's Ray backend (flwr 1.41, ``RayBackend.init_ray``) calls
+``ray.init(runtime_env={"env_vars": {"PYTHONPATH": ...}}, **init_args)`` with
+the simulation's ``backend_config["init_args"]``, unless Ray is initialised
+already. So attaching to a cluster is one more init argument, ``address``:
+``auto`` (the cluster this machine belongs to, or RAY_ADDRESS),
+``host:port`` (its GCS) or ``ray://host:port`` (Ray Client). Flower then sizes
+its actor pool from all alive nodes' resources and Ray places the ClientApp
+actors across them. The driver (this process) runs the ServerApp and writes
+the results; every node imports the project and reads the task's data from
+the same paths (docs/ray-cluster.md).
+"""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def ray_init_address(cfg) -> dict:
+    """The extra ``ray.init`` arguments of ``runtime.ray_address`` ({} = start a local Ray)."""
+    address = OmegaConf.select(cfg, "runtime.ray_address", default=None)
+    return {} if address in (None, "") else {"address": str(address)}
+
+
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on, when it is a Ray worker (the
+    simulation's ClientApp actors); None elsewhere (SuperNodes, in-process)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray where it is not running already
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside a task/actor, or an old Ray
+        return None

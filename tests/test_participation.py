@@ -1,0 +1,116 @@
+"""Client sampling (#12): the seeded sampler, the per-client state store the
+in-process engine uses under sampling, and runtime.ray_address reaching ray.init."""
+import collections
+
+import pytest
+import torch
+
+from regtopk_fl.compress import RegTopK
+from regtopk_fl.engine import InProcessRun
+from regtopk_fl.memory import ErrorFeedbackMemory
+from regtopk_fl.participation import Participation, clients_per_round, from_cfg, sample_clients
+from regtopk_fl.tasks.linreg import LinRegTask
+
+
+def test_sampler_is_seeded_by_seed_and_round_and_uniform():
+    a = [sample_clients(50, 5, seed=1, round=t) for t in range(1, 401)]
+    assert a == [sample_clients(50, 5, seed=1, round=t) for t in range(1, 401)]  # a re-run
+    assert a[0] != a[1] and a[0] != sample_clients(50, 5, seed=2, round=1)
+    assert all(len(s) == len(set(s)) == 5 and s == sorted(s) for s in a)  # no replacement
+    counts = collections.Counter(n for s in a for n in s)
+    assert len(counts) == 50 and 20 <= min(counts.values()) and max(counts.values()) <= 65  # mean 40
+    assert sample_clients(50, 50, 1, 1) == list(range(50))  # m = N: everyone, no RNG
+
+
+def test_weighted_sampling_follows_data_size():
+    sizes = [1] * 9 + [100]
+    picks = collections.Counter(n for t in range(1, 201) for n in sample_clients(10, 2, 0, t, sizes))
+    assert picks[9] > 190  # the big client is nearly always in
+    assert max(picks[n] for n in range(9)) < 60
+
+
+def test_clients_per_round_from_settings(make_cfg):
+    assert clients_per_round(100) == 100
+    assert clients_per_round(100, per_round=7) == 7
+    assert clients_per_round(100, fraction=0.1) == 10 and clients_per_round(3, fraction=0.01) == 1
+    p = from_cfg(make_cfg(["num_workers=40", "participation.fraction=0.25",
+                           "participation.weighted=true"]), sizes=list(range(1, 41)))
+    assert p.per_round == 10 and p.sizes == tuple(range(1, 41)) and not p.full
+    assert from_cfg(make_cfg([])).full
+
+
+def _run(task, participation, faults=None, dense_memory=False):
+    run = InProcessRun(task, RegTopK(0.3, mu=2), lr=0.01, participation=participation,
+                       fault_cfg=faults or {}, seed=3)
+    if dense_memory:  # the [N, J] memory with rows=sampled: the reference arithmetic
+        run.clients, run.memory = None, ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype)
+    return run
+
+
+def test_client_states_equal_the_dense_memory_and_hold_only_sampled_clients():
+    task = LinRegTask(num_workers=60, dim=40, samples_per_worker=50)
+    p = Participation(60, 4, seed=3)
+    faults = {"drop_prob": 0.2, "nan_prob": 0.1}
+    a, b = _run(task, p, faults), _run(task, p, faults, dense_memory=True)
+    sampled = set()
+    for t in range(1, 21):
+        ra, rb = a.round(t), b.round(t)
+        sampled |= set(p.clients(t))
+        assert (ra["missing"], ra["downlink_bytes"], ra["sampled"]) == (
+            rb["missing"], rb["downlink_bytes"], rb["sampled"])
+        assert ra["sampled"] == 4 and ra["replies"] + ra["missing"] == 4
+    assert torch.equal(a.server.params, b.server.params)
+    assert set(a.clients.states) <= sampled and len(a.clients) < 60
+    # the store's rows are the dense memory's rows
+    n = sorted(a.clients.states)[0]
+    assert torch.equal(a.clients.gather([n]).eps[0], b.memory.eps[n])
+
+
+def test_forgetting_stale_feedback_changes_only_regtopk_rows_that_skipped_rounds():
+    task = LinRegTask(num_workers=12, dim=30, samples_per_worker=40)
+    keep, forget = Participation(12, 3, seed=0), Participation(12, 3, seed=0, stale_feedback="forget")
+    a, b = _run(task, keep), _run(task, forget)
+    first_stale = None
+    for t in range(1, 30):
+        a.round(t), b.round(t)
+        same = torch.equal(a.server.params, b.server.params)
+        if first_stale is None and not same:
+            first_stale = t
+    # the runs agree until a client comes back after skipping a round
+    last, t0 = {}, None
+    for t in range(1, 30):
+        for n in keep.clients(t):
+            if t0 is None and n in last and t - last[n] > 1:
+                t0 = t
+            last[n] = t
+    assert first_stale == t0 is not None
+
+
+def test_ray_address_reaches_ray_init(make_cfg, monkeypatch, tmp_path):
+    """runtime.ray_address goes into backend_config["init_args"]["address"],
+    which flwr's RayBackend passes to ray.init (no simulation is started)."""
+    import flwr.simulation
+
+    from strategies import server_app
+
+    seen = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation",
+                        lambda **kw: seen.update(kw["backend_config"]))
+    for address, want in ((None, None), ("auto", "auto"),
+                          ("127.0.0.1:6379", "127.0.0.1:6379")):
+        seen.clear()
+        cfg = make_cfg(["runtime=flower", "device=cpu", f"runtime.ray_address={address or 'null'}"])
+        server_app.run_simulation(cfg, None, None, None)
+        assert seen["init_args"].get("address") == want
+        assert seen["init_args"]["include_dashboard"] is False
+
+
+@pytest.mark.parametrize("key", ["init_ray"])
+def test_flwr_ray_backend_passes_init_args(key):
+    """Guards the assumption above against a Flower upgrade."""
+    import inspect
+
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    src = inspect.getsource(getattr(RayBackend, key))
+    assert "init_args_key" in src and "ray.init(" in src

@@ -52,14 +52,20 @@ def test_client_states_equal_the_dense_memory_and_hold_only_sampled_clients():
     p = Participation(60, 4, seed=3)
     faults = {"drop_prob": 0.2, "nan_prob": 0.1}
     a, b = _run(task, p, faults), _run(task, p, faults, dense_memory=True)
-    sampled = set()
+    sampled, resyncs = set(), 0
     for t in range(1, 21):
         ra, rb = a.round(t), b.round(t)
         sampled |= set(p.clients(t))
-        assert (ra["missing"], ra["downlink_bytes"], ra["sampled"]) == (
-            rb["missing"], rb["downlink_bytes"], rb["sampled"])
+        assert (ra["missing"], ra["plan"], ra["sampled"]) == (
+            rb["missing"], rb["plan"], rb["sampled"])
+        assert set(ra["plan"].kinds) == set(p.clients(t))  # only the sampled are sent anything
+        for n in p.clients(t):  # a client that sat out the last round gets the full model
+            if t > 1 and n not in p.clients(t - 1):
+                assert ra["plan"].kinds[n] == "full", (t, n)
+        resyncs = resyncs + ra["plan"].resyncs if t > 1 else 0
         assert ra["sampled"] == 4 and ra["replies"] + ra["missing"] == 4
     assert torch.equal(a.server.params, b.server.params)
+    assert resyncs > 10  # 4 of 60 per round: nearly every sampled client is returning
     assert set(a.clients.states) <= sampled and len(a.clients) < 60
     # the store's rows are the dense memory's rows
     n = sorted(a.clients.states)[0]
@@ -100,7 +106,7 @@ def test_ray_address_reaches_ray_init(make_cfg, monkeypatch, tmp_path):
                           ("127.0.0.1:6379", "127.0.0.1:6379")):
         seen.clear()
         cfg = make_cfg(["runtime=flower", "device=cpu", f"runtime.ray_address={address or 'null'}"])
-        server_app.run_simulation(cfg, None, None, None)
+        server_app.run_simulation(cfg, None, None, None, None)
         assert seen["init_args"].get("address") == want
         assert seen["init_args"]["include_dashboard"] is False
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from _report import cpu_name, emit  # noqa: E402  (scripts/_report.py)
 
 
 def _cfg(overrides):
@@ -62,8 +62,7 @@ def bench(cases, tmp: Path, flower_only_keys=()):
 def _machine() -> str:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     return (f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}.")
 
@@ -124,8 +123,7 @@ def main(argv=None) -> int:
         fig2 = run_experiment(_cfg(linreg + ["rounds=2500", "runtime=inprocess"]), Path(tmp) / "fig2")
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     lines = ["# Runtime speed (`python scripts/bench_runtimes.py`)", "",
              f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}.", "",
@@ -140,10 +138,7 @@ def main(argv=None) -> int:
         lines.append(f"\n{case}: Flower/in-process per round = {fl['s_per_round'] / ip['s_per_round']:.1f}x")
     lines.append(f"\nPaper's linear regression (N=20, J=100, 2500 rounds, RegTop-k S=0.6), "
                  f"in-process: {fig2['wall_time_s']:.2f} s (final gap {fig2['final']['gap']:.3g}).")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

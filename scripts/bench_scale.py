@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from _report import cpu_name, emit  # noqa: E402  (scripts/_report.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
                                  env=env, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     lines = ["# In-process scaling with N at fixed m (`python scripts/bench_scale.py`)", "",
              f"Machine: {os.cpu_count()} CPU cores ({cpu}), 1 torch thread, "
              f"{time.strftime('%Y-%m-%d %H:%M')}; linear regression J = 100, 500 points per "
@@ -106,11 +105,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['N']} | {state} | {r['s_per_round']:.4f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['rss_after_task_mb']:.0f} | "
                      f"{r['task_mb']:.0f} | {r['clients_with_state']} | {r['build_s']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from regtopk_fl.payload import decode_indices, encode_indices, index_itemsize  # noqa: E402
+from _report import cpu_name, emit  # noqa: E402  (scripts/_report.py)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -67,10 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write a Markdown table here")
     args = ap.parse_args(argv)
     rows = bench(args.dim, args.workers, args.densities, args.repeats)
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                    if ln.startswith("model name")), cpu)
+    cpu = cpu_name()
     lines = ["# Coded indices on the wire (`python scripts/bench_wire.py`)", "",
              f"J = {args.dim:,}, N = {args.workers}; {os.cpu_count()} CPU cores ({cpu}), "
              f"numpy {np.__version__}, torch {torch.__version__}; "
@@ -82,10 +79,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['S']:g} | {r['what']} | {r['entries']:,} | {r['raw_B']:,} | "
                      f"{r['coded_B']:,} | {r['code']} | {r['ratio']:.2f} | {r['encode_ms']:.2f} | "
                      f"{r['decode_ms']:.2f} | {r['breakeven_mbps']:,.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

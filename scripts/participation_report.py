@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from regtopk_fl.participation import sample_clients
+from _report import emit  # noqa: E402  (scripts/_report.py)
 
 
 def load(sweeps) -> dict:
@@ -82,10 +83,7 @@ def main(argv=None) -> int:
         a = ages(any_run["n"], m, any_run["seed"], args.rounds)
         lines.append(f"| {m} | {statistics.fmean(a):.2f} | {statistics.median(a):g} | "
                      f"{sum(x > 1 for x in a) / len(a):.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

@@ -96,8 +96,8 @@ def load_replica(context: Context, cfg) -> Replica | None:
     path = state_file(context, "-replica", cfg)
     if path is not None and path.exists():
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            return Replica.from_state(state, *_opt_settings(cfg))
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return Replica.from_state(state, *_opt_settings(cfg), copy=False)
         except Exception as exc:  # unreadable: the server will resync us
             log.warning("ignoring unreadable replica file %s: %s", path, exc)
             return None
@@ -169,13 +169,15 @@ def _load_state_file(path: Path, mem: ErrorFeedbackMemory, device):
     if not path.exists():
         return None
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        probe = ErrorFeedbackMemory(1, mem.dim, mem.eps.dtype, device)
-        probe.load_state_dict(saved["memory"])
+        # mmap: pages are read when touched (and copied on write), no bulk read
+        saved = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        state = saved["memory"]
+        if tuple(state["eps"].shape) not in ((1, mem.dim), (mem.dim,)):
+            raise ValueError(f"eps of shape {tuple(state['eps'].shape)}, J={mem.dim}")
+        mem.load_state_dict(state, copy=False)  # adopts what was just read
     except Exception as exc:  # a file of another shape/version: start from context.state
         log.warning("ignoring unreadable memory file %s: %s", path, exc)
         return None
-    mem.load_state_dict(probe.state_dict())
     return int(saved["last_round"])
 
 
@@ -191,6 +193,8 @@ def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory
         mem.last_round = _load_state_file(path, mem, device)
         if mem.last_round is not None:
             return mem
+        mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device)  # nothing half-loaded
+        mem.last_round = None
     if MEMORY_KEY in context.state:
         rec = context.state[MEMORY_KEY]
         mem.load_state_dict({k: _tensor(rec, k, device) for k in rec.keys()})

@@ -120,9 +120,10 @@ class Replica:
     CPU, like the Flower server's model, so the two stay bitwise equal."""
 
     def __init__(self, params: torch.Tensor, buffers, lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0, round: int = 0, opt_state=None):
-        self.params = params.detach().cpu().clone()
-        self.buffers = None if buffers is None else buffers.detach().cpu().clone()
+                 weight_decay: float = 0.0, round: int = 0, opt_state=None, copy: bool = True):
+        own = (lambda t: t.detach().cpu().clone()) if copy else (lambda t: t.detach().cpu())
+        self.params = own(params)
+        self.buffers = None if buffers is None else own(buffers)
         self.opt = ServerSGD(self.params, lr, momentum, weight_decay)
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
@@ -157,9 +158,10 @@ class Replica:
                 "momentum": self.opt.buf, "round": self.round}
 
     @classmethod
-    def from_state(cls, state: dict, lr, momentum, weight_decay):
+    def from_state(cls, state: dict, lr, momentum, weight_decay, copy: bool = True):
+        """``copy=False`` adopts the tensors (state just read from a file)."""
         return cls(state["params"], state.get("buffers"), lr, momentum, weight_decay,
-                   int(state["round"]), {"buf": state.get("momentum")})
+                   int(state["round"]), {"buf": state.get("momentum")}, copy=copy)
 
 
 @dataclass

@@ -207,10 +207,13 @@ class ErrorFeedbackMemory:
         return {k: getattr(self, k).clone() for k in
                 ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, copy: bool = True) -> None:
+        """Take ``state``'s tensors (``copy=False``: adopt them where dtype and
+        device already match, for state just read from a file)."""
         for k, v in state.items():
             ref = getattr(self, k)
-            setattr(self, k, torch.as_tensor(v).to(dtype=ref.dtype, device=ref.device).clone())
+            t = torch.as_tensor(v).to(dtype=ref.dtype, device=ref.device)
+            setattr(self, k, t.clone() if copy else t)
         self._flat = None
         self.eps = self.eps.reshape(self.num_rows, self.dim)
 

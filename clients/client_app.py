@@ -49,6 +49,8 @@ from regtopk_fl.ray_cluster import ray_node_id
 from regtopk_fl.results import atomic_write
 
 from strategies import wire
+
+from . import state_files
 from strategies.sparse_strategy import memory_content, read_memory
 
 from .cache import settings_and_build
@@ -86,6 +88,13 @@ def state_file(context: Context, what: str = "", cfg=None) -> Path | None:
             / f"run-{context.run_id}-partition-{pid}{what}.pt")
 
 
+def _inplace(context: Context, cfg) -> bool:
+    """The simulation's scratch state dir (clients/state_files.py), not a
+    SuperNode's ``state-dir`` (which keeps atomic whole-file writes)."""
+    return (cfg is not None and not (context.node_config or {}).get("state-dir")
+            and bool(OmegaConf.select(cfg, "runtime.state_inplace", default=False)))
+
+
 def _opt_settings(cfg) -> tuple:
     return float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
 
@@ -94,6 +103,10 @@ def load_replica(context: Context, cfg) -> Replica | None:
     """The model replica: from the state file when there is one, else
     ``context.state``; None when there is none."""
     path = state_file(context, "-replica", cfg)
+    if path is not None and _inplace(context, cfg):
+        state = state_files.load(path)
+        return None if state is None else Replica.from_state(state, *_opt_settings(cfg),
+                                                             copy=False)
     if path is not None and path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -117,11 +130,17 @@ def save_replica(context: Context, replica: Replica | None, cfg=None) -> None:
         for key in (REPLICA_KEY, REPLICA_META_KEY):
             if key in context.state:
                 del context.state[key]
-        if path is not None and path.exists():
+        if path is not None and _inplace(context, cfg):
+            state_files.remove(path)
+        elif path is not None and path.exists():
             path.unlink()
         return
-    state = replica.state_dict()
     context.state[REPLICA_META_KEY] = MetricRecord({"round": int(replica.round)})
+    if path is not None and _inplace(context, cfg):  # params/momentum updated where they lie
+        state_files.save(path, {"params": replica.params, "momentum": replica.opt.buf,
+                                "buffers": replica.buffers}, {"round": int(replica.round)})
+        return
+    state = replica.state_dict()
     if path is not None:
         atomic_write(path, lambda fh: torch.save(state, fh), "wb")
         if REPLICA_KEY in context.state:
@@ -189,6 +208,13 @@ def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory
     mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
     mem.last_round = None
     path = state_file(context, cfg=cfg)
+    if path is not None and _inplace(context, cfg) and device == "cpu":
+        saved = state_files.load(path)
+        if saved is not None:
+            last = saved.pop("last_round")
+            mem.load_state_dict(saved, copy=False)  # eps: the shared mapping itself
+            mem.last_round = None if last < 0 else int(last)
+            return mem
     if path is not None:
         mem.last_round = _load_state_file(path, mem, device)
         if mem.last_round is not None:
@@ -207,10 +233,16 @@ def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | No
                 cfg=None) -> None:
     """The memory into the state file when there is one (context.state keeps
     the round tag), else into context.state."""
-    state = {k: v.detach().cpu() for k, v in mem.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in mem.state_dict(copy=False).items()}
     if last_round is not None:
         context.state[META_KEY] = MetricRecord({"last-round": int(last_round)})
     path = state_file(context, cfg=cfg)
+    if path is not None and _inplace(context, cfg) and mem.eps.device.type == "cpu":
+        state_files.save(path, state,  # eps: written only if it is not the mapping already
+                         {"last_round": -1 if last_round is None else int(last_round)})
+        if MEMORY_KEY in context.state:
+            del context.state[MEMORY_KEY]
+        return
     if path is not None:
         saved = {"memory": state, "last_round": -1 if last_round is None else int(last_round)}
         atomic_write(path, lambda fh: torch.save(saved, fh), "wb")

@@ -203,9 +203,12 @@ class ErrorFeedbackMemory:
         self.prev_counts[rows] = counts
 
     # -- persistence (Flower context.state, checkpoints) ----------------------
-    def state_dict(self) -> dict:
-        return {k: getattr(self, k).clone() for k in
-                ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")}
+    STATE_KEYS = ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")
+
+    def state_dict(self, copy: bool = True) -> dict:
+        """The state's tensors (``copy=False``: the live ones, for writing out)."""
+        return {k: getattr(self, k).clone() if copy else getattr(self, k)
+                for k in self.STATE_KEYS}
 
     def load_state_dict(self, state: dict, copy: bool = True) -> None:
         """Take ``state``'s tensors (``copy=False``: adopt them where dtype and

@@ -124,6 +124,7 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
                 else None
             tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(
                 prefix="regtopk-fl-state-", dir=shm)
+            settings["runtime"]["state_inplace"] = True  # scratch: clients/state_files.py
     try:
         flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
                             num_supernodes=int(cfg.num_workers), backend_config=backend)

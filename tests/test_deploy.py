@@ -369,3 +369,37 @@ def test_simulation_state_dir_keeps_tensors_out_of_the_context(make_cfg, task_id
     assert torch.equal(files.server.params, plain.server.params)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(f"run-77-partition-{i}{w}.pt" for i in range(3) for w in ("", "-replica"))
+
+
+def test_inplace_state_files_update_where_they_lie(make_cfg, task_identity, tmp_path,
+                                                    monkeypatch):
+    """The launcher's simulation (runtime.state_inplace): the residual and the
+    replica's parameters and momentum are shared mappings of raw files that a
+    round updates in place; the run is bitwise the one that keeps everything
+    in context.state, and a restarted node without them is resynced."""
+    from clients import state_files
+
+    monkeypatch.setattr(state_files, "BIG", 40)  # J = 40 here: map the J-sized tensors
+    over = {"momentum": 0.5, "runtime.state_dir": tmp_path, "+runtime.state_inplace": "true"}
+    plain = _Federation(_linreg_cfg(make_cfg, momentum=0.5))
+    files = _Federation(_linreg_cfg(make_cfg, **over))
+    for t in (1, 2, 3, 4):
+        before = files.server.params.clone()  # model_{t-1}, what round t computes on
+        plain.round(t)
+        files.round(t)
+        assert not files.errors
+    assert torch.equal(files.server.params, plain.server.params)
+    raws = sorted(p.name for p in tmp_path.glob("*.raw"))
+    assert raws == sorted([f"run-77-partition-{i}.pt.eps.raw" for i in range(3)]
+                          + [f"run-77-partition-{i}-replica.pt.{k}.raw"
+                             for i in range(3) for k in ("params", "momentum")])
+    # the mapped replica is the model round 4 was computed on, bit for bit
+    rep = state_files.load(tmp_path / "run-77-partition-1-replica.pt")
+    assert torch.equal(rep["params"], before) and rep["round"] == 3
+    state_files.remove(tmp_path / "run-77-partition-1-replica.pt")  # a node that lost it
+    info = files.round(5)
+    plain.round(5)
+    assert list(files.errors) == [1] and info["missing"] == 1
+    info = files.round(6)
+    plain.round(6)
+    assert not files.errors and info["plan"].resyncs == 1

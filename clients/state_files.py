@@ -1,0 +1,82 @@
+"""In-place state files for simulated clients.
+
+Under the launcher's Flower simulation the clients' state lives in a per-run
+directory on /dev/shm (``runtime.state_dir``, set by strategies/server_app.py
+together with ``runtime.state_inplace``). Any Ray actor may serve a node's
+next message, so the state must be in a place every actor reads; Flower's
+Context would carry it to and from the actor with every message. Here each
+J-sized tensor (the residual, the replica's parameters and momentum) is a raw
+file mapped *shared*: a round updates it where it lies (``eps += g``, the
+optimizer step) instead of reading and writing 45 MB per tensor for
+ResNet-18. The small rest goes into ``<base>.pt``.
+
+Not crash-safe, by design: the directory is the run's scratch space, removed
+at the end; a resumed run restores the memories from its checkpoint and
+resyncs the replicas. A SuperNode's ``state-dir`` keeps whole-file atomic
+writes (clients/client_app.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from regtopk_fl.results import atomic_write
+
+BIG = 1 << 16  # tensors of at least this many entries get a mapped file
+_MAPPED: dict = {}  # file -> the mapped tensor (kept alive: its address is its identity)
+
+
+def _raw(base: Path, key: str) -> Path:
+    return base.with_name(f"{base.name}.{key}.raw")
+
+
+def _map(path: Path, numel: int, dtype) -> torch.Tensor:
+    t = torch.from_file(str(path), shared=True, size=int(numel), dtype=dtype)
+    _MAPPED[str(path)] = t
+    return t
+
+
+def save(base: Path, state: dict, extra: dict | None = None) -> None:
+    """Big tensors into their mapped files (a no-op for a tensor that already
+    is that mapping), the rest and ``extra`` into ``<base>.pt``."""
+    small = dict(extra or {})
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.numel() >= BIG:
+            path = _raw(base, key)
+            mapped = _MAPPED.get(str(path))
+            if mapped is None or mapped.data_ptr() != value.data_ptr() or (
+                    mapped.numel() != value.numel() or mapped.dtype != value.dtype):
+                if path.exists():
+                    path.unlink()  # a new file: never resize a mapping another tensor holds
+                _map(path, value.numel(), value.dtype).copy_(value.detach().reshape(-1).cpu())
+            small[key] = ("mapped", tuple(value.shape), str(value.dtype).split(".")[-1])
+        else:
+            small[key] = value
+    atomic_write(base.with_suffix(".pt"), lambda fh: torch.save(small, fh), "wb")
+
+
+def load(base: Path) -> dict | None:
+    """The state saved at ``base`` (big tensors as shared mappings), or None."""
+    meta = base.with_suffix(".pt")
+    if not meta.exists():
+        return None
+    small = torch.load(meta, map_location="cpu", weights_only=True)
+    out = {}
+    for key, value in small.items():
+        if isinstance(value, tuple) and len(value) == 3 and value[0] == "mapped":
+            shape, dtype = value[1], getattr(torch, value[2])
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            out[key] = _map(_raw(base, key), numel, dtype).view(shape)
+        else:
+            out[key] = value
+    return out
+
+
+def remove(base: Path) -> None:
+    for path in [base.with_suffix(".pt"), *base.parent.glob(f"{base.name}.*.raw")]:
+        _MAPPED.pop(str(path), None)
+        if path.exists():
+            path.unlink()

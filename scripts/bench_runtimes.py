@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     for case in {r["case"] for r in rows}:
         ip = next(r for r in rows if r["case"] == case and r["runtime"] == "inprocess")
         fl = next(r for r in rows if r["case"] == case and r["runtime"] == "flower")
-        lines.append(f"\n{case}: Flower/in-process per round = {fl['s_per_round'] / ip['s_per_round']:.1f}x")
+        lines.append(f"\n{case}: Flower/in-process per round = {fl['s_per_round'] / ip['s_per_round']:.2f}x")
     lines.append(f"\nPaper's linear regression (N=20, J=100, 2500 rounds, RegTop-k S=0.6), "
                  f"in-process: {fig2['wall_time_s']:.2f} s (final gap {fig2['final']['gap']:.3g}).")
     emit(lines, args.out)

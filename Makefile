@@ -27,7 +27,8 @@ bench: $(STAMP)
 
 # Deployment Runtime on 127.0.0.1: SuperLink (TLS + node auth) + 3 SuperNodes as
 # separate processes, refused nodes, a 20-round run checked against its
-# in-process twin, a killed + restarted node (~10 min on 2 cores; not in `make test`,
+# in-process twin, a killed + restarted node, a killed + resumed ServerApp, an impostor
+# node (~8 min on 2 quiet cores; not in `make test`,
 # where tests/test_deploy.py's loopback test is skipped unless REGTOPK_DEPLOY_TESTS=1).
 federation-test: $(STAMP)
 	$(BIN)/python scripts/federation_test.py

@@ -5,8 +5,8 @@ when nodes go away -- all without a network. The loopback proof with real
 processes (TLS, node authentication, 3 SuperNodes, a killed node, a killed
 and resumed ServerApp) is
 ``make federation-test`` (scripts/federation_test.py); here it runs only when
-REGTOPK_DEPLOY_TESTS=1: it takes ~14 minutes on 2 shared cores (20 + 12 + 9
-rounds at ~13-17 s per round, plus a ~55 s wait for the SuperLink to notice the
+REGTOPK_DEPLOY_TESTS=1: it takes ~8 minutes on 2 quiet cores (20 + 12 + 9 + 4
+rounds at ~6 s per round, plus a ~60 s wait for the SuperLink to notice the
 killed node), too long for `make test`.
 """
 import os
@@ -342,7 +342,7 @@ def test_polling_grid_polls_fast_and_honours_timeout(task_identity):
 # -- the loopback proof with real processes (slow: opt-in) ------------------------
 @pytest.mark.deploy
 @pytest.mark.skipif(os.environ.get("REGTOPK_DEPLOY_TESTS") != "1",
-                    reason="real SuperLink/SuperNodes on 127.0.0.1, ~14 min: "
+                    reason="real SuperLink/SuperNodes on 127.0.0.1, ~8 min: "
                            "REGTOPK_DEPLOY_TESTS=1 or make federation-test")
 def test_federation_on_loopback():
     sys.path.insert(0, str(REPO / "scripts"))

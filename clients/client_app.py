@@ -205,16 +205,18 @@ def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory
     written last in every round, so it is never older than context.state),
     else from ``context.state``. ``mem.last_round`` is the round of the upload
     it holds (None when unknown)."""
-    mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
-    mem.last_round = None
     path = state_file(context, cfg=cfg)
     if path is not None and _inplace(context, cfg) and device == "cpu":
         saved = state_files.load(path)
-        if saved is not None:
+        if saved is not None and saved["eps"].dtype == task.dtype:
             last = saved.pop("last_round")
-            mem.load_state_dict(saved, copy=False)  # eps: the shared mapping itself
+            eps = saved.pop("eps").view(1, task.dim)  # the shared mapping itself
+            mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device, eps=eps)
+            mem.load_state_dict(saved, copy=False)
             mem.last_round = None if last < 0 else int(last)
             return mem
+    mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
+    mem.last_round = None
     if path is not None:
         mem.last_round = _load_state_file(path, mem, device)
         if mem.last_round is not None:

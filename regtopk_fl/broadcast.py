@@ -44,6 +44,9 @@ DIGEST = 16  # xxh3-128 of the model after the step
 FEEDBACK_META = 9  # float64 weight + status byte
 
 
+_ZEROS: dict = {}  # (J, dtype, device) -> a J-sized zero buffer for applying g
+
+
 def model_digest(params: torch.Tensor, buffers=None) -> bytes:
     """xxh3-128 of the model's bytes (params, then buffers): equal digests mean
     bitwise-equal models (up to a 2^-128 accident; the digest guards against
@@ -95,6 +98,25 @@ class GlobalStep:
         g[self.indices] = self.values
         return g
 
+    def applied(self, opt: ServerSGD) -> None:
+        """``opt.step`` with this g, the server's arithmetic on the server's g:
+        the dense g is a zero buffer kept between rounds with the support
+        written in and wiped out again (O(k), not a J-sized allocation)."""
+        if self.indices is None:
+            opt.step(self.values.to(opt.params.device))
+            return
+        key = (self.dim, self.values.dtype, opt.params.device)
+        g = _ZEROS.get(key)
+        if g is None:
+            g = _ZEROS[key] = torch.zeros(self.dim, dtype=self.values.dtype,
+                                          device=opt.params.device)
+        idx = self.indices.to(g.device)
+        g[idx] = self.values.to(g.device)
+        try:
+            opt.step(g)  # keeps no reference to g (momentum clones, decay adds)
+        finally:
+            g[idx] = 0
+
     def on(self, local: torch.Tensor) -> torch.Tensor:
         """g on a worker's sent entries (ascending, within the support)."""
         if self.indices is None:
@@ -139,7 +161,7 @@ class Replica:
             return f"replica holds round {self.round}, the broadcast is for round {step.round}"
         elif step.stepped:
             self._digest = None
-            self.opt.step(step.dense().cpu())
+            step.applied(self.opt)
             if step.buffers is not None:
                 self.buffers = step.buffers.detach().cpu().clone()
         self.round = step.round

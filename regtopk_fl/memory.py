@@ -46,9 +46,14 @@ class SelectContext:
 
 
 class ErrorFeedbackMemory:
-    def __init__(self, num_rows: int, dim: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, num_rows: int, dim: int, dtype=torch.float32, device="cpu", eps=None):
+        """``eps``: an existing [num_rows, dim] residual to adopt (no zeroed copy)."""
         self.num_rows, self.dim = int(num_rows), int(dim)
-        self.eps = torch.zeros(self.num_rows, self.dim, dtype=dtype, device=device)
+        if eps is not None and tuple(eps.shape) != (self.num_rows, self.dim):
+            raise SparsifierError(f"eps.shape={tuple(eps.shape)}: expected "
+                                  f"({self.num_rows}, {self.dim})")
+        self.eps = eps if eps is not None else torch.zeros(self.num_rows, self.dim, dtype=dtype,
+                                                           device=device)
         z = torch.zeros(0, dtype=dtype, device=device)
         self.prev_local = torch.zeros(0, dtype=torch.int64, device=device)
         self.prev_counts = torch.zeros(self.num_rows, dtype=torch.int64, device=device)

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     cases = [("linreg N=20", linreg + ["rounds=30"])]
     if not args.quick:
         cases.append(("cifar10 ResNet-18 N=8", [
-            "task=cifar10", "num_workers=8", "rounds=4", "sparsifier=regtopk",
+            "task=cifar10", "num_workers=8", "rounds=10", "sparsifier=regtopk",
             "sparsifier.sparsity=0.001", "sparsifier.mu=5", "eval_every=1000",
             "task.test_subset=100"]))
     with tempfile.TemporaryDirectory() as tmp:

@@ -236,19 +236,18 @@ def fig_curves(sw: Sweep) -> Figure:
                       f"{METRIC_LABELS[sw.metric]} over rounds")
 
 
-def fig_uplink(sw: Sweep) -> Figure:
-    return _line_plot(sw, sw.curves, "uplink_mb_cum", "cumulative uplink (MB)",
-                      f"{METRIC_LABELS[sw.metric]} against uplink traffic")
+# figure kind -> (curves column on the x axis, its label, what the title says)
+AGAINST = {
+    "uplink": ("uplink_mb_cum", "cumulative uplink (MB)", "uplink traffic"),
+    "traffic": ("traffic_mb_cum", "cumulative uplink + downlink (MB, coded)", "total traffic"),
+    "time": ("comm_s_cum", "simulated communication time (s)", "simulated time"),
+}
 
 
-def fig_traffic(sw: Sweep) -> Figure:
-    return _line_plot(sw, sw.curves, "traffic_mb_cum", "cumulative uplink + downlink (MB, coded)",
-                      f"{METRIC_LABELS[sw.metric]} against total traffic")
-
-
-def fig_time(sw: Sweep) -> Figure:
-    return _line_plot(sw, sw.curves, "comm_s_cum", "simulated communication time (s)",
-                      f"{METRIC_LABELS[sw.metric]} against simulated time")
+def fig_against(sw: Sweep, kind: str) -> Figure:
+    """The metric against one of the cumulative columns of :data:`AGAINST`."""
+    col, xlabel, what = AGAINST[kind]
+    return _line_plot(sw, sw.curves, col, xlabel, f"{METRIC_LABELS[sw.metric]} against {what}")
 
 
 def heatmap_tables(sw: Sweep) -> dict:
@@ -342,13 +341,9 @@ def build_figures(sw: Sweep, x_keys=None, kinds=KINDS) -> dict:
     figures = {}
     if "curves" in kinds:
         figures["curves"] = fig_curves(sw)
-    if ("uplink" in kinds and "uplink_mb_cum" in sw.curves
-            and sw.curves["uplink_mb_cum"].notna().any()):
-        figures["uplink"] = fig_uplink(sw)
-    for kind, col, draw in (("traffic", "traffic_mb_cum", fig_traffic),
-                            ("time", "comm_s_cum", fig_time)):
+    for kind, (col, _, _) in AGAINST.items():  # only what the runs recorded
         if kind in kinds and col in sw.curves and sw.curves[col].notna().any():
-            figures[kind] = draw(sw)
+            figures[kind] = fig_against(sw, kind)
     tables = heatmap_tables(sw) if "heatmap" in kinds else {}
     if tables:
         figures["heatmap"] = fig_heatmap(sw, tables)

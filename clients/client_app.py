@@ -20,8 +20,8 @@ the worker; ``data-path`` / ``cache-dir`` replace the task's paths on that node
 (clients/cache.py); ``state-dir`` also keeps the memory in a file there
 (written atomically after every round, one file per run and partition), so a
 SuperNode that is killed and restarted, and so lost ``context.state``,
-resumes with its residual intact; its model replica is kept there too. For the server's checkpoints the app also
-answers ``query.checkpoint`` (its memory), ``query.identify`` and
+resumes with its residual intact; its model replica is kept there too. For
+the server's checkpoints the app also answers ``query.checkpoint`` (its memory), ``query.identify`` and
 ``query.restore`` (take this memory back, after the server resumed a run;
 strategies/sparse_strategy.py). Feedback about an upload the memory does
 not hold (a fresh node, or an upload the server never received) is ignored
@@ -65,10 +65,6 @@ WRONG_WORKER = 901  # a restore message meant for another partition
 REPLICA_STALE = 902  # the replica could not be brought to the server's model
 
 log = logging.getLogger(__name__)
-
-
-def _tensor(rec: ArrayRecord, key: str, device) -> torch.Tensor:
-    return torch.from_numpy(rec[key].numpy()).to(device)
 
 
 def state_file(context: Context, what: str = "", cfg=None) -> Path | None:
@@ -225,7 +221,7 @@ def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory
         mem.last_round = None
     if MEMORY_KEY in context.state:
         rec = context.state[MEMORY_KEY]
-        mem.load_state_dict({k: _tensor(rec, k, device) for k in rec.keys()})
+        mem.load_state_dict({k: wire.tensor(rec, k, device) for k in rec.keys()})
         if META_KEY in context.state:
             mem.last_round = int(context.state[META_KEY]["last-round"])
     return mem
@@ -266,7 +262,7 @@ def read_feedback(content: RecordDict, device, step=None, memory=None):
     if bool(meta["rejected"]):
         return Feedback(None, 0.0, rejected=True)
     if "feedback" in content:
-        return Feedback(_tensor(content["feedback"], "values", device), float(meta["weight"]))
+        return Feedback(wire.tensor(content["feedback"], "values", device), float(meta["weight"]))
     if step is None or memory is None:
         return None
     try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import xxhash
 
@@ -86,17 +85,10 @@ class GlobalStep:
     def from_gradient(cls, round: int, g: torch.Tensor, support, stepped: bool, buffers,
                       digest=None):
         """``support``: the accepted uploads' indices concatenated (None: dense)."""
-        if support is None:
-            return cls(round, g.clone(), None, g.numel(), stepped, buffers, digest)
+        if support is None:  # g is the round's own tensor and is never written again
+            return cls(round, g, None, g.numel(), stepped, buffers, digest)
         idx = torch.unique(support.to(torch.int64)) if support.numel() else support.to(torch.int64)
         return cls(round, g[idx], idx, g.numel(), stepped, buffers, digest)
-
-    def dense(self) -> torch.Tensor:
-        if self.indices is None:
-            return self.values.clone()
-        g = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
-        g[self.indices] = self.values
-        return g
 
     def applied(self, opt: ServerSGD) -> None:
         """``opt.step`` with this g, the server's arithmetic on the server's g:
@@ -148,7 +140,7 @@ class Replica:
         self.buffers = None if buffers is None else own(buffers)
         self.opt = ServerSGD(self.params, lr, momentum, weight_decay)
         if opt_state is not None:
-            self.opt.load_state_dict(opt_state)
+            self.opt.load_state_dict(opt_state, copy=copy)
         self.round = int(round)
         self._digest = None  # cached digest of the current params and buffers
 
@@ -288,7 +280,3 @@ class Downlink:
             mv = lambda t: None if t is None else t.to(device)  # noqa: E731
             self.step = GlobalStep(st["round"], mv(st["values"]), mv(st["indices"]), st["dim"],
                                    st["stepped"], mv(st["buffers"]), st["digest"])
-
-
-def to_bytes_array(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype=np.uint8)

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .broadcast import FEEDBACK_META, Downlink, Plan
 from .compress.base import row_of_entry
 from .memory import ErrorFeedbackMemory, restore_rows
-from .broadcast import Downlink, Plan
 from .optim import ServerSGD  # noqa: F401  (re-exported: the server optimizer)
 from .payload import Upload, coded_index_bytes_rows, raw_bytes, validate_upload
 
@@ -33,7 +33,8 @@ class Feedback:
 
     def nbytes(self) -> int:
         # values in the model dtype + one float64 weight + one status byte
-        return (0 if self.values is None else self.values.numel() * self.values.element_size()) + 9
+        return (0 if self.values is None else self.values.numel() * self.values.element_size()) + (
+            FEEDBACK_META)
 
 
 def apply_feedback(memory: ErrorFeedbackMemory, feedbacks: list, rows=None) -> None:
@@ -215,7 +216,7 @@ class FedServer:
                 packed = self._concat(ok)
         g = torch.zeros_like(self.params)
         out = RoundOutcome(g, {}, {}, [r.worker for r in ok], rejected)
-        sparse, idx = packed[0], packed[1]
+        idx = packed[1]
         dense_any = any(r.upload.indices is None for r in ok)
         out.support = None if dense_any else (idx if idx is not None else
                                               torch.zeros(0, dtype=torch.int64,
@@ -303,10 +304,6 @@ class Coordinator:
         self.downlink = Downlink(broadcast, verify)
         self.round = 0  # rounds completed: the server holds model_{round}
 
-    @property
-    def mode(self) -> str:
-        return self.downlink.mode
-
     def start(self, workers) -> None:
         """Round 0: the seeded initial model, known to every worker."""
         self.downlink.start(self.server, workers)
@@ -314,9 +311,6 @@ class Coordinator:
     def plan(self, workers) -> Plan:
         """What each of these workers (None: an unidentified node) is sent next."""
         return self.downlink.plan(workers, self.server, self.pending)
-
-    def broadcast_bytes(self, workers) -> int:
-        return sum(self.plan(workers).raw.values())
 
     def feedback_for(self, workers) -> list:
         return [self.pending.get(n) for n in workers]

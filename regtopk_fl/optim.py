@@ -34,6 +34,7 @@ class ServerSGD:
     def state_dict(self) -> dict:
         return {"buf": None if self.buf is None else self.buf.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, copy: bool = True) -> None:
+        """``copy=False`` adopts the momentum buffer (a replica's, mapped in place)."""
         buf = state.get("buf")
-        self.buf = None if buf is None else buf.to(self.params.device, copy=True)
+        self.buf = None if buf is None else buf.to(self.params.device, copy=copy)

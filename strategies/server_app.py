@@ -23,9 +23,8 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context  # noqa: E4
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from regtopk_fl import trust  # noqa: E402
+from regtopk_fl import network, trust  # noqa: E402
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
-from regtopk_fl import network  # noqa: E402
 from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
 from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402

@@ -53,9 +53,9 @@ def decode_reply(msg: Message, dim: int, dtype) -> tuple:
     metrics = content["metrics"]
     worker = int(metrics["partition-id"])
     up = content["upload"]
-    values = torch.from_numpy(up["values"].numpy())
+    values = wire.tensor(up, "values")
     indices = wire.uncoded(up, "indices", dim) if "indices" in up else None
-    buffers = torch.from_numpy(up["buffers"].numpy()) if "buffers" in up else None
+    buffers = wire.tensor(up, "buffers") if "buffers" in up else None
     n_ex = metrics["num-examples"]
     reply = Reply(worker, Upload(values, indices, dim), n_ex if isinstance(n_ex, int) else -1,
                   float(metrics.get("loss", float("nan"))), buffers)
@@ -68,7 +68,7 @@ def decode_reply(msg: Message, dim: int, dtype) -> tuple:
 
 def memory_content(worker: int, memory: dict) -> RecordDict:
     """A worker's error-feedback memory as message content (checkpoint/restore)."""
-    arrays = {k: Array(v.detach().cpu().numpy()) for k, v in memory["state"].items()}
+    arrays = {k: wire.array(v) for k, v in memory["state"].items()}
     return RecordDict({"memory": ArrayRecord(arrays), "metrics": MetricRecord(
         {"partition-id": int(worker), "last-round": int(memory["last_round"])})})
 

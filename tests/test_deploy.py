@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import fuse_dicts, parse_config_args
 from omegaconf import OmegaConf
 

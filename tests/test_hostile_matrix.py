@@ -90,6 +90,7 @@ def test_every_attack_is_rejected_and_nothing_leaks(make_cfg, tmp_path, monkeypa
     twin = run_experiment(make_cfg([*BASE, "runtime=inprocess",
                                     f"faults.hostile.attacks={FIRST}-{ROUNDS}:absent"]),
                           tmp_path / "twin")
+    assert twin["status"] == "finished"
 
     # every case rejected, with its reason, and only worker 3's reply
     assert len(flower) == ROUNDS

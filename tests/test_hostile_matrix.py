@@ -1,7 +1,19 @@
 """The hostile-client matrix: one Flower simulation in which worker 3 of 4
 makes a different attack in every round from round 3 on (faults.hostile),
-against an in-process twin in which worker 3 is simply absent in those
-rounds (faults.hostile ``absent``, a drop).
+against a Flower twin in which worker 3 is simply absent in those rounds
+(faults.hostile ``absent``, a drop).
+
+Why the twin runs on Flower too: the comparison is bitwise, and bitwise
+equality holds only where both sides run the same kernels in the same order.
+Each Flower client computes one worker's gradient; the in-process engine
+computes all workers in one batched mat-vec, and MKL picks its code path by
+CPU and by shape. The two gradients differ in the last bit for some shapes on
+any CPU (here, on the AMD EPYC, for one worker of four at J = 103; on an
+Intel Xeon at J = 100). Most such differences are rounded away when the
+server adds lr * g to the model, so whether one reaches the model is luck:
+on the Intel machine one did, in round 11. J is 103 here so that the case
+occurs on this suite's own CI machine too; the twin makes the test
+independent of it.
 
 What "equal to a run in which that worker was absent" means here. A rejected
 upload goes back into its worker's residual; an absent worker never computed
@@ -32,6 +44,7 @@ from regtopk_fl.runner import run_experiment
 FIRST = 3  # rounds 1-2 honest (first contact binds every node), then one attack a round
 HOSTILE = 3
 N = 4
+J = 103  # batched and per-worker gradients differ in the last bit even on AMD (docstring)
 # attack -> a piece of the reason the server must give
 EXPECTED = {
     "index_out_of_range": "index out of range",
@@ -42,7 +55,7 @@ EXPECTED = {
     "length_mismatch": "indices but",
     "values_2d": "values must be a 1-D tensor",
     "wrong_dtype": "values dtype torch.float32 != model dtype torch.float64",
-    "wrong_dim": "dense length 101 != J=100",
+    "wrong_dim": f"dense length {J + 1} != J={J}",
     "nan": "NaN or Inf",
     "inf": "NaN or Inf",
     "huge_norm": "server.max_norm_ratio",
@@ -55,9 +68,13 @@ EXPECTED = {
 }
 PLAN = {FIRST + i: a for i, a in enumerate(MESSAGE_ATTACKS)}
 ROUNDS = max(PLAN)
-BASE = ["task=linreg", f"num_workers={N}", f"rounds={ROUNDS}", "sparsifier=regtopk",
+BASE = ["task=linreg", f"task.dim={J}", f"num_workers={N}", f"rounds={ROUNDS}", "sparsifier=regtopk",
         "sparsifier.sparsity=0.5", "sparsifier.mu=2", "task.size_ratio=3", "threads=1",
         "checkpoint.every=0", f"faults.hostile.worker={HOSTILE}"]
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def _rows(run_dir):
@@ -87,7 +104,7 @@ def test_every_attack_is_rejected_and_nothing_leaks(make_cfg, tmp_path, monkeypa
                              tmp_path / "hostile")
     assert hostile["status"] == "finished" and hostile["rounds_done"] == ROUNDS
     flower = list(outcomes)  # the Flower run's rounds (the twins below record theirs too)
-    twin = run_experiment(make_cfg([*BASE, "runtime=inprocess",
+    twin = run_experiment(make_cfg([*BASE, "runtime=flower",
                                     f"faults.hostile.attacks={FIRST}-{ROUNDS}:absent"]),
                           tmp_path / "twin")
     assert twin["status"] == "finished"
@@ -115,7 +132,9 @@ def test_every_attack_is_rejected_and_nothing_leaks(make_cfg, tmp_path, monkeypa
     assert torch.equal(a, b)
     # and the comparison can fail: the honest rounds moved the model, the
     # hostile rounds moved it differently from a run where worker 3 took part
+    # (in-process: that run's kernels differ, so the difference asserted is
+    # far above the last bits)
     assert float(rows[-1]["gap"]) < float(rows[0]["gap"])
     full = run_experiment(make_cfg([*BASE, "runtime=inprocess"]), tmp_path / "full")
     c = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["params"]
-    assert full["status"] == "finished" and not torch.equal(a, c)
+    assert full["status"] == "finished" and _rel(a, c) > 1e-3

@@ -1,6 +1,14 @@
 """runtime=flower (Flower Simulation Runtime, Ray) and runtime=inprocess run
 the same task/sparsifier/memory/server code; same seed and config must give
-the same trajectory (max relative difference of the global model <= 1e-6)."""
+the same trajectory (max relative difference of the global model <= 1e-6).
+
+Within a tolerance, not bitwise: the in-process engine computes all workers'
+gradients in one batched call, a Flower client computes its own alone, and
+MKL/oneDNN choose their kernels by CPU and by shape, so the two agree in the
+last bits on some processors and not on others. Byte and fault counts are
+integers and are compared exactly. Bitwise comparisons are kept where both
+sides run the same kernels (tests/test_hostile_matrix.py: Flower with
+Flower; tests/test_faults_resume.py: a run with its resumed self)."""
 import csv
 
 import pytest
@@ -106,12 +114,16 @@ def test_tiny_image_flower_equals_inprocess(make_cfg, tmp_path):
     assert _rel(m_fl["params"], m_ip["params"]) <= 1e-6
     assert _rel(m_fl["buffers"], m_ip["buffers"]) <= 1e-6
     last_ip, last_fl = _rows(ip)[-1], _rows(fl)[-1]
-    assert last_ip["accuracy"] and last_fl["accuracy"] == last_ip["accuracy"]
-    assert abs(float(last_fl["loss"]) - float(last_ip["loss"])) <= 1e-6 * float(last_ip["loss"])
     first = torch.load(ip / "model.pt", weights_only=False)["params"]
     from regtopk_fl.runner import build
     task, _ = build(make_cfg(["task=tiny_image", "num_workers=3", "task.samples=300"]))
     assert not torch.equal(first, task.init_params())  # training moved the model
+    # models equal within 1e-6 can still put a test image on the other side of
+    # a decision boundary: the accuracies agree to within one test image
+    assert last_ip["accuracy"]
+    assert abs(float(last_fl["accuracy"]) - float(last_ip["accuracy"])) <= (
+        1.0 / len(task.y_test) + 1e-12)
+    assert abs(float(last_fl["loss"]) - float(last_ip["loss"])) <= 1e-6 * float(last_ip["loss"])
 
 
 @pytest.mark.flower

@@ -43,7 +43,8 @@ def apply_node_config(cfg, node_config) -> None:
 
 def settings_and_build(context, settings=None):
     """(cfg, task, sparsifier, device), built once per process and config."""
-    from regtopk_fl.runner import build, resolve_device
+    from regtopk_fl.device import resolve_device
+    from regtopk_fl.runner import build
 
     cfg = settings_of(context, settings)
     apply_node_config(cfg, getattr(context, "node_config", None) or {})
@@ -52,5 +53,5 @@ def settings_and_build(context, settings=None):
     if key not in _CACHE:
         task, sparsifier = build(cfg)
         _CACHE.clear()  # one experiment per process at a time
-        _CACHE[key] = (cfg, task, sparsifier, resolve_device(cfg))
+        _CACHE[key] = (cfg, task, sparsifier, resolve_device(cfg.device))
     return _CACHE[key]

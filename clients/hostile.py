@@ -33,7 +33,7 @@ def tamper(fault_cfg, pid: int, t: int, content: RecordDict, num_partitions: int
     up = _arrays(content["upload"])
     metrics = {k: content["metrics"][k] for k in content["metrics"].keys()}
     v, i = up["values"], up.get("indices")
-    if i is not None:  # indices travel coded (strategies/wire.py)
+    if i is not None:  # indices travel coded (protocol/wire.py)
         i = decode_indices(i, dim)
     if attack.startswith("index_") and (i is None or i.size < 2):
         raise ValueError(f"attack {attack} needs a sparse upload of at least 2 entries")

@@ -1,7 +1,7 @@
 """In-place state files for simulated clients.
 
 Under the launcher's Flower simulation the clients' state lives in a per-run
-directory on /dev/shm (``runtime.state_dir``, set by strategies/server_app.py
+directory on /dev/shm (``runtime.state_dir``, set by simulation/
 together with ``runtime.state_inplace``). Any Ray actor may serve a node's
 next message, so the state must be in a place every actor reads; Flower's
 Context would carry it to and from the actor with every message. Here each

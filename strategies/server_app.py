@@ -1,17 +1,16 @@
-"""The Flower ServerApp, and the Hydra launcher's ``runtime=flower`` path.
+"""The Flower ServerApp.
 
 ``run_server`` is the whole server side of a run: initial model, central
 evaluation every ``eval_every`` rounds, one metrics row per round, the same
-files as an in-process run. Under the launcher it runs inside
-``flwr.simulation.run_simulation`` (Ray backend); under ``flwr run`` the
-module-level ``app`` reads the same settings from the run config.
+files as an in-process run. Under the launcher it runs inside Flower's
+Simulation Runtime (simulation/, which builds this app and the ClientApp);
+under ``flwr run`` the module-level ``app`` reads the same settings from the
+run config.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -26,7 +25,6 @@ from omegaconf import OmegaConf  # noqa: E402
 from regtopk_fl import network, trust  # noqa: E402
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
-from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
 from .identity import binding_from_cfg  # noqa: E402
@@ -88,50 +86,6 @@ def _evaluate(task, server, device):
         return task.evaluate(server.params.to(device), bufs)
 
 
-def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
-    """The launcher's runtime=flower: Flower's Simulation Runtime, Ray backend."""
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from clients.client_app import make_client_app
-    from regtopk_fl.runner import resolve_device
-
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("hydra", None)
-    device = resolve_device(cfg)
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, task, recorder, ckpt, device)
-
-    # on a cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
-    on_cluster = bool(ray_init_address(cfg))
-    gpus = float(cfg.runtime.client_gpus) if device == "cuda" or on_cluster else 0.0
-    level = str(cfg.runtime.log_level).upper()
-    logging.getLogger("flwr").setLevel(level)
-    backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},
-               "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
-                             "include_dashboard": False}}
-    backend["init_args"].update(ray_init_address(cfg))  # #12: attach to a running cluster
-    tmp = None
-    if settings["runtime"].get("state_dir", "auto") == "auto":
-        settings["runtime"]["state_dir"] = None  # on a cluster: in context.state
-        if not OmegaConf.select(cfg, "runtime.ray_address", default=None):
-            # the clients' memories and replicas in files on this machine, not in
-            # the Contexts that Ray ships to and from the actors with every message
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
-                else None
-            tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(
-                prefix="regtopk-fl-state-", dir=shm)
-            settings["runtime"]["state_inplace"] = True  # scratch: clients/state_files.py
-    try:
-        flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
-                            num_supernodes=int(cfg.num_workers), backend_config=backend)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # -- `flwr run` entry point -----------------------------------------------------
 app = ServerApp()
 
@@ -154,7 +108,8 @@ def _log_to_run_stream() -> None:
 
 @app.main()
 def flwr_main(grid: Grid, context: Context) -> None:
-    from regtopk_fl.runner import resolve_device, run_experiment
+    from regtopk_fl.device import resolve_device
+    from regtopk_fl.runner import run_experiment
     from regtopk_fl.settings import from_run_config, validate
 
     cfg = from_run_config(dict(context.run_config))
@@ -167,6 +122,6 @@ def flwr_main(grid: Grid, context: Context) -> None:
     if poll_s:  # HttpGrid waits a fixed 3 s between pulls; poll faster
         from .polling_grid import PollingGrid
         grid = PollingGrid(grid, float(poll_s))
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     run_experiment(cfg, out, lambda cfg, task, sparsifier, recorder, ckpt:
                    run_server(grid, cfg, task, recorder, ckpt, device))

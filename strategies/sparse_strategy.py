@@ -3,7 +3,7 @@ global gradient (or, with ``broadcast=model``, the model).
 
 Round t: ``configure_train`` sends every node (under client sampling, #12:
 only the nodes of round t's sampled partitions) what the Coordinator's plan
-says (regtopk_fl/broadcast.py, strategies/wire.py): the sparse global
+says (regtopk_fl/broadcast.py, protocol/wire.py): the sparse global
 gradient of round t-1 with the digest of the server's model, or, to a node
 whose replica is missing or stale (a sampled client that missed rounds, say),
 the full model and optimizer state once (a resync), plus the status of its
@@ -31,53 +31,17 @@ import logging
 import time
 from typing import Callable, Iterable
 
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from protocol import wire
 from regtopk_fl.checkpoint import crash_point
-from regtopk_fl.fedround import Coordinator, Reply
-from regtopk_fl.payload import Upload
+from regtopk_fl.fedround import Coordinator
 
-from . import wire
-from .wire import model_record  # noqa: F401  (re-exported)
 from .identity import NodeBinding, screen_claims
 
 log = logging.getLogger(__name__)
-
-
-def decode_reply(msg: Message, dim: int, dtype) -> tuple:
-    """(worker, Reply) from a reply message; raises ValueError when malformed."""
-    content = msg.content
-    metrics = content["metrics"]
-    worker = int(metrics["partition-id"])
-    up = content["upload"]
-    values = wire.tensor(up, "values")
-    indices = wire.uncoded(up, "indices", dim) if "indices" in up else None
-    buffers = wire.tensor(up, "buffers") if "buffers" in up else None
-    n_ex = metrics["num-examples"]
-    reply = Reply(worker, Upload(values, indices, dim), n_ex if isinstance(n_ex, int) else -1,
-                  float(metrics.get("loss", float("nan"))), buffers)
-    if "replica-meta" in content:
-        meta = content["replica-meta"]
-        reply.replica_round = int(meta["round"])
-        reply.digest = meta["digest"] if "digest" in meta else None
-    return worker, reply
-
-
-def memory_content(worker: int, memory: dict) -> RecordDict:
-    """A worker's error-feedback memory as message content (checkpoint/restore)."""
-    arrays = {k: wire.array(v) for k, v in memory["state"].items()}
-    return RecordDict({"memory": ArrayRecord(arrays), "metrics": MetricRecord(
-        {"partition-id": int(worker), "last-round": int(memory["last_round"])})})
-
-
-def read_memory(content: RecordDict) -> tuple:
-    """(worker, {"state": tensors, "last_round": int}): inverse of memory_content."""
-    meta = content["metrics"]
-    state = {k: torch.from_numpy(a.numpy().copy()) for k, a in content["memory"].items()}
-    return int(meta["partition-id"]), {"state": state, "last_round": int(meta["last-round"])}
 
 
 class SparseAggregation(Strategy):
@@ -159,26 +123,16 @@ class SparseAggregation(Strategy):
         shared = None  # the delta records, built once and sent to every node
         msgs = []
         for node, worker, kind in zip(nodes, workers, plan.kind_list):
-            content = RecordDict({"config": ConfigRecord({"server-round": server_round,
-                                                          "downlink": kind})})
             if kind == "delta":
-                shared = shared or wire.step_records(step)
-                for key, rec in shared.items():
-                    content[key] = rec
+                records = shared = shared or wire.step_records(step)
             elif kind == "full":
-                for key, rec in wire.replica_records(server, self.coord.round,
-                                                     step.digest if step else None).items():
-                    content[key] = rec
+                records = wire.replica_records(server, self.coord.round,
+                                               step.digest if step else None)
             else:
-                content["arrays"] = model_record(server.params, server.buffers)
+                records = wire.model_records(server.params, server.buffers)
             fb = self.coord.pending.get(worker) if worker is not None else None
-            if fb is not None:
-                content["feedback-meta"] = ConfigRecord({"weight": float(fb.weight),
-                                                         "rejected": bool(fb.rejected)})
-                if worker in self.upload_round:  # which upload this feedback is about
-                    content["feedback-meta"]["round"] = int(self.upload_round[worker])
-                if fb.values is not None and kind != "delta":  # delta: read off g
-                    content["feedback"] = ArrayRecord({"values": Array(fb.values.cpu().numpy())})
+            content = wire.train_content(server_round, kind, records, fb,
+                                         self.upload_round.get(worker))  # which upload fb is about
             msgs.append(Message(content=content, dst_node_id=node,
                                 message_type=MessageType.TRAIN, group_id=str(server_round),
                                 ttl=self.message_ttl_s))
@@ -196,7 +150,7 @@ class SparseAggregation(Strategy):
                          msg.metadata.src_node_id, msg.error.code, msg.error.reason)
                 continue
             try:
-                worker, reply = decode_reply(msg, server.dim, server.params.dtype)
+                reply = wire.read_reply(msg.content, server.dim)
             except Exception as exc:  # malformed or hostile message: drop, never crash
                 log.warning("round %d: dropped an undecodable reply from node %s: %s",
                             server_round, msg.metadata.src_node_id, exc)
@@ -206,10 +160,10 @@ class SparseAggregation(Strategy):
                 else:
                     undecodable += 1
                 continue
-            if "placement" in msg.content:  # #12: which Ray node computed it
-                ray_node = str(msg.content["placement"]["ray-node-id"])
+            ray_node = wire.read_placement(msg.content)  # #12: which Ray node computed it
+            if ray_node is not None:
                 self.ray_nodes[ray_node] = self.ray_nodes.get(ray_node, 0) + 1
-            decoded.append((msg.metadata.src_node_id, worker, reply))
+            decoded.append((msg.metadata.src_node_id, reply.worker, reply))
         good, distrusted, unbound = screen_claims(self.identity, decoded, server_round)
         rejected.update(distrusted)
         undecodable += unbound
@@ -264,7 +218,7 @@ class SparseAggregation(Strategy):
             for msg in replies:
                 if not msg.has_error():
                     try:
-                        worker, memory = read_memory(msg.content)
+                        worker, memory = wire.read_memory(msg.content)
                     except Exception as exc:  # noqa: BLE001 - a hostile reply: no memory
                         log.warning("round %d: unreadable memory from node %s: %s", t,
                                     msg.metadata.src_node_id, exc)
@@ -305,8 +259,7 @@ class SparseAggregation(Strategy):
         for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
             if not msg.has_error():
                 try:
-                    claims.append((msg.metadata.src_node_id,
-                                   int(msg.content["metrics"]["partition-id"])))
+                    claims.append((msg.metadata.src_node_id, wire.read_identity(msg.content)))
                 except Exception:  # noqa: BLE001 - an unreadable claim binds nothing
                     continue
         for node, why in self.identity.resolve(claims).items():
@@ -317,9 +270,9 @@ class SparseAggregation(Strategy):
         memories, self._restore = self._restore, None
         self.identity.forget_unless_connected(nodes)
         self._identify(grid, nodes)
-        contents = {n: memory_content(w, memories[w]) for n, w in self.node_worker.items()
+        contents = {n: wire.memory_content(w, memories[w]) for n, w in self.node_worker.items()
                     if n in nodes and w in memories}
-        done = {int(m.content["metrics"]["partition-id"])
+        done = {wire.read_identity(m.content)
                 for m in self._query(grid, "restore", contents) if not m.has_error()}
         lost = sorted(set(memories) - done)
         if lost:

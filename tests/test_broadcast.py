@@ -1,4 +1,4 @@
-"""The sparse downlink (regtopk_fl/broadcast.py, strategies/wire.py): replicas
+"""The sparse downlink (regtopk_fl/broadcast.py, protocol/wire.py): replicas
 stay bitwise equal to the server's model, stale or wrong ones are resynced or
 rejected, and what is counted is what travels."""
 import numpy as np
@@ -17,7 +17,7 @@ def _random_upload(gen, dim, k, dtype=torch.float32):
 
 def _wire(step):
     """The step through Flower's records and back, as a worker receives it."""
-    from strategies import wire
+    from protocol import wire
 
     return wire.read_step(wire.step_records(step))
 
@@ -158,7 +158,7 @@ def test_wire_indices_travel_coded():
     coded bytes (uint8), and anything else in their place is refused."""
     from flwr.app import Array, ArrayRecord
 
-    from strategies import wire
+    from protocol import wire
 
     dim = 10_000
     idx = torch.tensor([5, 6, 7, 900, 9999])

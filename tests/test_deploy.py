@@ -17,12 +17,13 @@ import zipfile
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import fuse_dicts, parse_config_args
 from omegaconf import OmegaConf
 
 from regtopk_fl import deploy
-from regtopk_fl.settings import PROJECT_ROOT, from_run_config, to_run_config
+from regtopk_fl.paths import PROJECT_ROOT
+from regtopk_fl.settings import from_run_config, to_run_config
 
 REPO = PROJECT_ROOT
 
@@ -177,22 +178,20 @@ class _Federation:
 
     def send_and_receive(self, messages, timeout=None):
         """The strategy's queries (identify) answered by the ClientApp's handler."""
-        from clients.client_app import _identity_reply
+        from clients.client_app import handle_identify
 
         out = []
         for m in messages:
             assert m.metadata.message_type.endswith("identify"), m.metadata.message_type
-            out.append(_identity_reply(m, self.contexts[m.metadata.dst_node_id]))
+            out.append(handle_identify(m, self.contexts[m.metadata.dst_node_id]))
         return out
 
     def round(self, t, restart=(), lose=()):
         from clients.client_app import handle_train
-        from strategies.sparse_strategy import model_record
 
         for i in restart:
             self.contexts[100 + i] = self.new_context(i)
-        arrays = model_record(self.server.params, None)
-        msgs = self.strategy.configure_train(t, arrays, ConfigRecord(), self)
+        msgs = self.strategy.configure_train(t, ArrayRecord(), ConfigRecord(), self)
         replies, self.errors = [], {}
         for m in msgs:
             reply = handle_train(m, self.contexts[m.metadata.dst_node_id])
@@ -233,7 +232,7 @@ def test_fresh_node_ignores_feedback_instead_of_crashing(make_cfg, task_identity
     cannot apply round 2's gradient, so it answers REPLICA_STALE (no upload
     from a wrong model) and gets the full model next round (a resync), where
     the server's feedback about its last upload is ignored (logged)."""
-    from clients.client_app import REPLICA_STALE
+    from protocol.wire import REPLICA_STALE
 
     cfg = _linreg_cfg(make_cfg)
     fed = _Federation(cfg)
@@ -255,7 +254,7 @@ def test_lost_upload_goes_back_into_the_residual(make_cfg, task_identity, caplog
     """Node 0's round-2 reply never reaches the server: next round the server's
     feedback is about round 1, so the client puts its round-2 upload back into
     the residual (as for a rejected upload): nothing of its gradient is lost."""
-    from clients.client_app import load_memory
+    from clients.node_state import load_memory
     from regtopk_fl.runner import build
 
     cfg = _linreg_cfg(make_cfg)
@@ -356,7 +355,7 @@ def test_simulation_state_dir_keeps_tensors_out_of_the_context(make_cfg, task_id
     /dev/shm directory): memory and replica live in files, context.state
     keeps only the round tags, and the run is bitwise the one that keeps
     everything in context.state."""
-    from clients.client_app import MEMORY_KEY, META_KEY, REPLICA_KEY, REPLICA_META_KEY
+    from clients.node_state import MEMORY_KEY, META_KEY, REPLICA_KEY, REPLICA_META_KEY
 
     plain = _Federation(_linreg_cfg(make_cfg, momentum=0.5))
     files = _Federation(_linreg_cfg(make_cfg, momentum=0.5, **{"runtime.state_dir": tmp_path}))

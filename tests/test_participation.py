@@ -97,7 +97,7 @@ def test_ray_address_reaches_ray_init(make_cfg, monkeypatch, tmp_path):
     which flwr's RayBackend passes to ray.init (no simulation is started)."""
     import flwr.simulation
 
-    from strategies import server_app
+    import simulation
 
     seen = {}
     monkeypatch.setattr(flwr.simulation, "run_simulation",
@@ -106,7 +106,7 @@ def test_ray_address_reaches_ray_init(make_cfg, monkeypatch, tmp_path):
                           ("127.0.0.1:6379", "127.0.0.1:6379")):
         seen.clear()
         cfg = make_cfg(["runtime=flower", "device=cpu", f"runtime.ray_address={address or 'null'}"])
-        server_app.run_simulation(cfg, None, None, None, None)
+        simulation.run_simulation(cfg, None, None, None, None)
         assert seen["init_args"].get("address") == want
         assert seen["init_args"]["include_dashboard"] is False
 

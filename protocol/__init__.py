@@ -1,0 +1,1 @@
+"""The Flower wire protocol shared by the ClientApp and the strategy."""

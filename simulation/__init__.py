@@ -1,0 +1,65 @@
+"""The launcher's ``runtime=flower``: the ServerApp (strategies/) and the
+ClientApp (clients/) in Flower's Simulation Runtime on Ray. This is the one
+place that builds both apps, so neither app folder imports the other.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from clients.client_app import make_client_app  # noqa: E402
+from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
+from regtopk_fl.device import resolve_device  # noqa: E402
+from strategies.server_app import run_server  # noqa: E402
+
+
+def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
+    """The launcher's runtime=flower: Flower's Simulation Runtime, Ray backend."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("hydra", None)
+    device = resolve_device(cfg.device)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, task, recorder, ckpt, device)
+
+    # on a cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
+    on_cluster = bool(ray_init_address(cfg))
+    gpus = float(cfg.runtime.client_gpus) if device == "cuda" or on_cluster else 0.0
+    level = str(cfg.runtime.log_level).upper()
+    logging.getLogger("flwr").setLevel(level)
+    backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},
+               "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
+                             "include_dashboard": False}}
+    backend["init_args"].update(ray_init_address(cfg))  # #12: attach to a running cluster
+    tmp = None
+    if settings["runtime"].get("state_dir", "auto") == "auto":
+        settings["runtime"]["state_dir"] = None  # on a cluster: in context.state
+        if not OmegaConf.select(cfg, "runtime.ray_address", default=None):
+            # the clients' memories and replicas in files on this machine, not in
+            # the Contexts that Ray ships to and from the actors with every message
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+                else None
+            tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(
+                prefix="regtopk-fl-state-", dir=shm)
+            settings["runtime"]["state_inplace"] = True  # scratch: clients/state_files.py
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
+                            num_supernodes=int(cfg.num_workers), backend_config=backend)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -189,31 +189,26 @@ class FedServer:
         return bool(ok.all())
 
     def step(self, replies: list) -> RoundOutcome:
+        """One server round over the replies of the workers that answered.
+        The steps (numbered again in the body and in the helpers):
+
+        1. validate: drop malformed uploads, each with its logged reason
+           (payload.validate_upload; one vectorised check when all are sound);
+        2. trust: drop well-formed uploads the server does not believe
+           (trust.Guard.screen: claimed sizes, norms);
+        3. weigh: w_n from the server's own example counts over the accepted
+           replies (paper eq. 1), or the capped claims (trust.Guard.weights);
+        4. aggregate: g = sum_n w_n g_hat_n, one scatter-add over the sparse
+           uploads in worker order, never densifying one; or a robust rule;
+        5. feedback: g on each worker's uploaded entries (RegTop-k's Delta);
+        6. count: entries sent, uplink bytes (raw and coded), weighted loss;
+        7. step: average the BatchNorm buffers and take the ServerSGD step.
+
+        A round with no accepted reply leaves the model unchanged.
+        """
         replies = sorted(replies, key=lambda r: r.worker)  # same order in every runtime
-        try:
-            packed = self._concat(replies)
-        except (RuntimeError, TypeError):  # uploads of mixed shapes: the slow path names them
-            packed = None
-        if packed is not None and self._all_sound(replies, packed):
-            ok, rejected = replies, {}
-        else:
-            ok, rejected = [], {}
-            for r in replies:
-                why = self.check(r)
-                if why is None:
-                    ok.append(r)
-                else:
-                    rejected[r.worker] = why
-                    log.warning("dropped the upload of worker %s: %s", r.worker, why)
-            packed = self._concat(ok)
-        if self.trust is not None and ok:  # well-formed but not believed (trust.py, #11)
-            n_ok = len(ok)
-            ok, distrusted = self.trust.screen(ok)
-            for n, why in distrusted.items():
-                rejected[n] = why
-                log.warning("dropped the upload of worker %s: %s", n, why)
-            if len(ok) != n_ok:
-                packed = self._concat(ok)
+        ok, rejected, packed = self._validate(replies)  # 1
+        ok, packed = self._screen(ok, rejected, packed)  # 2
         g = torch.zeros_like(self.params)
         out = RoundOutcome(g, {}, {}, [r.worker for r in ok], rejected)
         idx = packed[1]
@@ -224,30 +219,84 @@ class FedServer:
         if not ok:
             log.warning("no valid reply this round; the model is left unchanged")
             return out
-        if self.trust is not None:
-            weights = self.trust.weights(ok)
-        else:
-            total = float(sum(r.num_examples for r in ok))
-            weights = [r.num_examples / total for r in ok]
+        weights = self._weigh(ok)  # 3
         out.weights = {r.worker: w for r, w in zip(ok, weights)}
-        robust = self.trust is not None and self.trust.robust
-        if robust:  # coordinate-wise rule; feedback below reads the g it made
+        self._aggregate(g, ok, weights, packed)  # 4
+        self._feedback(out, ok, packed)  # 5
+        self._count(out, ok, weights, packed)  # 6
+        self._step(g, ok, weights)  # 7
+        return out
+
+    # -- the steps of :meth:`step` ------------------------------------------------
+    def _validate(self, replies) -> tuple:
+        """1. (sound replies, {worker: reason}, their packed uploads)."""
+        try:
+            packed = self._concat(replies)
+        except (RuntimeError, TypeError):  # uploads of mixed shapes: the slow path names them
+            packed = None
+        if packed is not None and self._all_sound(replies, packed):
+            return replies, {}, packed
+        ok, rejected = [], {}
+        for r in replies:
+            why = self.check(r)
+            if why is None:
+                ok.append(r)
+            else:
+                rejected[r.worker] = why
+                log.warning("dropped the upload of worker %s: %s", r.worker, why)
+        return ok, rejected, self._concat(ok)
+
+    def _screen(self, ok, rejected, packed) -> tuple:
+        """2. Well-formed but not believed (trust.py, #11): into ``rejected``."""
+        if self.trust is None or not ok:
+            return ok, packed
+        n_ok = len(ok)
+        ok, distrusted = self.trust.screen(ok)
+        for n, why in distrusted.items():
+            rejected[n] = why
+            log.warning("dropped the upload of worker %s: %s", n, why)
+        return ok, (self._concat(ok) if len(ok) != n_ok else packed)
+
+    def _weigh(self, ok) -> list:
+        """3. w_n, in the order of ``ok``."""
+        if self.trust is not None:
+            return self.trust.weights(ok)
+        total = float(sum(r.num_examples for r in ok))
+        return [r.num_examples / total for r in ok]
+
+    @property
+    def _robust(self) -> bool:
+        return self.trust is not None and self.trust.robust
+
+    def _aggregate(self, g, ok, weights, packed) -> None:
+        """4. g in place: dense uploads added one by one, then the sparse ones
+        in one scatter-add in worker order (the same sequence of additions as
+        adding them one by one); a robust rule writes g itself."""
+        if self._robust:  # coordinate-wise rule; feedback reads the g it made
             self.trust.combine(g, ok, weights)
+            return
         for r, w in zip(ok, weights):
-            if r.upload.indices is None and not robust:
+            if r.upload.indices is None:
                 g.add_(r.upload.values, alpha=w)
         sparse, idx, vals, counts = packed
-        if sparse and robust:
-            fb = iter(torch.split(g[idx], counts))
-        elif sparse:
-            # one scatter-add over all uploads, in worker order: the same
-            # sequence of additions as adding them one by one
-            wrep = torch.tensor([out.weights[r.worker] for r in sparse], dtype=g.dtype,
+        if sparse:
+            by_worker = dict(zip((r.worker for r in ok), weights))
+            wrep = torch.tensor([by_worker[r.worker] for r in sparse], dtype=g.dtype,
                                 device=g.device)[row_of_entry(counts, g.device)]
             g.index_add_(0, idx, vals * wrep)
-            fb = iter(torch.split(g[idx], counts))
+
+    @staticmethod
+    def _feedback(out: RoundOutcome, ok, packed) -> None:
+        """5. g on each worker's entries (the whole g for a dense upload)."""
+        sparse, idx, _, counts = packed
+        g = out.grad
+        fb = iter(torch.split(g[idx], counts)) if sparse else iter(())
         for r in ok:
             out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
+
+    def _count(self, out: RoundOutcome, ok, weights, packed) -> None:
+        """6. What the accepted uploads sent and cost (coded: as they travel)."""
+        sparse, idx, vals, counts = packed
         out.sent = sum(r.upload.values.numel() for r in ok)
         out.uplink_raw = sum(raw_bytes(r.upload) for r in ok)
         out.uplink_each = {r.worker: raw_bytes(r.upload) for r in ok if r.upload.indices is None}
@@ -257,12 +306,14 @@ class FedServer:
                 out.uplink_each[r.worker] = b + r.upload.values.numel() * vsize
         out.uplink_coded = sum(out.uplink_each.values())
         out.loss = sum(w * float(r.loss) for r, w in zip(ok, weights))
+
+    def _step(self, g, ok, weights) -> None:
+        """7. The averaged buffers, then the optimizer step with g."""
         if self.buffers is not None:
             self.buffers = torch.stack([r.buffers for r in ok]).mul_(
                 torch.tensor(weights, dtype=self.buffers.dtype,
                              device=self.buffers.device)[:, None]).sum(0)
         self.opt.step(g)
-        return out
 
     def state_dict(self) -> dict:
         return {"params": self.params.clone(),

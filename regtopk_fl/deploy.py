@@ -25,7 +25,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .settings import CONF_DIR, PROJECT_ROOT, resolve_path, to_run_config, validate
+from .paths import CONF_DIR, PROJECT_ROOT, resolve_path
+from .settings import to_run_config, validate
 
 DEFAULT_CONNECTION = "regtopk-local"
 PATH_KEYS = ("task.data_path", "task.cache_dir")
@@ -144,7 +145,7 @@ def deploy_run_config(cfg: DictConfig, output_dir=None) -> dict:
     flat = to_run_config(cfg)
     for key in PATH_KEYS:
         if flat.get(key):
-            flat[key] = os.path.normpath(resolve_path(flat[key]))
+            flat[key] = os.path.normpath(str(resolve_path(flat[key])))
     out = output_dir if output_dir is not None else OmegaConf.select(cfg, "output_dir")
     flat["output_dir"] = "" if out is None else str(out)
     return flat

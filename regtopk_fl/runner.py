@@ -18,44 +18,38 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import network
 from .checkpoint import Checkpointer, config_fingerprint, crash_point, run_dir_status
+from .device import resolve_device
 from . import trust
 from .results import RunRecorder
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(cfg) -> str:
-    want = OmegaConf.select(cfg, "device", default="auto")
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return want
-
-
 def build(cfg: DictConfig):
     """(task, sparsifier) from the settings: Hydra instantiates the ``_target_``s."""
-    from .settings import resolve_path
+    from .paths import resolve_path
 
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     if "device" in task_cfg:
-        task_cfg["device"] = resolve_device(cfg)
+        task_cfg["device"] = resolve_device(cfg.device)
     for key in ("data_path", "cache_dir"):
         if task_cfg.get(key):
-            task_cfg[key] = resolve_path(task_cfg[key])
+            task_cfg[key] = str(resolve_path(task_cfg[key]))
     task = instantiate(task_cfg)
     sparsifier = instantiate(OmegaConf.to_container(cfg.sparsifier, resolve=True))
     return task, sparsifier
 
 
 def identity(cfg: DictConfig, sparsifier) -> dict:
-    from .settings import USES_MU
+    from .settings import uses_mu
 
+    mu = uses_mu(cfg.sparsifier.name)
     return {
         "experiment": OmegaConf.select(cfg, "experiment"),
         "task": cfg.task.name, "runtime": cfg.runtime.name, "sparsifier": cfg.sparsifier.name,
         "sparsity": float(sparsifier.sparsity),
-        "mu": float(cfg.sparsifier.mu) if cfg.sparsifier.name in USES_MU else None,
-        "distortion": OmegaConf.select(cfg, "sparsifier.distortion")
-        if cfg.sparsifier.name in USES_MU else None,
+        "mu": float(cfg.sparsifier.mu) if mu else None,
+        "distortion": OmegaConf.select(cfg, "sparsifier.distortion") if mu else None,
         "num_workers": int(cfg.num_workers), "rounds": int(cfg.rounds), "seed": int(cfg.seed),
         "lr": float(cfg.lr), "local_steps": int(cfg.local_steps),
     }
@@ -119,7 +113,7 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
     run = InProcessRun(task, sparsifier, lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, local_steps=cfg.local_steps,
                        local_lr=cfg.local_lr, seed=cfg.seed,
-                       fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg),
+                       fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg.device),
                        broadcast=OmegaConf.select(cfg, "broadcast", default="gradient"),
                        participation=participation_from_cfg(cfg, task.num_examples()))
     trust.install(run.server, cfg, task, recorder)  # what the server believes (#11)

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
+from .paths import CONF_DIR, resolve_path
 
-SPARSIFIERS = ("dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk",
-               "global_topk")
-USES_MU = ("regtopk", "regtopk_gaussiank")
-TASKS = ("toy", "linreg", "cifar10", "tiny_image")
-RUNTIMES = ("inprocess", "flower")
+
+def group_options(group: str) -> tuple:
+    """The choices of a config group: the names of its conf/<group>/*.yaml."""
+    return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+def uses_mu(sparsifier: str) -> bool:
+    """Whether a sparsifier is regularised by mu (RegTop-k and its variants)."""
+    from .compress import SPARSIFIERS, RegTopK
+
+    cls = SPARSIFIERS.get(sparsifier)
+    return cls is not None and issubclass(cls, RegTopK)
 
 
 class ConfigError(ValueError):
@@ -71,6 +76,7 @@ def _bool(cfg, key, default=False):
 def validate_trust(cfg, n: int, runtime: str) -> None:
     """The ``server:`` block (regtopk_fl/trust.py) and ``faults.hostile``."""
     from .hostile import parse
+    from .trust import AGGREGATES
 
     _num(cfg, "server.max_norm_ratio", 1, required=False,
          allowed="must be null (off) or a number >= 1")
@@ -80,7 +86,7 @@ def validate_trust(cfg, n: int, runtime: str) -> None:
     _num(cfg, "server.max_weight_share", 0, 1, lo_open=True, required=False,
          allowed="must be in (0, 1]")
     if _get(cfg, "server.aggregate") is not None:
-        _choice(cfg, "server.aggregate", ("mean", "trimmed_mean", "median"))
+        _choice(cfg, "server.aggregate", AGGREGATES)
     _num(cfg, "server.trim_fraction", 0, 0.5, hi_open=True, required=False,
          allowed="must be in [0, 0.5)")
     keys = _get(cfg, "server.node_keys")
@@ -104,13 +110,19 @@ def validate_trust(cfg, n: int, runtime: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every user-settable key; raise ConfigError on the first bad one."""
-    task = _choice(cfg, "task.name", TASKS)
-    sp = _choice(cfg, "sparsifier.name", SPARSIFIERS)
-    runtime = _choice(cfg, "runtime.name", RUNTIMES)
+    from .broadcast import MODES
+    from .compress.regtopk import DISTORTIONS
+    from .participation import STALE_POLICIES
+    from .tasks.data import PARTITION_SCHEMES
+    from .tasks.models import STEMS
+
+    task = _choice(cfg, "task.name", group_options("task"))
+    sp = _choice(cfg, "sparsifier.name", group_options("sparsifier"))
+    runtime = _choice(cfg, "runtime.name", group_options("runtime"))
     _num(cfg, "sparsifier.sparsity", 0, 1, lo_open=True, allowed="must be in (0, 1]")
-    if sp in USES_MU:
+    if uses_mu(sp):
         _num(cfg, "sparsifier.mu", 0, lo_open=True, allowed="must be a finite number > 0")
-        _choice(cfg, "sparsifier.distortion", ("reference", "paper"))
+        _choice(cfg, "sparsifier.distortion", DISTORTIONS)
         _num(cfg, "sparsifier.q", 0, lo_open=True, allowed="must be a finite number > 0")
     n = _num(cfg, "num_workers", 1, integer=True, allowed="must be an integer >= 1")
     _num(cfg, "rounds", 1, integer=True, allowed="must be an integer >= 1")
@@ -130,13 +142,13 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "checkpoint.seconds", 0, lo_open=True, allowed="must be a finite number > 0")
     validate_trust(cfg, n, runtime)
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
-    _choice(cfg, "broadcast", ("gradient", "model"))
+    _choice(cfg, "broadcast", MODES)
     for key in ("network.uplink_mbps", "network.downlink_mbps"):
         _num(cfg, key, 0, lo_open=True, required=False, allowed="must be null or a number > 0")
     _num(cfg, "network.latency_ms", 0, required=False, allowed="must be null or a number >= 0")
     _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
     _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")
-    _participation(cfg, n, runtime)
+    _participation(cfg, n, runtime, STALE_POLICIES)
     if _get(cfg, "device") == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -169,7 +181,7 @@ def validate(cfg: DictConfig) -> None:
             _fail("num_workers", n, f"more workers than data points ({m * n})")
     if task in ("cifar10", "tiny_image"):
         _num(cfg, "task.batch_size", 1, integer=True, allowed="must be an integer >= 1")
-        _choice(cfg, "task.partition", ("iid", "dirichlet", "unequal"))
+        _choice(cfg, "task.partition", PARTITION_SCHEMES)
         if _get(cfg, "task.partition") == "dirichlet":
             _num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")
         if _get(cfg, "task.partition") == "unequal":
@@ -179,7 +191,7 @@ def validate(cfg: DictConfig) -> None:
         if n > per:
             _fail("num_workers", n, f"more workers than data points ({per})")
     if task == "cifar10":
-        _choice(cfg, "task.stem", ("cifar", "imagenet"))
+        _choice(cfg, "task.stem", STEMS)
         path = _get(cfg, "task.data_path")
         if not _get(cfg, "task.download", False):
             if path is None or not os.path.exists(resolve_path(path)):
@@ -194,7 +206,7 @@ def validate(cfg: DictConfig) -> None:
             _fail("num_workers", n, "more workers than data points (50000)")
 
 
-def _participation(cfg, n: int, runtime: str) -> None:
+def _participation(cfg, n: int, runtime: str, policies) -> None:
     """participation.*: at most one of clients_per_round / fraction."""
     m = _num(cfg, "participation.clients_per_round", 1, n, integer=True, required=False,
              allowed=f"must be null or an integer in [1, num_workers={n}]")
@@ -207,8 +219,8 @@ def _participation(cfg, n: int, runtime: str) -> None:
     if not isinstance(w, bool):
         _fail("participation.weighted", w, "must be true or false")
     policy = _get(cfg, "participation.stale_feedback", "keep")
-    if policy not in ("keep", "forget"):
-        _fail("participation.stale_feedback", policy, "must be one of keep, forget")
+    if policy not in policies:
+        _fail("participation.stale_feedback", policy, f"must be one of {', '.join(policies)}")
     if policy == "forget" and runtime != "inprocess":
         _fail("participation.stale_feedback", policy, "forget is an in-process ablation: "
               "use runtime=inprocess")
@@ -224,12 +236,6 @@ def _ray_address(cfg) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
         _fail("runtime.ray_address", v, "must be null, auto, host:port (a running Ray "
               "cluster's GCS) or ray://host:port (Ray Client)")
-
-
-def resolve_path(path) -> str:
-    """Relative data paths are relative to the project root, wherever we run."""
-    p = Path(os.path.expanduser(str(path)))
-    return str(p if p.is_absolute() else PROJECT_ROOT / p)
 
 
 # -- the flat form used as Flower's run config ---------------------------------

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from regtopk_fl.paths import resolve_path
 from regtopk_fl.tasks import data as D
 from regtopk_fl.tasks import models as M
 from regtopk_fl.tasks.images import ImageTask, TinyImageTask, make_tiny_images
 
-ARCHIVE = D.resolve_path(D.DEFAULT_DATA_PATH, must_exist=False)
+ARCHIVE = resolve_path(D.DEFAULT_DATA_PATH)
 needs_archive = pytest.mark.skipif(not ARCHIVE.is_file(),
                                    reason=f"offline CIFAR-10 archive missing: {ARCHIVE}")
 

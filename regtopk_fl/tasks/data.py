@@ -42,11 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..paths import PROJECT_ROOT, resolve_path
+
 # flwr-datasets sends a usage event to telemetry.flower.ai from some calls
 # (plots); machines here are offline, so keep it off unless asked for.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_PATH = "../shared/data/cifar10-jpeg.tar.gz"
 DEFAULT_CACHE_DIR = "results/cache"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -70,26 +71,18 @@ class CifarArrays:
 
 
 # -- paths ---------------------------------------------------------------------
-def resolve_path(path, must_exist: bool = True) -> Path:
-    """An absolute path: as given, else relative to the working directory,
-    else relative to the project root (Hydra may change the working dir)."""
-    p = Path(os.path.expanduser(str(path)))
-    if p.is_absolute():
-        cands = [p]
-    else:
-        cands = [Path.cwd() / p, PROJECT_ROOT / p]
-    for c in cands:
-        if c.exists():
-            return c.resolve()
-    if must_exist:
-        tried = " or ".join(str(c) for c in cands)
+def data_path_of(path) -> Path:
+    """The data at ``path`` (paths.resolve_path), or FileNotFoundError saying
+    what was expected there."""
+    p = resolve_path(path)
+    if not p.exists():
         raise FileNotFoundError(
-            f"CIFAR-10 data not found at '{path}' (looked for {tried}). Expected the "
+            f"CIFAR-10 data not found at '{path}' (looked for {p}). Expected the "
             f"offline archive {DEFAULT_DATA_PATH} (relative to the project root), a "
             "directory with the class-folder tree, or a torchvision CIFAR-10 folder "
             "(cifar-10-batches-py); set download=true to let torchvision fetch it "
             "(needs internet).")
-    return (cands[-1] if not p.is_absolute() else p).resolve()
+    return p
 
 
 def _cache_dir(cache_dir) -> Path:
@@ -348,14 +341,14 @@ def load_cifar10(data_path=None, cache_dir=None, subset_per_class=None, test_sub
     subset_per_class = None if subset_per_class is None else int(subset_per_class)
     test_subset = None if test_subset is None else int(test_subset)
     if download:
-        root = resolve_path(data_path, must_exist=False)
+        root = resolve_path(data_path)
         key = ("torchvision", str(root), subset_per_class, test_subset)
         if key not in _CACHE:
             if root.suffix in (".gz", ".tgz", ".tar"):
                 root = root.parent
             _CACHE[key] = _take(_read_torchvision(root, True), subset_per_class, test_subset)
         return _CACHE[key]
-    src = resolve_path(data_path)
+    src = data_path_of(data_path)
     key = (str(src), str(_cache_dir(cache_dir)), subset_per_class, test_subset)
     if key in _CACHE:
         return _CACHE[key]
@@ -422,6 +415,9 @@ def unequal_sizes(n: int, num_workers: int, ratio: float = 5.0, seed: int = 0,
                      f"{num_workers} workers")
 
 
+PARTITION_SCHEMES = ("iid", "dirichlet", "unequal")
+
+
 def make_partitioner(labels, num_workers: int, scheme: str = "iid", seed: int = 0,
                      alpha: float = 0.5, min_partition_size: int = 10,
                      size_ratio: float = 5.0):
@@ -444,7 +440,7 @@ def make_partitioner(labels, num_workers: int, scheme: str = "iid", seed: int = 
         p = SizePartitioner([int(s) for s in sizes])
         ds = _permuted(ds, rng.permutation(len(labels)), seed)
     else:
-        raise ValueError(f"unknown partition scheme {scheme!r} (iid | dirichlet | unequal)")
+        raise ValueError(f"unknown partition scheme {scheme!r} ({' | '.join(PARTITION_SCHEMES)})")
     p.dataset = ds
     return p
 

@@ -21,17 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import vector_to_parameters
 
+from ..device import resolve_device
 from . import data as D
 from .base import Task
 from .models import buffer_tensors, flat_buffers, flat_params, resnet18, tiny_cnn
 
 _TENSORS: dict = {}  # process-level: (data key, device) -> tensors on that device
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _seed_int(*words) -> int:
@@ -226,7 +221,7 @@ class ImageTask(_ImageTask):
                  stem: str = "cifar", augment: bool = False, eval_batch_size: int = 500,
                  device: str = "cpu", download: bool = False, name: str | None = None,
                  width: int = 64):
-        dev = resolve_device(device)  # name: the config's task name, not used
+        dev = torch.device(resolve_device(device))  # name: the config's task name, not used
         arrs = D.load_cifar10(data_path, cache_dir, subset_per_class, test_subset, download)
         key = (id(arrs), str(dev))
         if key not in _TENSORS or _TENSORS[key][0] is not arrs:
@@ -295,7 +290,7 @@ class TinyImageTask(_ImageTask):
                  noise: float = 1.0, width: int = 16, data_seed: int | None = None,
                  data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
                  stem=None, download=False, name: str | None = None):
-        dev = resolve_device(device)
+        dev = torch.device(resolve_device(device))
         if test_subset is not None:
             num_test = int(test_subset)
         ds = seed if data_seed is None else data_seed

@@ -56,6 +56,9 @@ def _narrow_resnet18(num_classes: int, width: int) -> nn.Module:
     return m
 
 
+STEMS = ("cifar", "imagenet")
+
+
 def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: int = 64) -> nn.Module:
     import torchvision
 
@@ -72,7 +75,7 @@ def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: i
             nn.init.kaiming_normal_(m.conv1.weight, mode="fan_out", nonlinearity="relu")
             m.maxpool = nn.Identity()
         elif stem != "imagenet":
-            raise ValueError(f"unknown ResNet stem {stem!r} (cifar | imagenet)")
+            raise ValueError(f"unknown ResNet stem {stem!r} ({' | '.join(STEMS)})")
         return m
 
     return _seeded(seed, build)

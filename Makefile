@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test setup bench federation-test cluster-test clean
+.PHONY: run test test-kernels setup bench federation-test cluster-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,19 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The tests that compare code paths (runtimes, batched and per-worker, resumed
+# and uninterrupted, replicas and server) under torch's other CPU kernels:
+# ATEN_CPU_CAPABILITY switches them on one machine, as another CPU would
+# (README "Which equalities are bitwise"; ~2 x 4 min, not in `make test`).
+KERNEL_TESTS := tests/test_runtime_equivalence.py tests/test_hostile_matrix.py \
+	tests/test_faults_resume.py tests/test_broadcast.py tests/test_participation.py \
+	tests/test_memory.py tests/test_deploy.py tests/test_presets.py tests/test_image_tasks.py
+test-kernels: $(STAMP)
+	for cap in default avx2; do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q $(KERNEL_TESTS) || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_sparsifiers.py

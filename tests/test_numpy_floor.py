@@ -1,0 +1,42 @@
+"""scripts/numpy_floor.py, the plain-numpy floor that bench_runtimes.py holds
+the in-process round against, must run the same algorithm: the same
+trajectory as the suite's in-process run, to within the last bits (numpy's
+and torch's mat-vec and norm kernels sum in different orders)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from regtopk_fl.runner import build, run_experiment
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "numpy_floor.py"
+
+
+@pytest.fixture(scope="module")
+def floor():
+    spec = importlib.util.spec_from_file_location("numpy_floor", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("sp, s", [("regtopk", 0.6), ("topk", 0.5)])
+def test_floor_follows_the_suites_trajectory(floor, make_cfg, tmp_path, one_thread, sp, s):
+    rounds = 400
+    cfg = make_cfg(["task=linreg", "num_workers=20", f"sparsifier={sp}",
+                    f"sparsifier.sparsity={s}", "sparsifier.mu=4" if sp == "regtopk" else
+                    "sparsifier.mu=null", "eval_every=1", f"rounds={rounds}",
+                    "checkpoint.every=0"])
+    run_experiment(cfg, tmp_path)
+    with open(tmp_path / "metrics.csv") as fh:
+        suite = np.array([float(r["gap"]) for r in csv.DictReader(fh)])
+    task, _ = build(cfg)
+    ours, _ = floor.from_task(task, s, 4.0 if sp == "regtopk" else None, 0.01, rounds)
+    assert ours.shape == suite.shape == (rounds + 1,)
+    assert suite[-1] < 0.5 * suite[0]  # the runs moved
+    rel = np.abs(ours - suite) / suite
+    assert rel.max() <= 1e-6, (int(rel.argmax()), rel.max())

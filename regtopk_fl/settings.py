@@ -137,6 +137,7 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
     _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")
     _participation(cfg, n, runtime)
+    _tracker(cfg)
     if _get(cfg, "device") == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -212,6 +213,40 @@ def _participation(cfg, n: int, runtime: str) -> None:
     if policy == "forget" and runtime != "inprocess":
         _fail("participation.stale_feedback", policy, "forget is an in-process ablation: "
               "use runtime=inprocess")
+
+
+def _tracker(cfg) -> None:
+    """tracker: a conf/tracker/ choice, only the keys its class takes, their
+    values (the class's ``check``), and its packages installed (else: which
+    pyproject extra installs them). Settings without ``tracker`` (an older
+    ``flwr run`` config) write the csv files only."""
+    import importlib.util
+    import inspect
+
+    from hydra.utils import get_class
+
+    node = _get(cfg, "tracker")
+    if node is None:
+        return
+    options = sorted(p.stem for p in (CONF_DIR / "tracker").glob("*.yaml"))
+    name = _choice(cfg, "tracker.name", options)
+    target = _get(cfg, "tracker._target_")
+    try:
+        cls = get_class(target)
+    except Exception:
+        _fail("tracker._target_", target, "must name a sink class (conf/tracker/*.yaml)")
+    opts = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+            if k != "_target_"}
+    takes = set(inspect.signature(cls).parameters)
+    for key in sorted(set(opts) - takes):
+        _fail(f"tracker.{key}", opts[key], f"tracker={name} has no such key; its keys: "
+              f"{', '.join(sorted(takes))}")
+    for key, why in getattr(cls, "check", lambda o: ())(opts):
+        _fail(f"tracker.{key}", opts.get(key), why)
+    for module in getattr(cls, "requires", ()):
+        if importlib.util.find_spec(module) is None:
+            _fail("tracker", name, f"needs the {module} package, not installed here: "
+                  f"pip install -e '.[{cls.extra}]' (or pip install 'regtopk-fl[{cls.extra}]')")
 
 
 def _ray_address(cfg) -> None:

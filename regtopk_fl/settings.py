@@ -271,7 +271,7 @@ def resolve_path(path) -> str:
 RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
             "network", "participation", "num_workers", "rounds", "lr", "momentum",
             "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "device",
-            "experiment", "observe", "threads", "progress", "output_dir")
+            "experiment", "observe", "threads", "progress", "output_dir", "tracker")
 
 
 def to_run_config(cfg: DictConfig) -> dict:
@@ -313,7 +313,7 @@ def from_run_config(run_config: dict) -> DictConfig:
     return OmegaConf.create(tree)
 
 
-GROUP_KEYS = ("task", "sparsifier", "runtime")
+GROUP_KEYS = ("task", "sparsifier", "runtime", "tracker")
 
 
 def group_option_keys(group: str) -> dict:

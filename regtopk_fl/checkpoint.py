@@ -41,14 +41,14 @@ FILE = "checkpoint.pt"
 # test hook: the process SIGKILLs itself after this round (tests/test_faults_resume.py)
 CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
 # keys that do not change what a run computes
-_NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir", "tracker")
+NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir", "tracker")
 _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
              "stale_feedback": "keep"}
 
 
 def config_fingerprint(cfg) -> str:
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in _NOT_IDENTITY}
+            if k not in NOT_IDENTITY}
     # where the Ray cluster is and where simulated clients keep their state do
     # not change what a run computes, and the default participation (everyone)
     # is what runs before these keys computed, so their checkpoints still resume

@@ -158,9 +158,12 @@ def test_tensorboard_holds_metrics_csv_and_the_settings(make_cfg, tmp_path):
     scalars = _check_tb(tmp_path, cfg)
     assert {"loss", "gap", "uplink_coded_bytes", "comm_s", "wall_s", "missing"} <= set(scalars)
     assert "accuracy" not in scalars  # linreg has none: empty in metrics.csv, absent here
-    hp = {k: _hparam(v) for k, v in _tb(tmp_path / "tb")[1].hparams.items()}
+    start = _tb(tmp_path / "tb")[1]
+    hp = {k: _hparam(v) for k, v in start.hparams.items()}
     assert hp["sparsifier.name"] == "regtopk" and hp["sparsifier.sparsity"] == 0.3
-    assert hp["faults.drop_prob"] == 0.2 and hp["progress"] is False
+    assert hp["faults.drop_prob"] == 0.2 and hp["threads"] == 1
+    assert not {"progress", "checkpoint.every", "tracker.name"} & set(hp)  # not what it computes
+    assert start.group_name == tmp_path.name  # the trial: the run directory's name
 
 
 # -- mlflow ---------------------------------------------------------------------
@@ -214,7 +217,8 @@ def test_mlflow_sweep_is_one_experiment_with_a_run_per_job(tmp_path):
     assert (sweep / "mlflow.db").is_file() and not (sweep / "0" / "mlflow.db").exists()
     client, runs = _mlflow_runs(sweep, "my-sweep")
     by_name = {r.info.run_name: r for r in runs}
-    assert len(runs) == 2 and {r.data.params["sparsifier.name"] for r in runs} == {"topk", "regtopk"}
+    assert len(runs) == 2
+    assert {r.data.params["sparsifier.name"] for r in runs} == {"topk", "regtopk"}
     for run in runs:
         job = Path(run.data.tags["regtopk.run_dir"])
         assert job.parent == sweep.resolve()

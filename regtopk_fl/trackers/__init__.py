@@ -35,9 +35,13 @@ def build(cfg) -> list:
 
 
 def flat_settings(cfg) -> dict:
-    """The job's settings as flat "a.b" -> scalar pairs (lists joined by ",",
-    ``_target_`` paths and the tracker's own keys left out): what a tracker
-    records as hyperparameters / params."""
+    """The job's settings as flat "a.b" -> scalar pairs: what a tracker
+    records as hyperparameters / params. Lists are joined by ","; left out
+    are ``_target_`` paths and the top-level keys that do not change what a
+    run computes (checkpoint.NOT_IDENTITY: checkpointing, progress, the
+    tracker itself, ...)."""
+    from ..checkpoint import NOT_IDENTITY
+
     tree = OmegaConf.to_container(cfg, resolve=True)
     flat: dict = {}
 
@@ -52,7 +56,7 @@ def flat_settings(cfg) -> dict:
             flat[prefix] = node
 
     for key, value in tree.items():
-        if key not in ("hydra", "tracker"):
+        if key not in NOT_IDENTITY:
             walk(key, value)
     return flat
 
@@ -75,3 +79,26 @@ def wall_clock(recorder, row: dict) -> float:
     import time
 
     return time.time() - recorder.elapsed() + float(row.get("wall_s") or recorder.elapsed())
+
+
+def job_place(run_dir) -> tuple:
+    """(store directory, sweep name or None, short job name, long job name)
+    of a run directory: in a Hydra sweep the sweep directory, its name, the
+    job's folder in it and "<job number> <its overrides>"; otherwise the run
+    directory and its name (twice)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir).resolve()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            sweep = Path(str(hc.sweep.dir)).resolve()
+            if hc.mode == RunMode.MULTIRUN and sweep in run_dir.parents:
+                return (sweep, sweep.name, str(run_dir.relative_to(sweep)),
+                        f"{hc.job.num} {hc.job.override_dirname}".strip())
+    except (ImportError, ValueError):
+        pass
+    return run_dir, None, run_dir.name, run_dir.name

@@ -24,9 +24,7 @@ the job's run once.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-from . import metrics, wall_clock
+from . import job_place, metrics, wall_clock
 
 RUN_DIR_TAG = "regtopk.run_dir"
 MAX_METRICS, MAX_PARAMS = 1000, 100  # MLflow's log_batch limits
@@ -60,7 +58,7 @@ class MlflowSink:
 
         self.recorder = recorder
         run_dir = recorder.dir.resolve()
-        root, experiment, run_name = job_place(run_dir)
+        root, experiment, _, run_name = job_place(run_dir)
         experiment = self.experiment or experiment or recorder.settings.get("experiment") or "adhoc"
         uri = self.uri or f"sqlite:///{root / 'mlflow.db'}"
         # jobs of a sweep side by side (joblib) share the embedded store: one
@@ -118,22 +116,3 @@ class MlflowSink:
 
 def param_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def job_place(run_dir: Path) -> tuple:
-    """(store directory, default experiment name or None, run name): in a
-    Hydra sweep the sweep directory, its name and the job's overrides;
-    otherwise the run directory, None and its name."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            sweep = Path(str(hc.sweep.dir)).resolve()
-            if hc.mode == RunMode.MULTIRUN and sweep in run_dir.parents:
-                name = f"{hc.job.num} {hc.job.override_dirname}".strip()
-                return sweep, sweep.name, name
-    except (ImportError, ValueError):
-        pass
-    return run_dir, None, run_dir.name

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import metrics, wall_clock
+from . import job_place, metrics, wall_clock
 
 
 class TensorBoardSink:
@@ -35,7 +35,8 @@ class TensorBoardSink:
     def check(options: dict):
         """(key, why) for each bad option (settings.validate)."""
         sub = options.get("subdir")
-        if not isinstance(sub, str) or not sub.strip() or Path(sub).is_absolute() or ".." in Path(sub).parts:
+        if (not isinstance(sub, str) or not sub.strip() or Path(sub).is_absolute()
+                or ".." in Path(sub).parts):
             yield "subdir", "must be a folder name inside the run directory (e.g. tb)"
         fs = options.get("flush_secs")
         if isinstance(fs, bool) or not isinstance(fs, (int, float)) or not fs > 0:
@@ -49,7 +50,8 @@ class TensorBoardSink:
         for old in self.dir.glob("events.out.tfevents.*"):  # an earlier attempt's record
             old.unlink()
         self.writer = SummaryWriter(log_dir=str(self.dir), flush_secs=self.flush_secs)
-        self.writer.file_writer.add_summary(session_start(recorder.settings), 0)
+        trial = job_place(recorder.dir)[2]  # the HParams table's "Trial ID": the job's folder
+        self.writer.file_writer.add_summary(session_start(recorder.settings, trial), 0)
 
     def add(self, row: dict) -> None:
         step, wall = int(row["round"]), wall_clock(self.recorder, row)
@@ -72,10 +74,11 @@ def hparam_values(settings: dict) -> dict:
             if isinstance(v, (bool, int, float, str))}
 
 
-def session_start(settings: dict):
+def session_start(settings: dict, trial: str):
     from tensorboard.plugins.hparams import summary_v2
 
-    return summary_v2.hparams_pb(hparam_values(settings), start_time_secs=time.time())
+    return summary_v2.hparams_pb(hparam_values(settings), trial_id=trial,
+                                 start_time_secs=time.time())
 
 
 def session_end(status: str | None):

@@ -4,7 +4,7 @@ as HParams.
 Event files go to ``<run dir>/<subdir>/`` (default ``tb``), written by
 torch.utils.tensorboard's SummaryWriter in the process that runs the server:
 * one scalar per numeric metrics.csv column and round (tag = column name,
-  step = round; TensorBoard keeps scalars as float32);
+  step = round; TensorBoard keeps scalars as float32), one event per round;
 * the job's settings as the HParams plugin's session start info, and its end
   status (finished / failed) as the session end info. No experiment summary
   is written, so TensorBoard builds one from all the sessions under its
@@ -54,9 +54,14 @@ class TensorBoardSink:
         self.writer.file_writer.add_summary(session_start(recorder.settings, trial), 0)
 
     def add(self, row: dict) -> None:
-        step, wall = int(row["round"]), wall_clock(self.recorder, row)
-        for tag, value in metrics(row).items():
-            self.writer.add_scalar(tag, value, step, walltime=wall)
+        """One event per round holding all its scalars (what add_scalar
+        writes, one value each: 16 events a round cost ~16x the time)."""
+        from tensorboard.compat.proto import summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=value)
+                  for tag, value in metrics(row).items()]
+        self.writer.file_writer.add_summary(summary_pb2.Summary(value=values),
+                                            int(row["round"]), wall_clock(self.recorder, row))
 
     def flush(self) -> None:
         self.writer.flush()

@@ -24,6 +24,7 @@ the job's run once.
 from __future__ import annotations
 
 import json
+
 from . import job_place, metrics, wall_clock
 
 RUN_DIR_TAG = "regtopk.run_dir"
@@ -104,9 +105,9 @@ class MlflowSink:
         self.pending.extend(Metric(k, v, ms, step) for k, v in metrics(row).items())
 
     def flush(self) -> None:
-        while self.pending:
-            batch, self.pending = self.pending[:MAX_METRICS], self.pending[MAX_METRICS:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        pending, self.pending = self.pending, []
+        for i in range(0, len(pending), MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=pending[i:i + MAX_METRICS])
 
     def close(self, summary: dict) -> None:
         self.flush()

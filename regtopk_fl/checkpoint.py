@@ -41,14 +41,14 @@ FILE = "checkpoint.pt"
 # test hook: the process SIGKILLs itself after this round (tests/test_faults_resume.py)
 CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
 # keys that do not change what a run computes
-_NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir")
+NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir", "tracker")
 _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
              "stale_feedback": "keep"}
 
 
 def config_fingerprint(cfg) -> str:
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in _NOT_IDENTITY}
+            if k not in NOT_IDENTITY}
     # where the Ray cluster is and where simulated clients keep their state do
     # not change what a run computes, and the default participation (everyone)
     # is what runs before these keys computed, so their checkpoints still resume
@@ -135,7 +135,7 @@ class Checkpointer:
         if blob["fingerprint"] != self.fingerprint:
             raise ConfigError(f"hydra.run.dir={self.path.parent}: its {FILE} belongs to "
                               "another configuration; choose a new directory")
-        recorder.rows, recorder.offset_s = blob["rows"], blob["elapsed"]
+        recorder.restore(blob["rows"], blob["elapsed"])  # the sinks get them again
         set_rng_state(blob["rng"])
         log.info("resuming %s after round %d", self.path.parent, blob["round"])
         return blob["round"] + 1, blob["state"]

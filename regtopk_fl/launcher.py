@@ -23,9 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .settings import CONF_DIR, ConfigError, validate
+from .settings import CONF_DIR, ConfigError, config_groups, group_options, validate
 
-GROUPS = ("task", "sparsifier", "runtime", "experiment")
+GROUPS = config_groups()  # conf/'s folders: task, sparsifier, runtime, ..., experiment
 
 
 def _fail(msg: str) -> None:
@@ -103,10 +103,41 @@ def check_group_choices(argv) -> None:
             key = key.split(" ", 1)[1]
         if key not in GROUPS:
             continue
-        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        options = group_options(key)
         for choice in value.split(","):
             if choice not in options and not (key == "experiment" and choice == "null"):
                 _fail(f"{key}={choice!r}: unknown choice; available: {', '.join(options)}")
+
+
+def check_group_keys(argv, group: str = "tracker") -> None:
+    """``GROUP.KEY=VALUE`` for a KEY the chosen option of GROUP does not have
+    fails in one line, before Hydra starts (Hydra's own message is several
+    lines, exit 1). The choice is the command line's ``GROUP=`` (each of a
+    sweep's) or conf/config.yaml's default; ``+GROUP.KEY`` adds a key and is
+    left to validate()."""
+    from omegaconf import OmegaConf
+
+    chosen, given = None, []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        if key.startswith("override "):
+            key = key.split(" ", 1)[1]
+        if key == group:
+            chosen = value.split(",")
+        elif key.startswith(group + "."):
+            given.append((key, value))
+    if chosen is None:
+        defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["defaults"]
+        chosen = [d[group] for d in defaults if isinstance(d, dict) and group in d]
+    for key, value in given:
+        for choice in chosen:
+            path = CONF_DIR / group / f"{choice}.yaml"
+            keys = sorted(OmegaConf.load(path).keys()) if path.is_file() else []
+            if keys and key.split(".")[1] not in keys:
+                _fail(f"{key}={value!r}: {group}={choice} has no such key; its keys: "
+                      f"{', '.join(k for k in keys if k != '_target_')}")
 
 
 def _discard_run_dir(run_dir: Path) -> None:
@@ -157,6 +188,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     check_group_choices(sys.argv[1:])
+    check_group_keys(sys.argv[1:], "tracker")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     try:
         _main()

@@ -1,8 +1,23 @@
 """What every run writes into its run directory (a contract other tools use).
 
-* ``metrics.csv``: one row per round (see COLUMNS), rewritten atomically;
+* ``metrics.csv``: one row per round (see COLUMNS), rewritten atomically
+  (:class:`CsvFiles`, the ``tracker=csv`` sink, always one of the sinks);
 * ``summary.json``: the run's identity and final numbers, written atomically,
-  with ``status`` "running" while it goes and "finished" at the end.
+  with ``status`` "running" while it goes and "finished" at the end;
+* ``model.pt``: the final model.
+
+The rows also go to the sinks that ``tracker`` adds (regtopk_fl/trackers/:
+TensorBoard, MLflow). A sink has four methods, all called in the process
+that runs the server (in-process loop or Flower ServerApp):
+
+* ``open(recorder)``: once, when the recorder is made, before any round; it
+  drops what an earlier attempt in this run directory left in the sink
+  (a killed run's rows come again, from its checkpoint);
+* ``add(row)``: one round's row, in round order, also each row restored
+  from a checkpoint (so after a resume every round is in the sink once);
+* ``flush()``: make what was added durable (every ``flush_every_s`` seconds,
+  at each checkpoint and at the end);
+* ``close(summary)``: the run ended, ``summary["status"]`` says how.
 """
 from __future__ import annotations
 
@@ -61,19 +76,54 @@ def _total(values):
     return sum(vals) if vals else None
 
 
-class RunRecorder:
-    """Collects per-round rows and writes the run's files."""
+class CsvFiles:
+    """The ``csv`` sink: ``metrics.csv``, rewritten whole at each flush."""
 
-    def __init__(self, run_dir, identity: dict, flush_every_s: float = 2.0):
+    def __init__(self, name: str = "csv"):
+        self.name = name
+
+    def open(self, recorder) -> None:
+        self.recorder = recorder
+
+    def add(self, row: dict) -> None:
+        pass  # flush() writes every row
+
+    def flush(self) -> None:
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for row in self.recorder.rows:
+            w.writerow([_cell(row.get(c)) for c in COLUMNS])
+        atomic_write_text(self.recorder.dir / "metrics.csv", buf.getvalue())
+
+    def close(self, summary: dict) -> None:
+        pass
+
+
+class RunRecorder:
+    """Collects per-round rows, writes summary.json and model.pt, and hands
+    the rows to its sinks: :class:`CsvFiles` always (metrics.csv), then the
+    ones given (``sinks``, e.g. the ``tracker`` group's; regtopk_fl/trackers/).
+    ``settings``: the job's flat settings ("a.b" -> value) for the sinks that
+    record them (hyperparameters, params)."""
+
+    def __init__(self, run_dir, identity: dict, flush_every_s: float = 2.0, sinks=(),
+                 settings: dict | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.identity = dict(identity)
+        self.settings = dict(settings or {})
         self.rows: list = []
         self.flush_every_s = flush_every_s
-        self.t0 = time.perf_counter()
         self.offset_s = 0.0  # wall time of a resumed run's earlier part
         self._last_flush = 0.0
         self.extras: list = []  # callables -> dicts merged into summary.json (e.g. trust.py)
+        # metrics.csv whatever the tracker: plots, collect and resuming read it
+        self.sinks = [CsvFiles(), *(s for s in sinks if not isinstance(s, CsvFiles))]
+        for sink in self.sinks:
+            sink.open(self)
+        self.t0 = time.perf_counter()  # the run's clock starts once its sinks are ready
 
     def elapsed(self) -> float:
         return self.offset_s + time.perf_counter() - self.t0
@@ -82,17 +132,23 @@ class RunRecorder:
         row = dict(row)
         row.setdefault("wall_s", self.elapsed())
         self.rows.append(row)
+        for sink in self.sinks:
+            sink.add(row)
         if time.perf_counter() - self._last_flush > self.flush_every_s:
             self.flush()
 
+    def restore(self, rows: list, offset_s: float) -> None:
+        """A checkpoint's rows and wall time (checkpoint.py); the sinks get
+        the rows again, as the run's first rows."""
+        self.rows, self.offset_s = [], offset_s
+        for row in rows:
+            self.rows.append(row)
+            for sink in self.sinks:
+                sink.add(row)
+
     def flush(self) -> None:
-        import io
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(COLUMNS)
-        for row in self.rows:
-            w.writerow([_cell(row.get(c)) for c in COLUMNS])
-        atomic_write_text(self.dir / "metrics.csv", buf.getvalue())
+        for sink in self.sinks:
+            sink.flush()
         self._last_flush = time.perf_counter()
 
     def final(self) -> dict:
@@ -135,5 +191,9 @@ class RunRecorder:
                      lambda fh: torch.save({"params": params, "buffers": buffers}, fh), "wb")
 
     def close(self, status: str = "finished") -> dict:
+        """Flush, write summary.json with ``status`` and close every sink."""
         self.flush()
-        return self.write_summary(status)
+        summary = self.write_summary(status)
+        for sink in self.sinks:
+            sink.close(summary)
+        return summary

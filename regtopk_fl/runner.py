@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import network
 from .checkpoint import Checkpointer, config_fingerprint, crash_point, run_dir_status
+from . import trackers, trust
 from .device import resolve_device
-from . import trust
 from .results import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
         log.warning("%s already holds this finished run; nothing to do", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
     task, sparsifier = build(cfg)
-    recorder = RunRecorder(run_dir, {**identity(cfg, sparsifier), "config_sha256": fingerprint})
+    recorder = RunRecorder(run_dir, {**identity(cfg, sparsifier), "config_sha256": fingerprint},
+                           sinks=trackers.build(cfg), settings=trackers.flat_settings(cfg))
     ckpt = Checkpointer(cfg, run_dir, fingerprint)
     if execute is None:  # the runtime's entry point, named by conf/runtime/*.yaml
         execute = get_method(cfg.runtime._target_)
@@ -176,8 +177,10 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
     try:
         execute(cfg, task, sparsifier, recorder, ckpt)
     except BaseException:
-        recorder.flush()
-        recorder.write_summary("failed")
+        try:
+            recorder.close("failed")
+        except Exception:  # a sink that fails now must not hide why the run failed
+            log.exception("closing the run's sinks failed")
         raise
     summary = recorder.close("finished")
     ckpt.finish()

@@ -14,6 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from .paths import CONF_DIR, resolve_path
 
 
+def config_groups() -> tuple:
+    """The config groups: the folders of conf/ (task, sparsifier, runtime, ...)."""
+    return tuple(sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))
+
+
 def group_options(group: str) -> tuple:
     """The choices of a config group: the names of its conf/<group>/*.yaml."""
     return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
@@ -149,6 +154,7 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "threads", 1, integer=True, required=False, allowed="must be null or an integer >= 1")
     _num(cfg, "observe.every", 0, integer=True, required=False, allowed="must be an integer >= 0")
     _participation(cfg, n, runtime, STALE_POLICIES)
+    _tracker(cfg)
     if _get(cfg, "device") == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -226,6 +232,39 @@ def _participation(cfg, n: int, runtime: str, policies) -> None:
               "use runtime=inprocess")
 
 
+def _tracker(cfg) -> None:
+    """tracker: a conf/tracker/ choice, only the keys its class takes, their
+    values (the class's ``check``), and its packages installed (else: which
+    pyproject extra installs them). Settings without ``tracker`` (an older
+    ``flwr run`` config) write the csv files only."""
+    import importlib.util
+    import inspect
+
+    from hydra.utils import get_class
+
+    node = _get(cfg, "tracker")
+    if node is None:
+        return
+    name = _choice(cfg, "tracker.name", group_options("tracker"))
+    target = _get(cfg, "tracker._target_")
+    try:
+        cls = get_class(target)
+    except Exception:
+        _fail("tracker._target_", target, "must name a sink class (conf/tracker/*.yaml)")
+    opts = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+            if k != "_target_"}
+    takes = set(inspect.signature(cls).parameters)
+    for key in sorted(set(opts) - takes):
+        _fail(f"tracker.{key}", opts[key], f"tracker={name} has no such key; its keys: "
+              f"{', '.join(sorted(takes))}")
+    for key, why in getattr(cls, "check", lambda o: ())(opts):
+        _fail(f"tracker.{key}", opts.get(key), why)
+    for module in getattr(cls, "requires", ()):
+        if importlib.util.find_spec(module) is None:
+            _fail("tracker", name, f"needs the {module} package, not installed here: "
+                  f"pip install -e '.[{cls.extra}]' (or pip install 'regtopk-fl[{cls.extra}]')")
+
+
 def _ray_address(cfg) -> None:
     """runtime.ray_address: null, ``auto``, ``host:port`` or ``ray://host:port``."""
     v = _get(cfg, "runtime.ray_address")
@@ -242,7 +281,7 @@ def _ray_address(cfg) -> None:
 RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
             "network", "participation", "num_workers", "rounds", "lr", "momentum",
             "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "device",
-            "experiment", "observe", "threads", "progress", "output_dir")
+            "experiment", "observe", "threads", "progress", "output_dir", "tracker")
 
 
 def to_run_config(cfg: DictConfig) -> dict:
@@ -284,7 +323,7 @@ def from_run_config(run_config: dict) -> DictConfig:
     return OmegaConf.create(tree)
 
 
-GROUP_KEYS = ("task", "sparsifier", "runtime")
+GROUP_KEYS = tuple(g for g in config_groups() if g != "experiment")  # groups of options
 
 
 def group_option_keys(group: str) -> dict:

@@ -122,6 +122,39 @@ def test_only_the_simulation_grid_is_checked():
     assert not is_simulation(_Registering(3)) and not is_simulation(PollingGrid(_Registering(3)))
 
 
+def test_deployment_goes_on_with_another_node_count():
+    """Under the Deployment Runtime nothing is refused: after
+    runtime.wait_for_nodes_s round 1 starts with the nodes there are, with a
+    warning (an extra node, e.g. an impostor, is refused by identity)."""
+    import logging
+
+    import torch
+
+    from regtopk_fl.fedround import Coordinator, FedServer
+    from strategies.sparse_strategy import SparseAggregation
+
+    class Grid:
+        def __init__(self, nodes):
+            self.nodes = nodes
+
+        def get_node_ids(self):
+            return list(self.nodes)
+
+    logger, seen = logging.getLogger("strategies.sparse_strategy"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        for nodes, why in (([1, 2, 3, 4], "a node that holds no partition is refused"),
+                           ([1, 2], "the absent ones count as missing")):
+            s = SparseAggregation(Coordinator(FedServer(torch.zeros(4))), 3, wait_for_nodes_s=0)
+            assert s._nodes(Grid(nodes)) == nodes
+            assert seen[-1] == (f"round 1 starts with {len(nodes)} SuperNodes for "
+                                f"num_workers=3 ({why})")
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_task_num_workers_must_follow_num_workers(make_cfg):
     """A run config that sets num_workers but not task.num_workers (Hydra
     interpolates it; `flwr run --run-config` does not) is refused."""

@@ -128,7 +128,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
     # re-running with the same output_dir resumes from its checkpoint
     out = OmegaConf.select(cfg, "output_dir") or f"results/runs/flwr-run-{context.run_id}"
     poll_s = OmegaConf.select(cfg, "runtime.poll_interval_s", default=None)
-    if poll_s:  # HttpGrid waits a fixed 3 s between pulls; poll faster
+    if poll_s and not is_simulation(grid):  # HttpGrid waits 3 s between pulls; poll faster
         from .polling_grid import PollingGrid
         grid = PollingGrid(grid, float(poll_s))
     device = resolve_device(cfg.device)

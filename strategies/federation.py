@@ -37,10 +37,12 @@ def is_simulation(grid) -> bool:
     return isinstance(getattr(grid, "_grid", grid), InMemoryGrid)
 
 
-def settled_node_count(grid, wait_s: float = 600.0, settle_s: float = 2.0,
+def settled_node_count(grid, wait_s: float = 60.0, settle_s: float = 2.0,
                        poll_s: float = 0.05) -> int:
     """The number of nodes once it has been non-zero and unchanged for
-    ``settle_s`` (0 if no node registers within ``wait_s``)."""
+    ``settle_s`` (0 if no node registers within ``wait_s``; a simulation
+    registers its nodes milliseconds after the ServerApp starts, whatever
+    ``runtime.wait_for_nodes_s`` says, which is for real SuperNodes)."""
     start = time.monotonic()
     count, since = len(list(grid.get_node_ids())), start
     while True:
@@ -63,7 +65,7 @@ def mismatch_message(nodes: int, num_workers: int) -> str:
             f"(flwr run . --federation-config num-supernodes={num_workers})")
 
 
-def check_simulation_size(grid, num_workers: int, wait_s: float = 600.0,
+def check_simulation_size(grid, num_workers: int, wait_s: float = 60.0,
                           settle_s: float = 2.0) -> int:
     """Raise FederationMismatch unless the simulation federation has exactly
     ``num_workers`` SuperNodes; returns the count."""

@@ -119,8 +119,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
         cfg = from_run_config(dict(context.run_config))
         validate(cfg)
         if is_simulation(grid):  # a simulated federation's size is known at once
-            check_simulation_size(grid, int(cfg.num_workers), float(OmegaConf.select(
-                cfg, "runtime.wait_for_nodes_s", default=600.0)))
+            check_simulation_size(grid, int(cfg.num_workers))
     except (ConfigError, FederationMismatch) as exc:
         log.error("regtopk-fl: %s", exc)
         raise

@@ -118,10 +118,7 @@ def pyproject_app_config(pyproject: Path | None = None) -> dict | None:
     """The flat defaults declared in pyproject.toml (None: no such file/table)."""
     from flwr.common.config import flatten_dict
 
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
     path = Path(pyproject) if pyproject else PROJECT_ROOT / "pyproject.toml"
     if not path.exists():
         return None

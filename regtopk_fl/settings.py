@@ -130,6 +130,9 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "sparsifier.distortion", DISTORTIONS)
         _num(cfg, "sparsifier.q", 0, lo_open=True, allowed="must be a finite number > 0")
     n = _num(cfg, "num_workers", 1, integer=True, allowed="must be an integer >= 1")
+    tn = _get(cfg, "task.num_workers")  # ${num_workers} under Hydra; a run config sets both
+    if tn is not None and tn != n:
+        _fail("task.num_workers", tn, f"must equal num_workers={n} (set both)")
     _num(cfg, "rounds", 1, integer=True, allowed="must be an integer >= 1")
     _num(cfg, "lr", 0, lo_open=True, allowed="must be a finite number > 0")
     _num(cfg, "momentum", 0, 1, hi_open=True, allowed="must be in [0, 1)")

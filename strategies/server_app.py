@@ -110,16 +110,24 @@ def _log_to_run_stream() -> None:
 def flwr_main(grid: Grid, context: Context) -> None:
     from regtopk_fl.device import resolve_device
     from regtopk_fl.runner import run_experiment
-    from regtopk_fl.settings import from_run_config, validate
+    from regtopk_fl.settings import ConfigError, from_run_config, validate
 
-    cfg = from_run_config(dict(context.run_config))
-    validate(cfg)
+    from .federation import FederationMismatch, check_simulation_size, is_simulation
+
     _log_to_run_stream()
+    try:  # a refused run: one line in `flwr log`, status finished:failed in `flwr ls`
+        cfg = from_run_config(dict(context.run_config))
+        validate(cfg)
+        if is_simulation(grid):  # a simulated federation's size is known at once
+            check_simulation_size(grid, int(cfg.num_workers))
+    except (ConfigError, FederationMismatch) as exc:
+        log.error("regtopk-fl: %s", exc)
+        raise
     # a relative output_dir is relative to the SuperLink's working directory;
     # re-running with the same output_dir resumes from its checkpoint
     out = OmegaConf.select(cfg, "output_dir") or f"results/runs/flwr-run-{context.run_id}"
     poll_s = OmegaConf.select(cfg, "runtime.poll_interval_s", default=None)
-    if poll_s:  # HttpGrid waits a fixed 3 s between pulls; poll faster
+    if poll_s and not is_simulation(grid):  # HttpGrid waits 3 s between pulls; poll faster
         from .polling_grid import PollingGrid
         grid = PollingGrid(grid, float(poll_s))
     device = resolve_device(cfg.device)

@@ -89,13 +89,25 @@ class SparseAggregation(Strategy):
         """The connected nodes. Before the first round: wait up to
         ``wait_for_nodes_s`` for all ``num_nodes``; later rounds go on with the
         nodes that are online (a node that died is counted as missing; one that
-        comes back is used again) and only wait while none is online."""
+        comes back is used again) and only wait while none is online. (A
+        simulation federation of the wrong size was refused before this:
+        strategies/federation.py.) A longer wait is logged every 30 s."""
         deadline = time.monotonic() + self.wait_for_nodes_s
         nodes = sorted(grid.get_node_ids())
         want = 1 if self._started else self.num_nodes
+        note = time.monotonic() + 5.0  # quiet when the nodes are there at once
         while len(nodes) < want and time.monotonic() < deadline:
+            if time.monotonic() >= note:
+                log.info("waiting for %d SuperNode(s) (num_workers=%d): %d connected; "
+                         "runtime.wait_for_nodes_s=%g", want, self.num_nodes, len(nodes),
+                         self.wait_for_nodes_s)
+                note += 30.0
             time.sleep(0.2)
             nodes = sorted(grid.get_node_ids())
+        if not self._started and len(nodes) != self.num_nodes:
+            log.warning("round 1 starts with %d SuperNodes for num_workers=%d (%s)", len(nodes),
+                        self.num_nodes, "a node that holds no partition is refused"
+                        if len(nodes) > self.num_nodes else "the absent ones count as missing")
         self._started = True
         return nodes
 

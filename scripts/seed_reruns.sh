@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue #18: the cheap recorded linear-regression claims, rerun with seeds
+# (in-process). Each sweep's wall time goes to $LOG. Then the paired tables:
+#   ANALYSE=1 bash scripts/seed_reruns.sh    (skips sweeps whose directory is complete)
+# N_JOBS=2 runs two jobs side by side (one torch thread each) on a quiet 2-core
+# machine; the default 1 runs them one after another.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+SW=${SW:-results/sweeps}
+N_JOBS=${N_JOBS:-1}
+LOG=${LOG:-$SW/seed_reruns.log}
+ONLY=${ONLY:-fig2 heterogeneity workers participation forget}
+mkdir -p "$SW"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+J="hydra/launcher=joblib hydra.launcher.n_jobs=$N_JOBS threads=1 progress=false"
+
+sweep() {  # name, then the overrides
+    local name=$1; shift
+    local t0=$SECONDS
+    echo "== $name: regtopk-fl -m $* $J hydra.sweep.dir=$SW/$name" | tee -a "$LOG"
+    $PY -m regtopk_fl.launcher -m "$@" $J hydra.sweep.dir="$SW/$name" >"$SW/$name.out" 2>&1
+    local rc=$?
+    echo "   $name: exit $rc, $((SECONDS - t0)) s wall, $(date -Is)" | tee -a "$LOG"
+}
+
+for what in $ONLY; do
+    case $what in
+    fig2) sweep seeds_fig2_linreg experiment=fig2_linreg sparsifier=topk,regtopk \
+              'seed=range(10)' ;;
+    heterogeneity) sweep seeds_heterogeneity experiment=sweep_linreg_heterogeneity \
+              'seed=range(5)' ;;
+    workers) sweep seeds_workers experiment=sweep_linreg_workers 'seed=range(5)' ;;
+    participation) sweep seeds_participation experiment=sweep_participation \
+              'seed=range(10)' ;;
+    forget) sweep seeds_participation_forget experiment=sweep_participation \
+              sparsifier=regtopk participation.stale_feedback=forget \
+              participation.clients_per_round=50,20,10 'seed=range(10)' ;;
+    esac
+done

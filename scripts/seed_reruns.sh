@@ -11,6 +11,8 @@ SW=${SW:-results/sweeps}
 N_JOBS=${N_JOBS:-1}
 LOG=${LOG:-$SW/seed_reruns.log}
 ONLY=${ONLY:-fig2 heterogeneity workers participation forget}
+# participation_reduced / forget_reduced: what fitted on the loaded machine of
+# 2026-11-26 (m in {50, 10}, 5 seeds; see results/README.md)
 mkdir -p "$SW"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 J="hydra/launcher=joblib hydra.launcher.n_jobs=$N_JOBS threads=1 progress=false"
@@ -36,5 +38,12 @@ for what in $ONLY; do
     forget) sweep seeds_participation_forget experiment=sweep_participation \
               sparsifier=regtopk participation.stale_feedback=forget \
               participation.clients_per_round=50,20,10 'seed=range(10)' ;;
+    participation_reduced) sweep seeds_participation_reduced experiment=sweep_participation \
+              participation.clients_per_round=50,10 sparsifier=topk,regtopk 'seed=range(5)' ;;
+    dense_m10) sweep seeds_participation_dense_m10 experiment=sweep_participation \
+              participation.clients_per_round=10 sparsifier=dense 'seed=range(5)' ;;
+    forget_reduced) sweep seeds_participation_forget_reduced experiment=sweep_participation \
+              sparsifier=regtopk participation.stale_feedback=forget \
+              participation.clients_per_round=50,10 'seed=range(5)' ;;
     esac
 done

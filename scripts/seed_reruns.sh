@@ -11,8 +11,9 @@ SW=${SW:-results/sweeps}
 N_JOBS=${N_JOBS:-1}
 LOG=${LOG:-$SW/seed_reruns.log}
 ONLY=${ONLY:-fig2 heterogeneity workers participation forget}
-# participation_reduced / forget_reduced: what fitted on the loaded machine of
-# 2026-11-26 (m in {50, 10}, 5 seeds; see results/README.md)
+# participation_reduced / forget_reduced / dense_m10 / participation_m20 / forget_m20:
+# what fitted on the loaded machine of 2026-11-26 (m in {50, 20, 10}, 5 seeds; the
+# full `participation` sweep was stopped after m = 100; see results/README.md)
 mkdir -p "$SW"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 J="hydra/launcher=joblib hydra.launcher.n_jobs=$N_JOBS threads=1 progress=false"
@@ -45,5 +46,26 @@ for what in $ONLY; do
     forget_reduced) sweep seeds_participation_forget_reduced experiment=sweep_participation \
               sparsifier=regtopk participation.stale_feedback=forget \
               participation.clients_per_round=50,10 'seed=range(5)' ;;
+    participation_m20) sweep seeds_participation_m20 experiment=sweep_participation \
+              participation.clients_per_round=20 'seed=range(5)' ;;
+    forget_m20) sweep seeds_participation_forget_m20 experiment=sweep_participation \
+              participation.clients_per_round=20 sparsifier=regtopk \
+              participation.stale_feedback=forget 'seed=range(5)' ;;
     esac
 done
+
+[ "${ANALYSE:-0}" = 1 ] || exit 0
+PLOT="$PY -m regtopk_fl.analysis.plot"
+$PLOT $SW/seeds_fig2_linreg --compare regtopk:topk --out results/seeds/fig2_linreg/
+$PLOT $SW/seeds_heterogeneity --compare regtopk:topk --out results/seeds/heterogeneity/
+$PLOT $SW/seeds_workers --compare regtopk:topk --out results/seeds/workers/
+# participation: m = 100 (10 seeds; dense at m = 50 for seeds 0-7) from the full sweep that
+# was stopped, m in {50, 20, 10} with 5 seeds from the reduced ones
+P="$SW/seeds_participation $SW/seeds_participation_reduced $SW/seeds_participation_m20 \
+   $SW/seeds_participation_dense_m10 $SW/seeds_participation_forget_reduced \
+   $SW/seeds_participation_forget_m20"
+$PLOT $P --x participation.clients_per_round --last 500 --compare regtopk:topk \
+    --compare topk:dense --compare regtopk:dense --out results/seeds/participation/
+$PLOT $P --x participation.clients_per_round --last 500 --by participation.stale_feedback \
+    --compare forget:keep --out results/seeds/participation/forget
+$PY scripts/participation_report.py $P --out results/seeds/participation/stale_delta.md

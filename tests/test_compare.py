@@ -160,6 +160,10 @@ def test_compare_by_another_key_across_sweeps(tmp_path):
                         by="participation.stale_feedback")
     row = res.compare.iloc[0]
     assert row["n"] == 6 and row["diff_mean"] == pytest.approx(-0.1) and row["wins"] == 6
+    # the curves keep the two policies apart (the keep jobs' value is read from their config)
+    labels = sorted(l.get_label() for l in res.figures["curves"].axes[0].lines)
+    assert labels == ["regtopk (μ=4), participation.stale_feedback=forget",
+                      "regtopk (μ=4), participation.stale_feedback=keep"]
 
 
 def test_compare_paired_time_to_target(tmp_path):

@@ -142,6 +142,17 @@ def config_value(job_dir, key: str, default=None):
     return _name(node) if isinstance(node, dict) else node
 
 
+def fill_from_config(jobs: pd.DataFrame, key: str) -> pd.Series:
+    """An override key's values, where a job did not override it the value in
+    its ``.hydra/config.yaml`` (so sweeps that differ in one override line up)."""
+    col = jobs[key].copy() if key in jobs else pd.Series(None, index=jobs.index, dtype=object)
+    miss = col.isna()
+    if miss.any():
+        col = col.astype(object)
+        col[miss] = [config_value(j, key) for j in jobs.loc[miss, "job_dir"]]
+    return col
+
+
 def setting_labels(df: pd.DataFrame, keys) -> pd.Series:
     """One label per row from the swept ``keys`` other than the repeat key:
     ``"sparsifier=topk sparsifier.sparsity=0.4"`` (empty when nothing else was swept)."""

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .collect import FINISHED, NOT_A_SETTING, REPEAT_KEY, config_value
+from .collect import FINISHED, NOT_A_SETTING, REPEAT_KEY, config_value, fill_from_config
 from .stats import lower_is_better, paired
 
 # keys that name the same thing as the method key
@@ -66,16 +66,6 @@ def method_values(jobs: pd.DataFrame, by: str) -> pd.Series:
     if missing.any():
         out[missing] = [_label(config_value(j, by)) for j in jobs.loc[missing, "job_dir"]]
     return out
-
-
-def _filled(jobs: pd.DataFrame, key: str) -> pd.Series:
-    """An override key's values, missing ones read from each job's config."""
-    col = jobs[key].copy() if key in jobs else pd.Series(None, index=jobs.index, dtype=object)
-    miss = col.isna()
-    if miss.any():
-        col = col.astype(object)
-        col[miss] = [config_value(j, key) for j in jobs.loc[miss, "job_dir"]]
-    return col
 
 
 def values_of(jobs: pd.DataFrame, curves: pd.DataFrame | None, metric: str, last=None):
@@ -133,7 +123,7 @@ def compare(jobs: pd.DataFrame, curves: pd.DataFrame | None, a: str, b: str, met
     for k in jobs.attrs.get("override_keys", []):
         if k in skip:
             continue
-        col = _filled(sel, k)
+        col = fill_from_config(sel, k)
         # a key that one method does not have (e.g. mu swept for RegTop-k only) is no setting
         if any(col[sel["_method"] == m].isna().all() for m in (a, b)):
             continue

@@ -44,8 +44,8 @@ from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from . import compare as cmp
-from .collect import (FINISHED, METRICS, CollectError, OneLineParser, _coded, curves_from, scan,
-                      summarise)
+from .collect import (FINISHED, METRICS, CollectError, OneLineParser, _coded, curves_from,
+                      fill_from_config, scan, summarise)
 from .stats import LEVEL
 
 METRIC_LABELS = {"gap": r"$\|w - w^\star\|$", "loss": "training loss",
@@ -189,6 +189,9 @@ def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str, band: str = 
     fin["_rank"] = fin["sparsifier"].map(rank).fillna(len(rank))
     fin = fin.sort_values("_rank", kind="stable").drop(columns="_rank")
 
+    for k in keys:  # a key one sweep overrides and another does not: fill in the default
+        if k in fin and fin[k].isna().any() and fin[k].notna().any():
+            fin[k] = fill_from_config(fin, k)
     extras = [k for k in swept(fin, keys) if k not in HANDLED]
     fin["line"] = line_labels(fin, extras)
     sparse = fin[fin["sparsifier"] != "dense"]
@@ -384,7 +387,7 @@ def fig_vs_key(sw: Sweep, key: str) -> Figure:
         for line, s in stats.groupby("line", sort=False):
             color = colors[line]
             ax.plot(s["x"], s["mean"], marker="o", label=line, color=color)
-            counts.append(s["n"].max())
+            counts.extend(s["n"])
             spread = s[s["n"] > 1]
             if sw.band != "none" and len(spread):
                 lo, hi = band_limits(spread, sw.band)

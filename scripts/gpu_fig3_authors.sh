@@ -35,7 +35,7 @@ LOG="$OUT/fig3_authors_gpu.log"
 exec > >(tee -a "$LOG") 2>&1
 START=$SECONDS
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import hydra, flwr_datasets, scipy" 2>/dev/null; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import hydra, flwr_datasets" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD

@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-kernels setup bench federation-test cluster-test clean
+.PHONY: run test test-kernels setup bench federation-test cluster-test launcher-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,20 @@ federation-test: $(STAMP)
 # result equals a local-Ray run bit for bit (~1 min; not in `make test`).
 cluster-test: $(STAMP)
 	$(BIN)/python scripts/cluster_test.py
+
+# Sweeps beyond one machine (scripts/launcher_test.py, docs/sweep-launchers.md): an
+# 8-job sweep through hydra/launcher=ray on a two-node Ray cluster on 127.0.0.1
+# (jobs on both nodes, every result back in the sweep directory, each equal to the
+# basic launcher's) and through hydra/launcher=submitit_local (~3 min; not in
+# `make test`). hydra-ray-launcher and the cloudpickle it pins go into
+# .venv-ray-launcher, beside the venv, so the venv's joblib keeps its cloudpickle.
+RAYL := .venv-ray-launcher
+$(RAYL)/.installed: pyproject.toml
+	$(BIN)/python -m pip install -q --no-deps --target $(RAYL) hydra-ray-launcher==1.2.2 cloudpickle==2.2.1
+	touch $@
+
+launcher-test: $(STAMP) $(RAYL)/.installed
+	PYTHONPATH=$(RAYL) $(BIN)/python scripts/launcher_test.py
 
 clean:
 	rm -rf results/runs results/sweeps

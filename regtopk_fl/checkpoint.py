@@ -42,6 +42,8 @@ FILE = "checkpoint.pt"
 CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
 # keys that do not change what a run computes
 NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir", "tracker")
+_TASK_DEFAULTS = {("pretrained_weights", None), ("resize", None), ("normalize", "auto"),
+                  ("loss", "ce")}
 _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
              "stale_feedback": "keep"}
 
@@ -57,6 +59,12 @@ def config_fingerprint(cfg) -> str:
                            if k not in ("ray_address", "state_dir")}
     if keep.get("participation") == _EVERYONE:
         del keep["participation"]
+    # the Fig. 3 switches (#18) at their defaults compute what ran before them
+    if keep.get("upload") == "model_change":
+        del keep["upload"]
+    if isinstance(keep.get("task"), dict):
+        keep["task"] = {k: v for k, v in keep["task"].items()
+                        if (k, v) not in _TASK_DEFAULTS}
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(keep)).encode()).hexdigest()
 
 

@@ -36,6 +36,7 @@ def build(cfg: DictConfig):
         if task_cfg.get(key):
             task_cfg[key] = str(resolve_path(task_cfg[key]))
     task = instantiate(task_cfg)
+    task.upload = OmegaConf.select(cfg, "upload", default="model_change")  # after local steps
     sparsifier = instantiate(OmegaConf.to_container(cfg.sparsifier, resolve=True))
     return task, sparsifier
 

@@ -142,6 +142,10 @@ def validate(cfg: DictConfig) -> None:
     steps = _num(cfg, "local_steps", 1, integer=True, allowed="must be an integer >= 1")
     if steps > 1:
         _num(cfg, "local_lr", 0, lo_open=True, allowed="must be a finite number > 0")
+    if _get(cfg, "upload") is not None:
+        from .tasks.base import UPLOADS
+
+        _choice(cfg, "upload", UPLOADS)
     _num(cfg, "faults.drop_prob", 0, 1, hi_open=True, allowed="must be in [0, 1)")
     _num(cfg, "faults.nan_prob", 0, 1, allowed="must be in [0, 1]")
     if _get(cfg, "checkpoint.every") != "auto":
@@ -195,6 +199,8 @@ def validate(cfg: DictConfig) -> None:
             _num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")
         if _get(cfg, "task.partition") == "unequal":
             _num(cfg, "task.size_ratio", 1, allowed="must be >= 1")
+    if task in ("cifar10", "tiny_image"):
+        _fig3_switches(cfg, task)
     if task == "tiny_image":
         per = _num(cfg, "task.samples", 1, integer=True, allowed="must be an integer >= 1")
         if n > per:
@@ -213,6 +219,38 @@ def validate(cfg: DictConfig) -> None:
                 _fail("num_workers", n, f"more workers than data points ({10 * sub})")
         elif n > 50000:
             _fail("num_workers", n, "more workers than data points (50000)")
+
+
+def _fig3_switches(cfg, task: str) -> None:
+    """The authors' Fig. 3 switches of the image tasks (tasks/images.py)."""
+    from .tasks.images import LOSSES, NORMALIZATIONS
+
+    if _get(cfg, "task.resize") is not None:
+        _num(cfg, "task.resize", 8, integer=True, allowed="must be null or an integer >= 8")
+    if _get(cfg, "task.normalize") is not None:
+        _choice(cfg, "task.normalize", NORMALIZATIONS)
+    if _get(cfg, "task.loss") is not None:
+        _choice(cfg, "task.loss", LOSSES)
+    path = _get(cfg, "task.pretrained_weights")
+    if path == "required":  # a preset's placeholder (??? would not override the group's null)
+        _fail("task.pretrained_weights", path, "this preset needs the path of a local "
+              "torchvision ResNet-18 state_dict (or null: train from scratch, and say so)")
+    if path is None:
+        return
+    if task != "cifar10":
+        _fail("task.pretrained_weights", path, "only task=cifar10 has a ResNet-18 to load into")
+    if not isinstance(path, str) or not os.path.isfile(resolve_path(path)):
+        _fail("task.pretrained_weights", path, "is not a file (a torchvision ResNet-18 "
+              "state_dict saved with torch.save; nothing is downloaded)")
+    if _get(cfg, "task.stem") != "imagenet" or _get(cfg, "task.width") != 64:
+        _fail("task.pretrained_weights", path, "needs torchvision's ResNet-18: "
+              "task.stem=imagenet and task.width=64")
+    from .tasks.models import check_pretrained, read_state_dict, resnet18
+
+    try:
+        check_pretrained(resnet18(10, "imagenet", 0), read_state_dict(resolve_path(path)))
+    except ValueError as exc:
+        _fail("task.pretrained_weights", path, str(exc).split(": ", 1)[-1])
 
 
 def _participation(cfg, n: int, runtime: str, policies) -> None:
@@ -283,7 +321,7 @@ def _ray_address(cfg) -> None:
 # -- the flat form used as Flower's run config ---------------------------------
 RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
             "network", "participation", "num_workers", "rounds", "lr", "momentum",
-            "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "device",
+            "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "upload", "device",
             "experiment", "observe", "threads", "progress", "output_dir", "tracker")
 
 

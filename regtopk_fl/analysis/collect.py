@@ -23,6 +23,16 @@ row per job:
 * ``best_loss`` / ``best_gap`` (minimum) and ``best_accuracy`` (maximum) over
   ``metrics.csv``, and ``rounds_completed``.
 
+**Repeats.** ``seed`` is the repeat axis, never a setting: the column
+``setting`` names each job's swept override keys other than ``seed`` and
+``experiment`` (``"sparsifier=topk sparsifier.sparsity=0.4"``), so the
+repeats of one setting share it; ``df.attrs["repeat_key"]`` is ``"seed"``.
+``regtopk-collect --summary`` adds one row per setting with n and the mean
+and 95 % t-interval half-width of every ``final_*`` and ``best_*`` number
+(:mod:`regtopk_fl.analysis.stats`). A sweep of ``seed=range(10)`` runs the
+same data, initial model and batch order for every method at one seed (all
+are functions of ``seed`` alone), so methods compare paired by seed.
+
 ``load_curves`` gives the per-round metrics of every job in long form, with
 the job's identifying columns repeated on each row and the cumulative traffic:
 ``uplink_bytes_cum``, ``uplink_mb_cum`` (raw uplink), ``downlink_mb_cum`` and
@@ -54,7 +64,9 @@ CANONICAL_KEYS = {
 }
 CANONICAL = ("experiment", "task", "runtime", "sparsifier", "sparsity", "mu", "distortion",
              "num_workers", "rounds", "seed")
-ID_COLUMNS = ("sweep", "job", "job_dir", "status", "reason")
+ID_COLUMNS = ("sweep", "job", "job_dir", "status", "reason", "setting")
+REPEAT_KEY = "seed"
+NOT_A_SETTING = (REPEAT_KEY, "experiment")
 JOB_MARKERS = ("summary.json", "metrics.csv", ".hydra")
 RESULT_SUFFIXES = ("_bytes", "wall_time_s")
 
@@ -117,6 +129,40 @@ def _read_yaml(path: Path):
         return yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError):
         return None
+
+
+def config_value(job_dir, key: str, default=None):
+    """The value of a dotted ``key`` in a job's ``.hydra/config.yaml`` (what it
+    ran with when the key was not overridden); a group's choice for a group."""
+    node = _read_yaml(Path(job_dir) / ".hydra" / "config.yaml")
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return _name(node) if isinstance(node, dict) else node
+
+
+def fill_from_config(jobs: pd.DataFrame, key: str) -> pd.Series:
+    """An override key's values, where a job did not override it the value in
+    its ``.hydra/config.yaml`` (so sweeps that differ in one override line up)."""
+    col = jobs[key].copy() if key in jobs else pd.Series(None, index=jobs.index, dtype=object)
+    miss = col.isna()
+    if miss.any():
+        col = col.astype(object)
+        col[miss] = [config_value(j, key) for j in jobs.loc[miss, "job_dir"]]
+    return col
+
+
+def setting_labels(df: pd.DataFrame, keys) -> pd.Series:
+    """One label per row from the swept ``keys`` other than the repeat key:
+    ``"sparsifier=topk sparsifier.sparsity=0.4"`` (empty when nothing else was swept)."""
+    keys = [k for k in keys if k not in NOT_A_SETTING and k in df
+            and df[k].nunique(dropna=True) > 1]
+    if not keys or df.empty:
+        return pd.Series("", index=df.index, dtype=object)
+    parts = [df[k].map(lambda v, k=k: "" if v is None or (isinstance(v, float) and v != v)
+                       else f"{k}={v}") for k in keys]
+    return pd.concat(parts, axis=1).apply(lambda r: " ".join(x for x in r if x), axis=1)
 
 
 def _name(node):
@@ -278,12 +324,14 @@ def scan(sweep_dirs):
     if not rows:
         raise CollectError("no sweep directory given")
     df = pd.DataFrame(rows)
+    df["setting"] = setting_labels(df, keys)
     finals = [f"final_{m}" for m in METRICS]
     order = list(dict.fromkeys([*ID_COLUMNS, *keys, *CANONICAL, *finals, *df.columns]))
     df = df.reindex(columns=order)
     always = {*ID_COLUMNS, *keys, *CANONICAL, *finals}
     df = df[[c for c in df.columns if c in always or df[c].notna().any()]]
     df.attrs["override_keys"] = keys
+    df.attrs["repeat_key"] = REPEAT_KEY
     return df, curves
 
 
@@ -334,6 +382,28 @@ def _coded(df: pd.DataFrame, side: str):
     return out
 
 
+def summarise(jobs: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``setting`` (finished jobs only): the setting's override
+    values, ``n`` (repeats), and for every ``final_*`` / ``best_*`` column its
+    mean and the half-width of its 95 % t-interval (``*_hw``)."""
+    from .stats import t_interval
+
+    fin = jobs[jobs["status"] == FINISHED]
+    keys = [k for k in jobs.attrs.get("override_keys", []) if k not in NOT_A_SETTING]
+    cols = [c for c in fin.columns if c.startswith(("final_", "best_"))
+            and pd.api.types.is_numeric_dtype(fin[c]) and fin[c].notna().any()]
+    rows = []
+    for setting, g in fin.groupby("setting", sort=False, dropna=False):
+        row = {"setting": setting, **{k: g[k].iloc[0] for k in keys if k in g},
+               "n": len(g), "seeds": " ".join(map(str, sorted(g[REPEAT_KEY].dropna().unique())))
+               if REPEAT_KEY in g else ""}
+        for c in cols:
+            mean, hw, _ = t_interval(g[c])
+            row[c], row[f"{c}_hw"] = mean, hw
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def load_curves(sweep_dirs) -> pd.DataFrame:
     """Per-round metrics of every job (finished or not: filter on ``status``), long form:
     job identity, override keys, canonical fields, then the metrics.csv columns."""
@@ -375,6 +445,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV to write (default: <first SWEEP_DIR>/table.csv); "
                              "a .parquet is written beside it")
+    parser.add_argument("--summary", action="store_true",
+                        help="also write <OUT stem>_summary.csv: one row per setting (seed "
+                             "is the repeat axis) with n, mean and 95%% t-interval half-width")
     args = parser.parse_args(argv)
     try:
         df = collect(args.sweeps)
@@ -382,6 +455,10 @@ def main(argv=None) -> int:
         parser.error(str(e))
     out = args.out or Path(args.sweeps[0]) / "table.csv"
     files = write_table(df, out)
+    if args.summary:
+        summary = out.with_name(out.stem + "_summary.csv")
+        summarise(df).to_csv(summary, index=False)
+        files.append(summary)
     counts = df["status"].value_counts()
     print(f"{len(df)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}) -> "
           + ", ".join(map(str, files)))

@@ -14,9 +14,20 @@
 * ``table.md`` / ``table.csv``: the final numbers of every job, not finished
   ones included (with their status and reason).
 
-Only finished jobs are plotted; the others are listed on stderr. Seeds (and
-any repeat with identical settings) are drawn as their mean with a min-max
-band. Every figure is a plain ``matplotlib.figure.Figure`` (no pyplot state).
+* ``summary.md`` / ``summary.csv``: one row per setting (seed is the repeat
+  axis): n, and every final number as mean ± the half-width of its 95 %
+  t-interval;
+* ``compare.md`` / ``compare.csv`` (``--compare A:B``): A against B paired by
+  seed, one row per setting of the other swept keys (see compare.py).
+
+Only finished jobs are plotted; the others are listed on stderr. ``seed`` is
+the repeat axis, never a line: the repeats of a line (seeds, or any repeat
+with identical settings) are drawn as their mean with a band, by default the
+95 % t-interval of the mean (``band="ci"``; ``"minmax"``: the range of the
+repeats; ``"none"``), and the legend says which and over how many seeds. On a
+log axis a band (or bar) that reaches zero or below runs down to the panel's
+smallest value. Every figure is a
+plain ``matplotlib.figure.Figure`` (no pyplot state).
 """
 from __future__ import annotations
 
@@ -30,7 +41,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .collect import FINISHED, METRICS, CollectError, OneLineParser, _coded, curves_from, scan
+from scipy import stats as sps
+
+from . import compare as cmp
+from .collect import (FINISHED, METRICS, CollectError, OneLineParser, _coded, curves_from,
+                      fill_from_config, scan, summarise)
+from .stats import LEVEL
 
 METRIC_LABELS = {"gap": r"$\|w - w^\star\|$", "loss": "training loss",
                  "accuracy": "test accuracy (%)"}
@@ -43,6 +59,9 @@ HANDLED = {"sparsifier", "sparsifier.name", "sparsifier.sparsity", "sparsifier.m
 XKEY_PREFIXES = ("task.", "data.", "dataset.", "partition")
 XKEY_LABELS = {"num_workers": "number of workers N"}
 KINDS = ("curves", "uplink", "traffic", "time", "heatmap", "vs")
+BANDS = ("ci", "minmax", "none")
+BAND_TEXT = {"ci": f"band: {LEVEL:.0%} t-interval of the mean".replace("%", " %"),
+             "minmax": "band: min–max over seeds", "none": ""}
 
 
 class PlotError(ValueError):
@@ -56,6 +75,8 @@ class Plots:
     metric: str = ""
     table: pd.DataFrame | None = None
     skipped: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None  # one row per setting: n, mean, half-width
+    compare: pd.DataFrame | None = None  # --compare A:B, paired by seed
 
 
 # ------------------------------------------------------------- helpers ------
@@ -140,6 +161,7 @@ class Sweep:
     sparsity_panels: list  # sparsity values, one panel each ([] = one panel)
     experiment: str = ""
     colors: dict = field(default_factory=dict)
+    band: str = "ci"
 
     def title(self, what: str) -> str:
         return f"{self.experiment}: {what}" if self.experiment else what
@@ -157,7 +179,7 @@ class Sweep:
         return df.assign(line=line_labels(df, [k for k in self.extras if k not in drop]))
 
 
-def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> Sweep:
+def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str, band: str = "ci") -> Sweep:
     keys = jobs.attrs.get("override_keys", [])
     fin = jobs[jobs["status"] == FINISHED].copy()
     reg = is_regtopk(fin["sparsifier"])
@@ -167,6 +189,9 @@ def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> Sweep:
     fin["_rank"] = fin["sparsifier"].map(rank).fillna(len(rank))
     fin = fin.sort_values("_rank", kind="stable").drop(columns="_rank")
 
+    for k in keys:  # a key one sweep overrides and another does not: fill in the default
+        if k in fin and fin[k].isna().any() and fin[k].notna().any():
+            fin[k] = fill_from_config(fin, k)
     extras = [k for k in swept(fin, keys) if k not in HANDLED]
     fin["line"] = line_labels(fin, extras)
     sparse = fin[fin["sparsifier"] != "dense"]
@@ -178,7 +203,7 @@ def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str) -> Sweep:
     colors = palette(fin["line"].unique())
     experiment = ", ".join(map(str, fin["experiment"].dropna().unique())) \
         if "experiment" in fin else ""
-    return Sweep(fin, curves, metric, extras, panels, experiment, colors)
+    return Sweep(fin, curves, metric, extras, panels, experiment, colors, band)
 
 
 def choose_metric(jobs: pd.DataFrame, curves: pd.DataFrame, metric=None) -> str:
@@ -204,29 +229,69 @@ def _set_yscale(ax, metric, values):
         ax.set_yscale("log")
 
 
+def band_limits(stats: pd.DataFrame, band: str):
+    """(lower, upper) of the band per row of ``stats`` (columns mean, std, lo,
+    hi, n): the t-interval of the mean (``ci``) or the range (``minmax``)."""
+    if band == "minmax":
+        return stats["lo"], stats["hi"]
+    n = stats["n"].to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(n > 1, sps.t.ppf(0.5 + LEVEL / 2, np.maximum(n - 1, 1)), np.nan)
+        half = t * stats["std"].to_numpy(float) / np.sqrt(n)
+    return stats["mean"] - half, stats["mean"] + half
+
+
+def legend_title(band: str, counts) -> str:
+    """What the lines and bands are, and over how many seeds."""
+    counts = sorted({int(c) for c in counts})
+    if not counts or counts[-1] <= 1:
+        return ""
+    n = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]}"
+    text = f"mean over seeds ({n})"
+    return text + (f"; {BAND_TEXT[band]}" if BAND_TEXT.get(band) else "")
+
+
+def _band(ax, x, lo, hi, color, log: bool, floor=None):
+    """Shade [lo, hi]; on a log axis a band reaching zero or below runs down
+    to ``floor`` (the panel's smallest positive value)."""
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if log:
+        ok &= hi > 0
+        lo = np.where(lo > 0, lo, floor if floor is not None else np.nan)
+    if ok.any():
+        ax.fill_between(np.asarray(x, float), np.where(ok, lo, np.nan), np.where(ok, hi, np.nan),
+                        color=color, alpha=0.2, linewidth=0)
+
+
 def _line_plot(sw: Sweep, df: pd.DataFrame, x: str, xlabel: str, what: str) -> Figure:
-    """Mean over repeats (seeds) per line and x, with a min-max band."""
+    """Mean over repeats (seeds) per line and x, with the sweep's band."""
     panels = sw.panels(df)
     fig = Figure(figsize=(4.8 * len(panels) + 1.5, 4.0), layout="constrained")
     axs = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     m = sw.metric
+    counts = []
     for ax, (panel, d) in zip(axs, panels):
         d = d.dropna(subset=[m, x])
         stats = (d.groupby(["line", "round"], sort=False)
-                 .agg(x=(x, "mean"), mean=(m, "mean"), lo=(m, "min"), hi=(m, "max"),
-                      n=(m, "size"))
+                 .agg(x=(x, "mean"), mean=(m, "mean"), std=(m, "std"), lo=(m, "min"),
+                      hi=(m, "max"), n=(m, "size"))
                  .reset_index())
+        _set_yscale(ax, m, d[m])
+        log = ax.get_yscale() == "log"
         for line, s in stats.groupby("line", sort=False):
             ax.plot(s["x"], s["mean"], label=line, color=sw.colors[line])
-            if (s["n"] > 1).any():
-                ax.fill_between(s["x"], s["lo"], s["hi"], color=sw.colors[line], alpha=0.2,
-                                linewidth=0)
-        _set_yscale(ax, m, d[m])
+            counts.append(s["n"].max())
+            if sw.band != "none" and (s["n"] > 1).any():
+                lo, hi = band_limits(s, sw.band)
+                _band(ax, s["x"], lo, hi, sw.colors[line], log,
+                      floor=d[m][d[m] > 0].min() if log else None)
         ax.set_title(panel)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
     axs[0].set_ylabel(METRIC_LABELS[m])
-    axs[-1].legend(fontsize="small")
+    axs[-1].legend(fontsize="small", title=legend_title(sw.band, counts) or None,
+                   title_fontsize="x-small")
     fig.suptitle(sw.title(what))
     return fig
 
@@ -302,7 +367,7 @@ def fig_heatmap(sw: Sweep, tables: dict) -> Figure:
 
 
 def fig_vs_key(sw: Sweep, key: str) -> Figure:
-    """Final metric against ``key`` per method (mean over repeats, min-max bars)."""
+    """Final metric against ``key`` per method (mean over repeats, bars as the sweep's band)."""
     col = f"final_{sw.metric}"
     d = sw.relabel(sw.jobs, drop=[key]).dropna(subset=[key, col])
     numeric = pd.api.types.is_numeric_dtype(d[key])
@@ -312,17 +377,24 @@ def fig_vs_key(sw: Sweep, key: str) -> Figure:
     panels = sw.panels(d)
     fig = Figure(figsize=(4.8 * len(panels) + 1.5, 4.0), layout="constrained")
     axs = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    counts = []
     for ax, (panel, p) in zip(axs, panels):
         stats = (p.groupby(["line", "x"], sort=False)[col]
-                 .agg(["mean", "min", "max", "size"]).reset_index()
+                 .agg(mean="mean", std="std", lo="min", hi="max", n="size").reset_index()
                  .sort_values("x", kind="stable"))
+        _set_yscale(ax, sw.metric, p[col])
+        log = ax.get_yscale() == "log"
         for line, s in stats.groupby("line", sort=False):
             color = colors[line]
             ax.plot(s["x"], s["mean"], marker="o", label=line, color=color)
-            spread = s[s["size"] > 1]
-            if len(spread):
-                ax.vlines(spread["x"], spread["min"], spread["max"], color=color, alpha=0.5)
-        _set_yscale(ax, sw.metric, p[col])
+            counts.extend(s["n"])
+            spread = s[s["n"] > 1]
+            if sw.band != "none" and len(spread):
+                lo, hi = band_limits(spread, sw.band)
+                if log:  # a bar reaching zero or below runs to the panel's smallest value
+                    lo = lo.where(lo > 0, p[col][p[col] > 0].min())
+                ok = (lo.notna() & hi.notna()).to_numpy()
+                ax.vlines(spread["x"][ok], lo[ok], hi[ok], color=color, alpha=0.5)
         if numeric and _positive(p["x"]) and p["x"].max() / p["x"].min() >= 10:
             ax.set_xscale("log")
         if ticks is not None:
@@ -331,7 +403,8 @@ def fig_vs_key(sw: Sweep, key: str) -> Figure:
         ax.set_xlabel(XKEY_LABELS.get(key, key))
         ax.grid(True, alpha=0.3)
     axs[0].set_ylabel(f"final {METRIC_LABELS[sw.metric]}")
-    axs[-1].legend(fontsize="small")
+    axs[-1].legend(fontsize="small", title=legend_title(sw.band, counts) or None,
+                   title_fontsize="x-small")
     fig.suptitle(sw.title(f"final {METRIC_LABELS[sw.metric]} against {key}"))
     return fig
 
@@ -401,11 +474,62 @@ def to_target(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str, target: flo
     return out
 
 
+def summary_table(jobs: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (seed = repeat axis): the method, the swept keys, n,
+    the seeds, and every final number as its mean and the half-width of its
+    95 % t-interval (``<col>_hw``)."""
+    fin = jobs[jobs["status"] == FINISHED]
+    summ = summarise(jobs)
+    if summ.empty:
+        return summ
+    reg = is_regtopk(fin["sparsifier"])
+    show = "distortion" in fin and fin.loc[reg, "distortion"].nunique() > 1
+    methods = fin.assign(method=method_labels(fin, show)).groupby("setting", sort=False)["method"].first()
+    summ.insert(1, "method", summ["setting"].map(methods))
+    swept_keys = set(swept(fin, jobs.attrs.get("override_keys", [])))
+    keys = [k for k in jobs.attrs.get("override_keys", []) if k in summ]
+    keep = ["method", *[c for c in summ.columns if c not in ("setting", "method")
+                        and not c.startswith("best_") and c not in ("sparsifier", "sparsifier.name")
+                        and (c not in keys or c in swept_keys)]]
+    return summ[keep]
+
+
+def summary_markdown(summ: pd.DataFrame, title: str) -> str:
+    """The summary with each final number as ``mean ± half-width``."""
+    shown = summ.copy()
+    for col in [c for c in summ.columns if c.startswith("final_") and not c.endswith("_hw")]:
+        hw = summ[f"{col}_hw"]
+        shown[col] = [(f"{m:.4g} ± {h:.2g}" if np.isfinite(h) else _fmt(m))
+                      if np.isfinite(m) else "" for m, h in zip(summ[col], hw)]
+        shown = shown.drop(columns=f"{col}_hw")
+    note = (f"Mean ± half-width of the {LEVEL:.0%} t-interval over the n seeds of each "
+            "setting.").replace("%", " %")
+    return f"# {title}\n\n{note}\n\n{to_markdown(shown)}"
+
+
+def comparisons(jobs, curves, metric, pairs, by="sparsifier", last=None, target=None):
+    """The paired tables of every A:B in ``pairs``, one DataFrame."""
+    tables = []
+    for text in pairs:
+        try:
+            a, b = cmp.parse_pair(text)
+            tables.append(cmp.compare(jobs, curves, a, b, metric, by, last, target, to_target))
+        except cmp.CompareError as e:
+            raise PlotError(str(e)) from None
+    return pd.concat(tables, ignore_index=True)
+
+
 def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
-         kinds=KINDS, dpi=150, target=None) -> Plots:
+         kinds=KINDS, dpi=150, target=None, band: str = "ci", compare=(), by="sparsifier",
+         last=None) -> Plots:
     """Collect ``sweep_dirs``, draw what they support (of ``kinds``: curves, uplink,
-    heatmap, vs) and (``save``) write the figures, ``PREFIX_table.md`` and
-    ``PREFIX_table.csv``. Raises PlotError on bad input."""
+    heatmap, vs) and (``save``) write the figures, ``PREFIX_table.md/.csv``,
+    ``PREFIX_summary.md/.csv`` and, for each ``A:B`` in ``compare``,
+    ``PREFIX_compare.md/.csv``. Raises PlotError on bad input."""
+    if band not in BANDS:
+        raise PlotError(f"band {band!r}: must be one of {', '.join(BANDS)}")
+    if last is not None and int(last) < 1:
+        raise PlotError(f"last {last!r}: must be an integer >= 1")
     sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     try:
         jobs, metrics = scan(sweep_dirs)
@@ -421,12 +545,15 @@ def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
                         f"{', '.join(keys) or 'none'})")
     curves = curves_from(jobs, metrics)
     metric = choose_metric(jobs, curves, metric)
-    sw = describe(jobs, curves, metric)
+    sw = describe(jobs, curves, metric, band)
     figures = build_figures(sw, None if x is None else [x], kinds)
     table = final_table(jobs)
     if target is not None:
         table = table.join(to_target(jobs, curves, metric, float(target)))
     result = Plots(figures, [], metric, table, skipped)
+    result.summary = summary_table(jobs)
+    if compare:
+        result.compare = comparisons(jobs, curves, metric, compare, by, last, target)
     if not save:
         return result
     prefix = out if out is not None else str(Path(sweep_dirs[0]) / "plots") + "/"
@@ -442,6 +569,17 @@ def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
     md.write_text(f"# {heading}\n\n{to_markdown(table)}")
     table.to_csv(csv, index=False)
     result.files += [md, csv]
+    md, csv = out_file(prefix, "summary", "md"), out_file(prefix, "summary", "csv")
+    md.write_text(summary_markdown(result.summary, sw.title("final numbers per setting")))
+    result.summary.to_csv(csv, index=False)
+    result.files += [md, csv]
+    if result.compare is not None:
+        md, csv = out_file(prefix, "compare", "md"), out_file(prefix, "compare", "csv")
+        what = f"final {metric}" if last is None else f"mean {metric} over the last {last} rounds"
+        md.write_text(cmp.to_markdown(result.compare, sw.title(
+            f"paired comparison ({', '.join(compare)} by {by}; {what})")))
+        result.compare.to_csv(csv, index=False)
+        result.files += [md, csv]
     return result
 
 
@@ -462,10 +600,23 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=float, default=None, metavar="VALUE",
                         help="add the round, traffic (MB) and simulated time (s) at which each "
                              "job first reaches this metric value (<= for gap/loss, >= for "
-                             "accuracy) to the table")
+                             "accuracy) to the table (and, paired, to --compare)")
+    parser.add_argument("--band", choices=BANDS, default="ci",
+                        help="the band around the mean over seeds: ci = 95%% t-interval of the "
+                             "mean (default), minmax = range of the seeds, none")
+    parser.add_argument("--compare", action="append", default=[], metavar="A:B",
+                        help="A against B paired by seed (two values of --by, e.g. "
+                             "regtopk:topk) -> PREFIX_compare.csv/.md; may be repeated")
+    parser.add_argument("--by", default="sparsifier", metavar="KEY",
+                        help="the key whose values --compare names (default: sparsifier; e.g. "
+                             "participation.stale_feedback)")
+    parser.add_argument("--last", type=int, default=None, metavar="N",
+                        help="--compare the mean of the metric over the last N evaluated rounds "
+                             "instead of its final value")
     args = parser.parse_args(argv)
     try:
-        result = plot(args.sweeps, args.out, args.fmt, args.metric, args.x, target=args.target)
+        result = plot(args.sweeps, args.out, args.fmt, args.metric, args.x, target=args.target,
+                      band=args.band, compare=args.compare, by=args.by, last=args.last)
     except PlotError as e:
         parser.error(str(e))
     for fig in result.figures.values():

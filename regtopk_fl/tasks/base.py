@@ -9,6 +9,13 @@ Conventions:
 * ``local_update`` is stateless: which minibatch worker n uses at round t and
   local step s is a pure function of (seed, n, t, s), so both runtimes, a
   resumed run and a re-run all see the same batches.
+* what a worker uploads after ``local_steps`` > 1 steps is the task's
+  ``upload`` (the top-level ``upload`` setting, set by runner.build for both
+  runtimes): ``model_change`` (default), the pseudo-gradient
+  (w_start - w_end) / local_lr; ``last_gradient``, the gradient of the last
+  local minibatch, taken at the model after the first local_steps - 1 steps
+  (the authors' ``ResNet18-CIFAR10.py``: it sparsifies ``param.grad`` after
+  its 40 local steps). With one local step both are the gradient.
 """
 from __future__ import annotations
 
@@ -24,9 +31,13 @@ class LocalResult:
     buffers: torch.Tensor | None = None  # [R, B] buffers after the local steps
 
 
+UPLOADS = ("model_change", "last_gradient")
+
+
 class Task:
     name = "task"
     dtype = torch.float32
+    upload = "model_change"  # or "last_gradient" (see the module doc)
     dim: int
     num_workers: int
     has_closed_form = False  # a known minimiser w*, so the gap ||w - w*|| is reported
@@ -46,8 +57,10 @@ class Task:
         raise NotImplementedError
 
     def local_update(self, params, buffers, workers, round, local_steps=1, local_lr=None):
-        """One gradient (local_steps=1, the paper's distributed SGD) or the
-        pseudo-gradient (w_start - w_end) / local_lr of local SGD."""
+        """One gradient (local_steps=1, the paper's distributed SGD), or after
+        local SGD the pseudo-gradient (w_start - w_end) / local_lr
+        (``upload="model_change"``) or the last step's gradient
+        (``upload="last_gradient"``)."""
         if local_steps == 1:
             rows = params.unsqueeze(0).expand(len(workers), -1)
             grads, losses, bufs = self.gradients(rows, buffers, workers, round, 0)
@@ -55,10 +68,13 @@ class Task:
         w = params.unsqueeze(0).repeat(len(workers), 1)
         total = [0.0] * len(workers)
         bufs = None if buffers is None else buffers.unsqueeze(0).repeat(len(workers), 1)
+        last = self.upload == "last_gradient"
         for step in range(local_steps):
             grads, losses, bufs = self.gradients(w, bufs, workers, round, step)
-            w.sub_(grads, alpha=local_lr)
             total = [t + float(l) for t, l in zip(total, losses)]
+            if last and step == local_steps - 1:  # the step itself would be discarded
+                return LocalResult(grads, [t / local_steps for t in total], bufs)
+            w.sub_(grads, alpha=local_lr)
         pseudo = (params.unsqueeze(0) - w) / local_lr
         return LocalResult(pseudo, [t / local_steps for t in total], bufs)
 

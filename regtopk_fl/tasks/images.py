@@ -13,6 +13,22 @@ epoch ``g // steps_per_epoch``, that permutation drawn from a
 dropped; a partition smaller than a batch is one batch). The optional
 augmentation (random crop with zero padding + horizontal flip) is seeded by
 (seed, n, g) the same way.
+
+The switches of the authors' Fig. 3 code (``ResNet18-CIFAR10.py``), off by
+default (every default leaves a run bitwise as before):
+
+* ``resize``: inputs are resized to ``resize`` x ``resize`` (bilinear) after
+  the augmentation and before the normalisation, for training and test
+  batches alike (the authors: 224);
+* ``normalize``: ``cifar`` (CIFAR-10's channel mean/std), ``imagenet``
+  (torchvision's ImageNet mean/std, what pretrained weights expect) or
+  ``none``; ``auto`` = imagenet with pretrained weights, else the task's own
+  (cifar10: cifar, tiny_image: none);
+* ``loss``: ``ce`` (cross-entropy of the logits) or ``softmax_ce``
+  (cross-entropy of the softmax, i.e. a softmax applied twice, as the
+  authors' code does); the test loss uses the same function;
+* ``pretrained_weights`` (cifar10): a local torchvision ResNet-18 state_dict
+  loaded over the seeded model, ``fc`` replaced (models.resnet18).
 """
 from __future__ import annotations
 
@@ -36,6 +52,26 @@ def _seed_int(*words) -> int:
 
 
 _PERM, _AUG = 0x5045524D, 0x41554721  # stream tags ("PERM", "AUG!")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's
+LOSSES = ("ce", "softmax_ce")
+NORMALIZATIONS = ("auto", "cifar", "imagenet", "none")
+
+
+def softmax_ce(logits, y, reduction="mean"):
+    """The authors' loss: cross-entropy applied to softmax probabilities."""
+    return F.cross_entropy(torch.softmax(logits, dim=1), y, reduction=reduction)
+
+
+LOSS_FUNCTIONS = {"ce": F.cross_entropy, "softmax_ce": softmax_ce}
+
+
+def normalization(normalize: str, own):
+    """(mean, std) or None for a ``normalize`` setting; ``own`` is the task's
+    default ((mean, std) or None), which ``auto`` keeps."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"task.normalize={normalize!r}: one of {', '.join(NORMALIZATIONS)}")
+    return {"auto": own, "cifar": (D.CIFAR10_MEAN, D.CIFAR10_STD),
+            "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "none": None}[normalize]
 
 
 class _ImageTask(Task):
@@ -48,8 +84,13 @@ class _ImageTask(Task):
 
     def _setup(self, x_train, y_train, x_test, y_test, model, *, num_workers, seed,
                batch_size, local_steps, partition, alpha, size_ratio, min_partition_size,
-               augment, eval_batch_size, device, mean=None, std=None):
+               augment, eval_batch_size, device, mean=None, std=None, resize=None,
+               loss="ce"):
         """x_*: uint8 or float tensors [N, C, H, W] already on ``device``; y_*: int64."""
+        if loss not in LOSS_FUNCTIONS:
+            raise ValueError(f"task.loss={loss!r}: one of {', '.join(LOSSES)}")
+        self.loss_name, self._loss = loss, LOSS_FUNCTIONS[loss]
+        self.resize = None if resize is None else int(resize)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
@@ -109,7 +150,7 @@ class _ImageTask(Task):
             x, y = self.batch(n, round, step)
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x), y)
+                loss = self._loss(model(x), y)
                 loss.backward()
             torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
                        for p in self._params], out=grads[r])
@@ -121,8 +162,9 @@ class _ImageTask(Task):
 
     @torch.no_grad()
     def evaluate(self, params, buffers) -> dict:
-        """Test accuracy (%) and mean cross-entropy of the model in eval mode.
-        ``buffers=None`` evaluates with the initial BatchNorm statistics."""
+        """Test accuracy (%) and mean test loss (the training loss function) of
+        the model in eval mode. ``buffers=None`` evaluates with the initial
+        BatchNorm statistics."""
         self._load(params, buffers)
         self.model.eval()
         n = self.y_test.numel()
@@ -131,7 +173,7 @@ class _ImageTask(Task):
             x = self._prepare(self.x_test[i:i + self.eval_batch_size])
             y = self.y_test[i:i + self.eval_batch_size]
             logits = self.model(x)
-            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            total += float(self._loss(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
         return {"accuracy": 100.0 * correct / max(n, 1), "test_loss": total / max(n, 1)}
 
@@ -186,6 +228,9 @@ class _ImageTask(Task):
         x = x.contiguous()
         if x.dtype == torch.uint8:
             x = x.to(self.dtype).div_(255.0)
+        if self.resize is not None and tuple(x.shape[-2:]) != (self.resize, self.resize):
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
+                              align_corners=False, antialias=True)
         if self._mean is not None:
             x = (x - self._mean) / self._std
         return x
@@ -220,8 +265,11 @@ class ImageTask(_ImageTask):
                  subset_per_class: int | None = None, test_subset: int | None = None,
                  stem: str = "cifar", augment: bool = False, eval_batch_size: int = 500,
                  device: str = "cpu", download: bool = False, name: str | None = None,
-                 width: int = 64):
+                 width: int = 64, pretrained_weights: str | None = None,
+                 resize: int | None = None, loss: str = "ce", normalize: str = "auto"):
         dev = torch.device(resolve_device(device))  # name: the config's task name, not used
+        norm = normalization(normalize, (IMAGENET_MEAN, IMAGENET_STD) if pretrained_weights
+                             else (D.CIFAR10_MEAN, D.CIFAR10_STD))
         arrs = D.load_cifar10(data_path, cache_dir, subset_per_class, test_subset, download)
         key = (id(arrs), str(dev))
         if key not in _TENSORS or _TENSORS[key][0] is not arrs:
@@ -234,12 +282,13 @@ class ImageTask(_ImageTask):
         _, xtr, ytr, xte, yte = _TENSORS[key]
         self.stem = stem
         self.source = arrs.source
-        self._setup(xtr, ytr, xte, yte, resnet18(10, stem, seed, width),
+        self.pretrained_weights = pretrained_weights
+        self._setup(xtr, ytr, xte, yte, resnet18(10, stem, seed, width, pretrained_weights),
                     num_workers=num_workers, seed=seed, batch_size=batch_size,
                     local_steps=local_steps, partition=partition, alpha=alpha,
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
                     augment=augment, eval_batch_size=eval_batch_size, device=dev,
-                    mean=D.CIFAR10_MEAN, std=D.CIFAR10_STD)
+                    mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss)
 
 
 def make_tiny_images(num_train: int = 2000, num_test: int = 500, image_size: int = 8,
@@ -289,8 +338,10 @@ class TinyImageTask(_ImageTask):
                  samples: int = 2000, num_test: int = 500, image_size: int = 8,
                  noise: float = 1.0, width: int = 16, data_seed: int | None = None,
                  data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
-                 stem=None, download=False, name: str | None = None):
+                 stem=None, download=False, name: str | None = None,
+                 resize: int | None = None, loss: str = "ce", normalize: str = "auto"):
         dev = torch.device(resolve_device(device))
+        norm = normalization(normalize, None)
         if test_subset is not None:
             num_test = int(test_subset)
         ds = seed if data_seed is None else data_seed
@@ -300,8 +351,10 @@ class TinyImageTask(_ImageTask):
             _TENSORS[key] = tuple(t.to(dev) for t in make_tiny_images(
                 samples, num_test, image_size, 10, noise, ds))
         xtr, ytr, xte, yte = _TENSORS[key]
-        self._setup(xtr, ytr, xte, yte, tiny_cnn(3, 10, width, image_size, seed),
+        seen = image_size if resize is None else int(resize)  # the CNN's input size
+        self._setup(xtr, ytr, xte, yte, tiny_cnn(3, 10, width, seen, seed),
                     num_workers=num_workers, seed=seed, batch_size=batch_size,
                     local_steps=local_steps, partition=partition, alpha=alpha,
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
-                    augment=augment, eval_batch_size=eval_batch_size, device=dev)
+                    augment=augment, eval_batch_size=eval_batch_size, device=dev,
+                    mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss)

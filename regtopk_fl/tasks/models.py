@@ -8,7 +8,13 @@
   parameters for 3 x 8 x 8 inputs, width 16 and 10 classes) for the
   CPU-sized ``tiny_image``.
 
-No pretrained weights (they cannot be fetched here). The flat views used by
+Pretrained weights are never downloaded: ``resnet18(pretrained=PATH)`` (the
+``task.pretrained_weights`` setting) loads a torchvision ResNet-18
+``state_dict`` from a local file (e.g. torchvision's ``resnet18-f37072fd.pth``,
+what ``ResNet18_Weights.IMAGENET1K_V1`` downloads) into torchvision's
+ResNet-18 (``stem="imagenet"``, width 64) and keeps the model's own seeded
+``fc`` for the 10 classes: the authors' ``ResNet18_cifar`` replaces ``fc``
+the same way. The flat views used by
 the tasks: ``flat_params`` / ``param_shapes`` in ``model.parameters()`` order,
 ``buffer_tensors`` = the float BatchNorm running statistics (running_mean,
 running_var) in ``model.named_buffers()`` order; ``num_batches_tracked`` is
@@ -16,8 +22,12 @@ left out (an integer counter, unused when BatchNorm has a momentum).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+REPLACED = ("fc.weight", "fc.bias")  # the head a pretrained ResNet-18 gets anew
 
 
 def _seeded(seed: int, build):
@@ -59,9 +69,56 @@ def _narrow_resnet18(num_classes: int, width: int) -> nn.Module:
 STEMS = ("cifar", "imagenet")
 
 
-def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: int = 64) -> nn.Module:
+def read_state_dict(path) -> dict:
+    """The tensors of a ``state_dict`` file (or of its ``"state_dict"`` entry);
+    ValueError naming the file when it holds something else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
+        raise ValueError(f"{path}: not a torch state_dict file ({type(e).__name__})") from None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
+    return dict(state)
+
+
+def check_pretrained(model: nn.Module, state: dict, path="the state_dict") -> None:
+    """ValueError unless ``state`` fills every entry of ``model`` but ``fc``
+    with a tensor of the same shape (a torchvision ResNet-18 state_dict)."""
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if k not in REPLACED}
+    missing = sorted(set(own) - set(body) - set(REPLACED))
+    unexpected = sorted(set(body) - set(own))
+    shapes = sorted(k for k in set(body) & set(own) if body[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        what = [f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("other shape", shapes)) if keys]
+        raise ValueError(f"{path}: not a torchvision ResNet-18 state_dict ({'; '.join(what)})")
+
+
+def load_pretrained(model: nn.Module, path) -> nn.Module:
+    """Load a torchvision ResNet-18 ``state_dict`` file into ``model`` in place,
+    every parameter and BatchNorm buffer but ``fc``, which keeps its own init."""
+    state = read_state_dict(path)
+    check_pretrained(model, state, path)
+    model.load_state_dict({k: v for k, v in state.items() if k not in REPLACED}, strict=False)
+    return model
+
+
+def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: int = 64,
+             pretrained=None) -> nn.Module:
+    """ResNet-18 with a seeded init; ``pretrained``: a local torchvision
+    state_dict file loaded over it (all but ``fc``; needs stem=imagenet, width 64)."""
     import torchvision
 
+    if pretrained is not None:
+        if stem != "imagenet" or int(width) != 64:
+            raise ValueError(f"pretrained weights need torchvision's ResNet-18: stem=imagenet "
+                             f"and width=64 (got stem={stem}, width={width})")
+        return load_pretrained(resnet18(num_classes, stem, seed, width), pretrained)
     if int(width) != 64:
         if stem != "cifar":
             raise ValueError(f"task.width={width}: a narrowed ResNet-18 needs stem=cifar")

@@ -43,11 +43,11 @@ def compose_config(overrides=()) -> DictConfig:
 
 def app_config_defaults() -> dict:
     """The flat ``[tool.flwr.app.config]`` defaults: the default config under
-    runtime=flower, then every key that only other task/sparsifier/runtime
-    choices or experiment presets have (with that choice's value), then
+    runtime=flower, then every key that only other task/sparsifier/aggregate/
+    runtime choices or experiment presets have (with that choice's value), then
     ``output_dir``."""
     flat = to_run_config(compose_config(["runtime=flower"]))
-    for group in ("task", "sparsifier", "runtime", "experiment"):
+    for group in ("task", "sparsifier", "aggregate", "runtime", "experiment"):
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
             for key, value in to_run_config(compose_config([f"{group}={path.stem}"])).items():
                 flat.setdefault(key, value)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from regtopk_fl import hostile
+from regtopk_fl.aggregate import Median, TrimmedMean
 from regtopk_fl.compress import RegTopK
 from regtopk_fl.fedround import Coordinator, FedServer, Reply, apply_feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory
@@ -20,9 +21,11 @@ def _reply(worker, values, indices=None, n_ex=10, dim=6):
     return Reply(worker, Upload(v, i, dim), n_ex)
 
 
-def _server(policy=None, sizes=(10, 10, 10, 10), dim=6):
+def _server(policy=None, sizes=(10, 10, 10, 10), dim=6, rule=None, budget=None):
     s = FedServer(torch.zeros(dim, dtype=torch.float64), lr=1.0)
-    s.trust = Guard(policy or TrustPolicy(), sizes)
+    s.trust = Guard(policy or TrustPolicy(), sizes, budget)
+    if rule is not None:
+        s.aggregate = rule
     return s
 
 
@@ -101,13 +104,13 @@ def test_trusted_counts_are_capped():
 
 # -- robust aggregation -------------------------------------------------------------
 def test_coordinate_median_on_the_union_support():
-    s = _server(TrustPolicy(aggregate="median"), sizes=(1, 1, 1))
+    s = _server(sizes=(1, 1, 1), rule=Median())
     out = s.step([_reply(0, [1.0, 2.0], [0, 1], 1), _reply(1, [3.0, 30.0], [0, 1], 1),
                   _reply(2, [5.0], [0], 1)])
     # x_n = R w_n g_n = g_n (equal weights); worker 2 did not send entry 1 -> 0 there
     assert out.grad[:3].tolist() == [3.0, 2.0, 0.0]
     assert out.feedback[1].tolist() == [3.0, 2.0]  # feedback = the applied g on its entries
-    trimmed = _server(TrustPolicy(aggregate="trimmed_mean", trim_fraction=0.34), sizes=(1, 1, 1))
+    trimmed = _server(sizes=(1, 1, 1), rule=TrimmedMean(trim_fraction=0.34))
     assert trimmed.step([_reply(0, [1.0], [0], 1), _reply(1, [3.0], [0], 1),
                          _reply(2, [50.0], [0], 1)]).grad[0] == 3.0  # 17x: not the guard
 
@@ -116,7 +119,8 @@ def test_regtopk_feedback_uses_the_applied_median():
     task = LinRegTask(num_workers=3, dim=10, samples_per_worker=20)
     mem = ErrorFeedbackMemory(3, 10, torch.float64)
     coord = Coordinator(FedServer(task.init_params(), lr=0.01))
-    coord.server.trust = Guard(TrustPolicy(aggregate="median"), task.num_examples())
+    coord.server.trust = Guard(TrustPolicy(), task.num_examples())
+    coord.server.aggregate = Median()
     reps = worker_round(task, mem, RegTopK(0.3, mu=1), coord.server.params, None,
                         [None] * 3, [0, 1, 2], 1)
     out = coord.collect(reps)

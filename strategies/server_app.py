@@ -27,6 +27,7 @@ from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
+from . import hostile_grid  # noqa: E402
 from .identity import binding_from_cfg  # noqa: E402
 from .sparse_strategy import SparseAggregation  # noqa: E402
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> FedServer:
     """All rounds of a run (or the rest of them, after a checkpoint)."""
+    faults = OmegaConf.to_container(cfg.faults) if "faults" in cfg else {}
+    if hostile_grid.needed(faults):  # faults.hostile's omniscient attacker (#17)
+        grid = hostile_grid.HostileGrid(grid, faults, int(cfg.seed), task.dim,
+                                        int(cfg.num_workers))
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

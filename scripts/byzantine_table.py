@@ -6,7 +6,9 @@ honest run and the run in which that worker is simply absent, per rule.
     python scripts/byzantine_table.py --task linreg --seeds 0 1 2 --out results/byzantine/linreg
     python scripts/byzantine_table.py --task tiny_image --seeds 0 1 --out results/byzantine/tiny_image
 
-Runs in-process (the Byzantine attacks are the same in both runtimes:
+A run whose model diverges (the workers' gradients turn NaN, which the
+worker step refuses) is recorded as diverged. Runs in-process (the Byzantine
+attacks are the same in both runtimes:
 tests/test_attacks.py). The attack rows use ``faults.hostile.scale`` (c,
 default 15: under the default norm guard of 20x). Writes ``<out>.csv`` (one
 row per run) and ``<out>.md`` (mean over seeds, and the spread).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import tempfile
@@ -41,6 +44,7 @@ HOSTILE = 9  # the last partition
 
 
 def run_one(task: str, rule: str, attack: str, seed: int, rounds: int, extra: list) -> dict:
+    from regtopk_fl.compress import SparsifierError
     from regtopk_fl.deploy import compose_config
     from regtopk_fl.runner import run_experiment
 
@@ -51,12 +55,17 @@ def run_one(task: str, rule: str, attack: str, seed: int, rounds: int, extra: li
         ov += [f"faults.hostile.worker={HOSTILE}", f"faults.hostile.attacks=1-{rounds}:{attack}"]
     with tempfile.TemporaryDirectory(prefix="byz-") as tmp:
         t0 = time.perf_counter()
-        s = run_experiment(compose_config(ov), Path(tmp) / "run")
+        try:
+            s = run_experiment(compose_config(ov), Path(tmp) / "run")
+            final, status = s["final"][metric], s["status"]
+        except SparsifierError as exc:  # the model diverged: the workers' gradients are NaN
+            final, status = math.nan, f"diverged ({exc})"
         with open(Path(tmp) / "run" / "metrics.csv") as fh:
-            rejected = sum(int(r["rejected"]) for r in csv.DictReader(fh))
-    return {"task": task, "rule": rule, "attack": attack, "seed": seed,
-            "metric": metric, "final": s["final"][metric], "rejected": rejected,
-            "status": s["status"], "seconds": round(time.perf_counter() - t0, 1)}
+            rows = list(csv.DictReader(fh))
+        rejected = sum(int(r["rejected"]) for r in rows)
+    return {"task": task, "rule": rule, "attack": attack, "seed": seed, "metric": metric,
+            "final": final, "rejected": rejected, "status": status, "rounds": len(rows) - 1,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def markdown(rows: list, task: str) -> str:
@@ -66,6 +75,7 @@ def markdown(rows: list, task: str) -> str:
     for r in rows:
         by.setdefault((r["attack"], r["rule"]), []).append(r["final"])
     fmt = (lambda v: f"{v:.3g}") if metric == "gap" else (lambda v: f"{v:.1f}")
+    diverged = {(r["attack"], r["rule"]) for r in rows if math.isnan(r["final"])}
     lines = [f"final {metric} ({better} is better), mean over seeds {seeds} (n = {len(seeds)})"
              " [min-max]", "",
              "| attack | " + " | ".join(RULES) + " |", "| --- |" + " ---: |" * len(RULES)]
@@ -75,6 +85,10 @@ def markdown(rows: list, task: str) -> str:
             v = by.get((attack, rule))
             if not v:
                 cells.append("")
+                continue
+            if (attack, rule) in diverged:
+                n = sum(math.isnan(x) for x in v)
+                cells.append(f"diverged ({n} of {len(v)})")
                 continue
             spread = f" [{fmt(min(v))}-{fmt(max(v))}]" if len(v) > 1 else ""
             cells.append(fmt(statistics.fmean(v)) + spread)

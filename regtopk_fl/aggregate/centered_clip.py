@@ -23,7 +23,7 @@ class CenteredClip(Rule):
 
     name = "centered_clip"
 
-    def __init__(self, clip_ratio: float = 1.0, iters: int = 3, **_):
+    def __init__(self, clip_ratio: float = 2.0, iters: int = 3, **_):
         try:
             c = float(clip_ratio)
         except (TypeError, ValueError):

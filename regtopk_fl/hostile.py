@@ -40,6 +40,9 @@ import re
 
 import torch
 
+from .payload import Upload
+from .trust import lower_median, upload_norm
+
 # name -> what the reply then carries (the server's answer: README "Reliability")
 ATTACKS = {
     "index_out_of_range": "an index equal to J",
@@ -135,8 +138,6 @@ def tamper_upload(attack: str, reply, budget=None):
     """A new Reply: ``reply`` as the hostile worker sends it under an upload
     attack (:data:`UPLOAD_ATTACKS`); ``budget`` is the run's budget (for
     ``over_budget``). The honest reply's tensors are never changed."""
-    from .payload import Upload
-
     up = reply.upload
     if attack == "inflate_examples":
         return dataclasses.replace(reply, num_examples=10**12)
@@ -165,16 +166,6 @@ def tamper_upload(attack: str, reply, budget=None):
 
 
 # -- Byzantine attacks: the round's other uploads known ------------------------------------
-def _norm(reply) -> float:
-    v = reply.upload.values
-    return float(torch.linalg.vector_norm(v.to(torch.float64))) if v.numel() else 0.0
-
-
-def _lower_median(xs) -> float:
-    s = sorted(xs)
-    return s[(len(s) - 1) // 2]
-
-
 def byzantine(attack: str, reply, others: list, c: float, seed: int, round: int,
               num_workers: int):
     """A new Reply: the hostile worker's honest ``reply`` replaced under a
@@ -182,14 +173,12 @@ def byzantine(attack: str, reply, others: list, c: float, seed: int, round: int,
     sent). The median is the lower median of every honest upload's norm
     this round, its own included (what the server's guard would see without
     the attacker). Without other replies the reply goes out unchanged."""
-    from .payload import Upload
-
     if not others:
         return reply
     up = reply.upload
-    median = _lower_median([_norm(reply)] + [_norm(r) for r in others])
+    median = lower_median([upload_norm(reply)] + [upload_norm(r) for r in others])
     if attack == "sign_flip":
-        own = _norm(reply)
+        own = upload_norm(reply)
         factor = -(c * median / own) if own > 0 else 0.0
         return dataclasses.replace(reply, upload=Upload(up.values * factor, up.indices, up.dim))
     if attack == "scaled_copy":

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from .aggregate.base import lower_median  # noqa: F401  (re-exported: the reference norm)
+from .aggregate.base import lower_median  # the reference norm (shared with centered clipping)
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,10 @@ this module refuses well-formed ones that lie or overreach.
   goes back into its worker's residual (error feedback loses nothing), so the
   worker's next upload carries the gradients of every round since its last
   accepted one. Against one round's median such an upload grows with the
-  refused rounds, and after about 11 of them an honest worker was refused
-  forever (its refusals grew the residual further). So every round in which
+  refused rounds, and after enough of them (about 11 in the run that filed
+  issue #17; 50 in tests/test_comeback.py, whose comeback was 45x the
+  median) an honest worker was refused forever (its refusals grew the
+  residual further). So every round in which
   worker n is refused, for whatever reason (a NaN, a stale replica, a
   missed check), adds ``max_norm_ratio x`` that round's reference norm to
   n's *deferred allowance* D_n, and n's bound is ``max_norm_ratio x

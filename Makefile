@@ -28,7 +28,8 @@ test: $(STAMP)
 # (README "Which equalities are bitwise"; ~2 x 4 min, not in `make test`).
 KERNEL_TESTS := tests/test_runtime_equivalence.py tests/test_hostile_matrix.py \
 	tests/test_faults_resume.py tests/test_broadcast.py tests/test_participation.py \
-	tests/test_memory.py tests/test_deploy.py tests/test_presets.py tests/test_image_tasks.py
+	tests/test_memory.py tests/test_deploy.py tests/test_presets.py tests/test_image_tasks.py \
+	tests/test_comeback.py tests/test_attacks.py
 test-kernels: $(STAMP)
 	for cap in default avx2; do \
 		echo "== ATEN_CPU_CAPABILITY=$$cap"; \

@@ -154,7 +154,9 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     if faults.corrupts(cfg.faults, cfg.seed, pid, t):  # corrupted in transit
         reply.upload.values = torch.full_like(reply.upload.values, float("nan"))
     content = wire.reply_content(reply, replica)
-    content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim)  # #11
+    budget = sparsifier.budget(task.dim) if hasattr(sparsifier, "budget") else None
+    content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim,
+                             budget)  # #11, #17
     node = ray_node_id()  # #12: which Ray node ran this client (cluster placement)
     if node is not None:
         content["placement"] = wire.placement_record(node)

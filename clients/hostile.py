@@ -1,11 +1,16 @@
-"""The message side of ``faults.hostile`` (regtopk_fl/hostile.py): rewrite an
-honest train reply into the configured attack. The worker's memory was
-already saved from the honest computation; only what travels is changed."""
+"""The ClientApp's side of ``faults.hostile`` (regtopk_fl/hostile.py): rewrite
+an honest train reply into the configured attack. The worker's memory was
+already saved from the honest computation; only what travels is changed.
+Upload attacks go through the framework-free ``hostile.tamper_upload`` (the
+same function the in-process engine uses); message attacks (wire format,
+identity) are made here. Byzantine attacks need the round's other uploads:
+strategies/hostile_grid.py makes those."""
 from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from protocol import wire
 from regtopk_fl import hostile
 from regtopk_fl.payload import _varint_encode, decode_indices
 
@@ -24,12 +29,16 @@ def _arrays(rec: ArrayRecord) -> dict:
 
 
 def tamper(fault_cfg, pid: int, t: int, content: RecordDict, num_partitions: int,
-           dim: int) -> RecordDict:
+           dim: int, budget=None) -> RecordDict:
     """``content`` as the hostile worker sends it in round ``t`` (unchanged
-    when ``pid`` behaves in ``t``)."""
+    when ``pid`` behaves in ``t`` or makes a Byzantine attack, which the grid
+    wrapper makes). ``budget``: the run's upload budget (over_budget)."""
     attack = hostile.attack(fault_cfg, pid, t)
-    if attack is None or attack == "absent":
+    if attack is None or attack == "absent" or attack in hostile.BYZANTINE:
         return content
+    if attack in hostile.UPLOAD_ATTACKS:
+        return wire.replace_upload(content, hostile.tamper_upload(
+            attack, wire.read_reply(content, dim), budget))
     up = _arrays(content["upload"])
     metrics = {k: content["metrics"][k] for k in content["metrics"].keys()}
     v, i = up["values"], up.get("indices")
@@ -59,12 +68,6 @@ def tamper(fault_cfg, pid: int, t: int, content: RecordDict, num_partitions: int
     elif attack == "wrong_dim":
         up.pop("indices", None)
         up["values"] = np.zeros(dim + 1, dtype=v.dtype)
-    elif attack == "nan":
-        v[0] = np.nan
-    elif attack == "inf":
-        v[0] = np.inf
-    elif attack == "huge_norm":
-        up["values"] = v * 1e30
     elif attack == "missing_values":
         up.pop("values")
     elif attack == "missing_num_examples":
@@ -73,8 +76,6 @@ def tamper(fault_cfg, pid: int, t: int, content: RecordDict, num_partitions: int
         metrics["partition-id"] = (pid + 1) % num_partitions
     elif attack == "unknown_partition":
         metrics["partition-id"] = num_partitions + 95
-    elif attack == "inflate_examples":
-        metrics["num-examples"] = 10**12
     out = RecordDict({k: content[k] for k in content.keys()
                       if k not in ("metrics", "upload")})  # e.g. replica-meta, as sent
     out["metrics"] = MetricRecord(metrics)

@@ -206,6 +206,25 @@ def read_reply(content, dim: int) -> Reply:
     return reply
 
 
+def replace_upload(content, reply: Reply) -> RecordDict:
+    """``content`` (a train reply) with its upload and num-examples taken from
+    ``reply``, every other record as it was: how a hostile worker or a
+    network adversary rewrites a reply (faults.hostile; never an honest path).
+    Indices travel coded, as an honest upload's do."""
+    up = reply.upload
+    upload = {"values": array(up.values)}
+    if up.indices is not None:
+        upload["indices"] = coded(up.indices.cpu(), up.dim)
+    if "buffers" in content["upload"]:
+        upload["buffers"] = content["upload"]["buffers"]
+    metrics = {k: content["metrics"][k] for k in content["metrics"].keys()}
+    metrics["num-examples"] = int(reply.num_examples)
+    out = RecordDict({k: content[k] for k in content.keys() if k not in ("metrics", "upload")})
+    out["metrics"] = MetricRecord(metrics)
+    out["upload"] = ArrayRecord(upload)
+    return out
+
+
 def placement_record(ray_node: str) -> ConfigRecord:
     return ConfigRecord({"ray-node-id": str(ray_node)})
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .paths import CONF_DIR, PROJECT_ROOT, resolve_path
-from .settings import to_run_config, validate
+from .settings import config_groups, to_run_config, validate
 
 DEFAULT_CONNECTION = "regtopk-local"
 PATH_KEYS = ("task.data_path", "task.cache_dir")
@@ -43,11 +43,12 @@ def compose_config(overrides=()) -> DictConfig:
 
 def app_config_defaults() -> dict:
     """The flat ``[tool.flwr.app.config]`` defaults: the default config under
-    runtime=flower, then every key that only other task/sparsifier/runtime/
-    tracker choices or experiment presets have (with that choice's value), then
-    ``output_dir``."""
+    runtime=flower, then every key that only other choices of a config group
+    (task, sparsifier, aggregate, runtime, tracker, ...) or experiment presets
+    have (with that choice's value), then ``output_dir``."""
     flat = to_run_config(compose_config(["runtime=flower"]))
-    for group in ("task", "sparsifier", "runtime", "tracker", "experiment"):
+    groups = [g for g in config_groups() if g != "experiment"] + ["experiment"]
+    for group in groups:
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
             for key, value in to_run_config(compose_config([f"{group}={path.stem}"])).items():
                 flat.setdefault(key, value)

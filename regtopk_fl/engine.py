@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import faults
+from . import faults, hostile
 from .client_states import ClientStates
 from .fedround import Coordinator, FedServer, worker_round
 from .memory import ErrorFeedbackMemory
@@ -31,6 +31,8 @@ class InProcessRun:
         self.task, self.sparsifier = task, sparsifier
         self.local_steps, self.local_lr = int(local_steps), local_lr
         self.seed, self.fault_cfg = int(seed), fault_cfg or {}
+        # faults.hostile's upload attacks need the method's budget (over_budget)
+        self.budget = sparsifier.budget(task.dim) if hasattr(sparsifier, "budget") else None
         params = task.init_params().to(device)
         buffers = task.init_buffers()
         self.coord = Coordinator(FedServer(
@@ -75,6 +77,10 @@ class InProcessRun:
                 r.replica_round = t - 1
             replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
                        for r in replies]
+            # faults.hostile: upload and Byzantine attacks (the Flower runtime makes
+            # them in the ClientApp and in strategies/hostile_grid.py)
+            replies = hostile.tamper_round(self.fault_cfg, self.seed, t, replies, self.budget,
+                                           self.task.num_workers)
         out = self.coord.collect(replies)
         return {"outcome": out, "plan": plan,
                 "missing": len(n_all) - len(alive), "replies": len(replies), "sampled": len(n_all)}

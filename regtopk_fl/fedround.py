@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .aggregate import Batch, Mean
 from .broadcast import FEEDBACK_META, Downlink, Plan
-from .compress.base import row_of_entry
 from .memory import ErrorFeedbackMemory, restore_rows
 from .optim import ServerSGD  # noqa: F401  (re-exported: the server optimizer)
 from .payload import Upload, coded_index_bytes_rows, raw_bytes, validate_upload
@@ -122,7 +122,8 @@ class FedServer:
         self.params = params.detach().clone()
         self.buffers = None if buffers is None else buffers.detach().clone()
         self.opt = ServerSGD(self.params, lr, momentum, weight_decay)
-        self.trust = None  # a trust.Guard: counts, norms, weights, aggregation rule (#11)
+        self.trust = None  # a trust.Guard: counts, budget, norms, weights (#11, #17)
+        self.aggregate = Mean()  # the rule of step 4 (conf/aggregate/, #17)
 
     @property
     def dim(self) -> int:
@@ -195,11 +196,12 @@ class FedServer:
         1. validate: drop malformed uploads, each with its logged reason
            (payload.validate_upload; one vectorised check when all are sound);
         2. trust: drop well-formed uploads the server does not believe
-           (trust.Guard.screen: claimed sizes, norms);
+           (trust.Guard.screen: claimed sizes, the method's budget, norms);
         3. weigh: w_n from the server's own example counts over the accepted
            replies (paper eq. 1), or the capped claims (trust.Guard.weights);
-        4. aggregate: g = sum_n w_n g_hat_n, one scatter-add over the sparse
-           uploads in worker order, never densifying one; or a robust rule;
+        4. aggregate: the run's rule (regtopk_fl/aggregate/): the paper's
+           g = sum_n w_n g_hat_n, one scatter-add over the sparse uploads in
+           worker order, never densifying one; or a robust rule;
         5. feedback: g on each worker's uploaded entries (RegTop-k's Delta);
         6. count: entries sent, uplink bytes (raw and coded), weighted loss;
         7. step: average the BatchNorm buffers and take the ServerSGD step.
@@ -264,26 +266,10 @@ class FedServer:
         total = float(sum(r.num_examples for r in ok))
         return [r.num_examples / total for r in ok]
 
-    @property
-    def _robust(self) -> bool:
-        return self.trust is not None and self.trust.robust
-
     def _aggregate(self, g, ok, weights, packed) -> None:
-        """4. g in place: dense uploads added one by one, then the sparse ones
-        in one scatter-add in worker order (the same sequence of additions as
-        adding them one by one); a robust rule writes g itself."""
-        if self._robust:  # coordinate-wise rule; feedback reads the g it made
-            self.trust.combine(g, ok, weights)
-            return
-        for r, w in zip(ok, weights):
-            if r.upload.indices is None:
-                g.add_(r.upload.values, alpha=w)
-        sparse, idx, vals, counts = packed
-        if sparse:
-            by_worker = dict(zip((r.worker for r in ok), weights))
-            wrep = torch.tensor([by_worker[r.worker] for r in sparse], dtype=g.dtype,
-                                device=g.device)[row_of_entry(counts, g.device)]
-            g.index_add_(0, idx, vals * wrep)
+        """4. g in place, by the run's rule (regtopk_fl/aggregate/: the paper's
+        mean unless ``aggregate=...`` chose a robust one)."""
+        self.aggregate.combine(g, Batch(ok, weights, packed))
 
     @staticmethod
     def _feedback(out: RoundOutcome, ok, packed) -> None:
@@ -389,14 +375,21 @@ class Coordinator:
             self.pending[n] = Feedback(values, out.weights[n])
         for n in out.rejected:
             self.pending[n] = Feedback(None, 0.0, rejected=True)
+        if self.server.trust is not None:  # refused rounds defer their allowance (#17)
+            self.server.trust.settle(out.accepted, out.rejected)
         self.downlink.after_step(t, self.server, out, out.support)
         self.round = t
         return out
 
     def state_dict(self) -> dict:
-        return {"server": self.server.state_dict(), "round": self.round,
-                "downlink": self.downlink.state_dict(),
-                "pending": {int(n): (f.values, f.weight, f.rejected) for n, f in self.pending.items()}}
+        state = {"server": self.server.state_dict(), "round": self.round,
+                 "downlink": self.downlink.state_dict(),
+                 "pending": {int(n): (f.values, f.weight, f.rejected)
+                             for n, f in self.pending.items()},
+                 "aggregate": self.server.aggregate.state_dict()}
+        if self.server.trust is not None:
+            state["trust"] = self.server.trust.state_dict()
+        return state
 
     def load_state_dict(self, state) -> None:
         self.server.load_state_dict(state["server"])
@@ -404,5 +397,8 @@ class Coordinator:
         self.pending = {int(n): Feedback(None if v[0] is None else v[0].to(dev), *v[1:])
                         for n, v in state["pending"].items()}
         self.round = int(state.get("round", 0))
+        if self.server.trust is not None and "trust" in state:
+            self.server.trust.load_state_dict(state["trust"])
+        self.server.aggregate.load_state_dict(state.get("aggregate", {}))
         if "downlink" in state:
             self.downlink.load_state_dict(state["downlink"], dev)

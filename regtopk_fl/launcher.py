@@ -25,7 +25,11 @@ from omegaconf import DictConfig
 
 from .settings import CONF_DIR, ConfigError, config_groups, group_options, validate
 
-GROUPS = config_groups()  # conf/'s folders: task, sparsifier, runtime, ..., experiment
+GROUPS = config_groups()  # conf/'s folders: task, sparsifier, aggregate, ..., experiment
+# keys that moved (one line saying where, instead of Hydra's "not in struct")
+MOVED = {"server.aggregate": "moved to the config group aggregate: use aggregate=NAME",
+         "server.trim_fraction": "moved to the config group aggregate: use "
+                                 "aggregate=trimmed_mean aggregate.trim_fraction=F"}
 
 
 def _fail(msg: str) -> None:
@@ -101,6 +105,8 @@ def check_group_choices(argv) -> None:
         key = key.lstrip("+~")
         if key.startswith("override "):
             key = key.split(" ", 1)[1]
+        if key in MOVED:
+            _fail(f"{key}={value!r}: {MOVED[key]}")
         if key not in GROUPS:
             continue
         options = group_options(key)

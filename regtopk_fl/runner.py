@@ -117,7 +117,7 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
                        fault_cfg=OmegaConf.to_container(cfg.faults), device=resolve_device(cfg.device),
                        broadcast=OmegaConf.select(cfg, "broadcast", default="gradient"),
                        participation=participation_from_cfg(cfg, task.num_examples()))
-    trust.install(run.server, cfg, task, recorder)  # what the server believes (#11)
+    trust.install(run.server, cfg, task, recorder, sparsifier)  # what the server believes (#11)
     net = network.settings(cfg)
     obs_every = int(OmegaConf.select(cfg, "observe.every", default=0) or 0)
     observer = None

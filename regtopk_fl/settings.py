@@ -79,9 +79,9 @@ def _bool(cfg, key, default=False):
 
 
 def validate_trust(cfg, n: int, runtime: str) -> None:
-    """The ``server:`` block (regtopk_fl/trust.py) and ``faults.hostile``."""
-    from .hostile import parse
-    from .trust import AGGREGATES
+    """The ``server:`` block (regtopk_fl/trust.py), the ``aggregate`` group
+    (regtopk_fl/aggregate/) and ``faults.hostile``."""
+    from .hostile import BOTH_RUNTIMES, BUDGET_ATTACKS, parse
 
     _num(cfg, "server.max_norm_ratio", 1, required=False,
          allowed="must be null (off) or a number >= 1")
@@ -90,27 +90,53 @@ def validate_trust(cfg, n: int, runtime: str) -> None:
     _bool(cfg, "server.trust_num_examples")
     _num(cfg, "server.max_weight_share", 0, 1, lo_open=True, required=False,
          allowed="must be in (0, 1]")
-    if _get(cfg, "server.aggregate") is not None:
-        _choice(cfg, "server.aggregate", AGGREGATES)
-    _num(cfg, "server.trim_fraction", 0, 0.5, hi_open=True, required=False,
-         allowed="must be in [0, 0.5)")
+    for old in ("aggregate", "trim_fraction"):  # moved to the config group (#17)
+        if _get(cfg, f"server.{old}") is not None:
+            _fail(f"server.{old}", _get(cfg, f"server.{old}"), "moved to the config group "
+                  "aggregate: aggregate=NAME on the command line (aggregate.name and "
+                  "aggregate.trim_fraction in a run config)")
+    _aggregate(cfg)
     keys = _get(cfg, "server.node_keys")
     if keys is not None and (not isinstance(keys, str) or not keys.strip()):
         _fail("server.node_keys", keys, "must be null or the path of a PARTITION PUBLIC-KEY file")
     who = _num(cfg, "faults.hostile.worker", -1, n - 1, integer=True, required=False,
                allowed=f"must be -1 (nobody) or a partition id in 0..{n - 1}")
+    _num(cfg, "faults.hostile.scale", 0, lo_open=True, required=False,
+         allowed="must be a finite number > 0")
     spec = _get(cfg, "faults.hostile.attacks")
     if spec is not None:
         try:
             plan = parse(spec)
         except ValueError as exc:
             _fail("faults.hostile.attacks", spec, str(exc))
-        tampering = sorted({a for a in plan.values() if a != "absent"})
-        if tampering and runtime != "flower":
-            _fail("faults.hostile.attacks", spec, f"{tampering[0]} tampers with a Flower "
-                  "message: use runtime=flower (runtime=inprocess knows only absent)")
+        flower_only = sorted({a for a in plan.values() if a not in BOTH_RUNTIMES})
+        if flower_only and runtime != "flower":
+            _fail("faults.hostile.attacks", spec, f"{flower_only[0]} tampers with a Flower "
+                  "message: use runtime=flower (runtime=inprocess knows "
+                  f"{', '.join(BOTH_RUNTIMES)})")
+        budgeted = sorted({a for a in plan.values() if a in BUDGET_ATTACKS})
+        if budgeted and _get(cfg, "sparsifier.name") == "dense":
+            _fail("faults.hostile.attacks", spec, f"{budgeted[0]}: a dense run has no "
+                  "upload budget to exceed")
         if plan and (who is None or who < 0):
             _fail("faults.hostile.worker", who, "must name the partition that makes the attacks")
+
+
+def _aggregate(cfg) -> None:
+    """The aggregation rule: a choice of conf/aggregate/, its parameters
+    checked by its own class (regtopk_fl/aggregate/)."""
+    from .aggregate import AggregateError, from_cfg
+
+    if _get(cfg, "aggregate") is None:
+        return  # the paper's mean
+    _choice(cfg, "aggregate.name", group_options("aggregate"))
+    try:
+        from_cfg(cfg)
+    except AggregateError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - Hydra's instantiate errors: name the target
+        _fail("aggregate._target_", _get(cfg, "aggregate._target_"),
+              f"cannot be instantiated ({str(exc).splitlines()[0] if str(exc) else exc})")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -129,6 +155,8 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "sparsifier.mu", 0, lo_open=True, allowed="must be a finite number > 0")
         _choice(cfg, "sparsifier.distortion", DISTORTIONS)
         _num(cfg, "sparsifier.q", 0, lo_open=True, allowed="must be a finite number > 0")
+    if _get(cfg, "sparsifier.budget_factor") is not None:  # Gaussian-k's upload budget (#17)
+        _num(cfg, "sparsifier.budget_factor", 1, allowed="must be a finite number >= 1")
     n = _num(cfg, "num_workers", 1, integer=True, allowed="must be an integer >= 1")
     tn = _get(cfg, "task.num_workers")  # ${num_workers} under Hydra; a run config sets both
     if tn is not None and tn != n:
@@ -319,8 +347,8 @@ def _ray_address(cfg) -> None:
 
 
 # -- the flat form used as Flower's run config ---------------------------------
-RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
-            "network", "participation", "num_workers", "rounds", "lr", "momentum",
+RUN_KEYS = ("task", "sparsifier", "aggregate", "runtime", "faults", "checkpoint", "server",
+            "broadcast", "network", "participation", "num_workers", "rounds", "lr", "momentum",
             "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "upload", "device",
             "experiment", "observe", "threads", "progress", "output_dir", "tracker")
 

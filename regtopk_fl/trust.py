@@ -1,6 +1,7 @@
-"""What the server believes about an upload beyond its form: its weight and
-its size (the ``server:`` settings). ``payload.validate_upload`` already
-refuses malformed uploads; this module refuses well-formed ones that lie.
+"""What the server believes about an upload beyond its form: its weight, its
+size in entries and its size in norm (the ``server:`` settings and the run's
+sparsifier). ``payload.validate_upload`` already refuses malformed uploads;
+this module refuses well-formed ones that lie or overreach.
 
 * **Weights.** A worker's weight w_n follows its number of examples. The
   server builds the same seeded partition as the clients (``task.num_examples()``)
@@ -9,9 +10,19 @@ refuses malformed uploads; this module refuses well-formed ones that lie.
   client knows its data size, ``trust_num_examples=true`` uses the reported
   counts, but no worker gets more than ``max_weight_share`` of the total
   (water-filling: the capped shares are fixed and the rest renormalised).
+* **Budget.** An upload may carry at most the run's budget of entries: k =
+  max(1, round(S * J)) for Top-k, RegTop-k, Random-k and the global Top-k;
+  Gaussian-k's stated bound (compress/gaussiank.py, ``BUDGET_FACTOR`` x k,
+  which its workers never exceed: they cap their count there). The server
+  takes the budget from its own sparsifier config (``sparsifier.budget(J)``),
+  never from a reply. A dense upload of all J entries, a coded one of all J,
+  or k + 1 entries is rejected; ``dense`` runs have no budget. (An upload
+  over budget once made ``sent`` 250 where four honest workers sent 200, and
+  gained its worker influence over the model.)
 * **Magnitude.** An upload whose L2 norm exceeds ``max_norm_ratio`` times the
-  round's reference norm is rejected (finite values of 1e30 once turned the
-  model into 1e29s); ``max_upload_norm`` is an absolute cap, off by default.
+  round's reference norm, plus its worker's deferred allowance (below), is
+  rejected (finite values of 1e30 once turned the model into 1e29s);
+  ``max_upload_norm`` is an absolute cap, off by default (it defers nothing).
   The reference is the *lower* median of the norms of the round's remaining
   uploads: with two workers the plain median is their mean, which any single
   upload exceeds by at most 2x, so the guard could never fire; the lower
@@ -19,13 +30,39 @@ refuses malformed uploads; this module refuses well-formed ones that lie.
   the replies) cannot move the lower median above an honest norm. When the
   reference is 0 (half the uploads are exactly zero) no ratio is applied.
   BatchNorm buffers, which are averaged into the model as well, get the same
-  ratio rule on their own norm.
-* **Aggregation.** ``aggregate=mean`` is the paper's g = sum w_n g_n.
-  ``trimmed_mean`` and ``median`` are coordinate-wise on the union support of
-  the round's uploads, over x_n = R * w_n * g_n (R accepted replies; a worker
-  that did not send an entry contributes 0 there), so that their mean would
-  be the paper's g. They are a deviation from the paper; RegTop-k's feedback
-  is the g that was applied, whichever rule made it.
+  ratio rule on their own norm (not deferred: buffers do not accumulate).
+* **No lockout: refused rounds defer their allowance.** A rejected upload
+  goes back into its worker's residual (error feedback loses nothing), so the
+  worker's next upload carries the gradients of every round since its last
+  accepted one. Against one round's median such an upload grows with the
+  refused rounds, and after enough of them (about 11 in the run that filed
+  issue #17; 50 in tests/test_comeback.py, whose comeback was 45x the
+  median) an honest worker was refused forever (its refusals grew the
+  residual further). So every round in which
+  worker n is refused, for whatever reason (a NaN, a stale replica, a
+  missed check), adds ``max_norm_ratio x`` that round's reference norm to
+  n's *deferred allowance* D_n, and n's bound is ``max_norm_ratio x
+  reference + D_n``; an accepted upload spends from D_n what it used above
+  the round's own allowance. This follows what error feedback does: the
+  bound grows by one round's allowance per refused round, whatever the
+  reference does meanwhile (a run converging at a geometric rate shrinks the
+  median; a bound that scaled today's median by the number of refused rounds
+  fell behind the residual's older, larger gradients), while an honest
+  residual grows by one gradient (below 6.8x the median in every recorded
+  preset) per round. So a comeback is accepted within a bounded number of
+  rounds, and what a comeback does not spend stays for the residual it
+  leaves behind. Honest runs never defer (nothing refused: every recorded
+  number is unchanged). The price: a worker's accepted norms never exceed,
+  summed over the rounds it took part in, ``max_norm_ratio x`` their
+  references; a hostile worker can spend its allowance late (refused for R
+  rounds, then one upload of about ``max_norm_ratio x`` R medians), never
+  more. A 1e30 upload is still rejected. Robust aggregation
+  (regtopk_fl/aggregate/) limits what one upload within the bounds can do.
+  Only the server's own record counts (rounds it refused); a reply that
+  never arrived (a timeout) defers nothing. D_n is in the checkpoint.
+
+Aggregation rules live in regtopk_fl/aggregate/ (``aggregate=`` config
+group); :func:`install` gives the server both the guard and the rule.
 
 A rejected upload is treated as every other rejection: the Coordinator marks
 it and the worker puts it back into its residual.
@@ -39,15 +76,17 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
+from .aggregate.base import lower_median  # the reference norm (shared with centered clipping)
+
 log = logging.getLogger(__name__)
 
-AGGREGATES = ("mean", "trimmed_mean", "median")
 # The largest norm / lower-median ratio of any honest upload in the recorded
 # presets is 6.72 (Gaussian-k on CIFAR-10, whose selected count varies from
 # worker to worker); linear regression stays below 4.9 (N=50: 4.33), Top-k /
 # RegTop-k on CIFAR-10 below 1.6 (results/README.md "How large is an honest
 # upload", scripts/norm_ratio_survey.py). 20 leaves a margin of about 3x; a
-# false rejection only delays an upload (it goes back into the residual).
+# false rejection only delays an upload (it goes back into the residual, and
+# the refused round's allowance is deferred to the worker's next uploads).
 DEFAULT_MAX_NORM_RATIO = 20.0
 
 
@@ -57,8 +96,6 @@ class TrustPolicy:
     max_upload_norm: float | None = None
     trust_num_examples: bool = False
     max_weight_share: float = 0.5
-    aggregate: str = "mean"
-    trim_fraction: float = 0.1
 
     @classmethod
     def from_cfg(cls, cfg) -> "TrustPolicy":
@@ -69,8 +106,7 @@ class TrustPolicy:
         ratio = get("max_norm_ratio", DEFAULT_MAX_NORM_RATIO)
         cap = get("max_upload_norm", None)
         return cls(None if ratio is None else float(ratio), None if cap is None else float(cap),
-                   bool(get("trust_num_examples", False)), float(get("max_weight_share", 0.5)),
-                   str(get("aggregate", "mean")), float(get("trim_fraction", 0.1)))
+                   bool(get("trust_num_examples", False)), float(get("max_weight_share", 0.5)))
 
 
 def upload_norm(reply) -> float:
@@ -80,9 +116,9 @@ def upload_norm(reply) -> float:
     return float(torch.linalg.vector_norm(v.to(torch.float64))) if v.numel() else 0.0
 
 
-def lower_median(xs) -> float:
-    s = sorted(xs)
-    return s[(len(s) - 1) // 2]
+def upload_entries(reply) -> int:
+    """The entries an upload carries: its values (J for a dense upload)."""
+    return int(reply.upload.values.numel())
 
 
 def capped_shares(counts, cap: float) -> list:
@@ -111,21 +147,32 @@ class Guard:
     """The server's checks and weights for one run (``FedServer.trust``).
 
     ``sizes[n]`` is the server's own count of worker n's examples (None: it
-    does not know them, so reported counts are used, capped). ``max_ratio``
-    is the largest norm / reference ratio among accepted uploads so far (the
-    evidence behind ``max_norm_ratio``; written to summary.json)."""
+    does not know them, so reported counts are used, capped). ``budget`` is
+    the most entries one upload may carry (None: no budget, a dense run) and
+    ``budget_note`` says where it comes from. ``max_ratio`` is the largest
+    norm / reference ratio among accepted uploads so far (the evidence behind
+    ``max_norm_ratio``; written to summary.json). ``deferred[n]`` is worker
+    n's deferred allowance (module docstring); ``comebacks`` records each
+    accepted upload that used some of it: (worker, norm / reference, norm /
+    (reference + D_n / max_norm_ratio))."""
 
-    def __init__(self, policy: TrustPolicy | None = None, sizes=None):
+    def __init__(self, policy: TrustPolicy | None = None, sizes=None, budget=None,
+                 budget_note: str = ""):
         self.policy = policy or TrustPolicy()
         self.sizes = None if sizes is None else [int(s) for s in sizes]
+        self.budget = None if budget is None else int(budget)
+        self.budget_note = budget_note
         self.max_ratio = 0.0
+        self.deferred: dict = {}  # worker -> norm allowance deferred by refused rounds
+        self.comebacks: list = []
+        self._round = (0.0, {})  # (this round's reference norm, {accepted worker: norm})
 
     # -- which replies to believe --------------------------------------------
     def screen(self, replies: list) -> tuple:
         """(accepted, {worker: reason}) for replies that passed validation."""
         p, rejected, ok = self.policy, {}, []
         for r in replies:
-            why = self._count_problem(r)
+            why = self._count_problem(r) or self._budget_problem(r)
             if why is None and p.max_upload_norm is not None:
                 norm = upload_norm(r)
                 if norm > p.max_upload_norm:
@@ -135,6 +182,7 @@ class Guard:
             else:
                 rejected[r.worker] = why
         if not ok:
+            self._round = (0.0, {})
             return ok, rejected
         norms = [upload_norm(r) for r in ok]
         ref = lower_median(norms)
@@ -144,13 +192,16 @@ class Guard:
             r.buffers.to(torch.float64))) for r in ok]
         bref = lower_median([b for b in bufs if b is not None]) if any(
             b is not None for b in bufs) else 0.0
-        keep = []
+        keep, kept_norms = [], {}
         for r, norm, bnorm in zip(ok, norms, bufs):
             ratio = norm / ref if ref > 0 else (0.0 if norm == 0 else math.inf)
-            if ref > 0 and p.max_norm_ratio is not None and ratio > p.max_norm_ratio:
+            deferred = self.deferred.get(r.worker, 0.0)
+            if ref > 0 and p.max_norm_ratio is not None and (
+                    (norm - deferred) / ref if deferred else ratio) > p.max_norm_ratio:
+                extra = (f" + deferred {deferred:.3g} from refused rounds" if deferred else "")
                 rejected[r.worker] = (f"upload norm {norm:.3g} is {ratio:.3g}x the round's "
                                       f"median {ref:.3g} (server.max_norm_ratio="
-                                      f"{p.max_norm_ratio:g})")
+                                      f"{p.max_norm_ratio:g}{extra})")
             elif (bnorm is not None and bref > 0 and p.max_norm_ratio is not None
                   and bnorm > p.max_norm_ratio * bref):
                 rejected[r.worker] = (f"buffers norm {bnorm:.3g} is {bnorm / bref:.3g}x the "
@@ -158,8 +209,13 @@ class Guard:
                                       f"{p.max_norm_ratio:g})")
             else:
                 keep.append(r)
+                kept_norms[r.worker] = norm
                 if ref > 0:
                     self.max_ratio = max(self.max_ratio, ratio)
+                    if deferred:
+                        self.comebacks.append(
+                            (r.worker, ratio, norm / (ref + deferred / p.max_norm_ratio)))
+        self._round = (ref, kept_norms)
         return keep, rejected
 
     def _count_problem(self, reply):
@@ -172,6 +228,45 @@ class Guard:
             return (f"claims num_examples={reply.num_examples}, but partition {n} holds "
                     f"{self.sizes[n]} (server.trust_num_examples=false)")
         return None
+
+    def _budget_problem(self, reply):
+        if self.budget is None:
+            return None
+        m = upload_entries(reply)
+        if m <= self.budget:
+            return None
+        form = "dense" if reply.upload.indices is None else "sparse"
+        return (f"a {form} upload of {m} entries is over the budget of {self.budget}"
+                f"{' (' + self.budget_note + ')' if self.budget_note else ''}")
+
+    # -- after the round: the deferred allowances ---------------------------------
+    def settle(self, accepted, rejected) -> None:
+        """Worker n's refusal this round (any reason: ``rejected``) defers one
+        round's allowance, ``max_norm_ratio x`` the reference; an accepted
+        upload spends from its deferral what it used above the round's own
+        allowance. Called by the Coordinator once per round, after step."""
+        ref, norms = self._round
+        self._round = (0.0, {})
+        ratio = self.policy.max_norm_ratio
+        if ratio is None:
+            return
+        for n in accepted:
+            d = self.deferred.get(n)
+            if d:
+                left = d - max(0.0, norms.get(n, 0.0) - ratio * ref)
+                if left > 0:
+                    self.deferred[n] = left
+                else:
+                    del self.deferred[n]
+        if ref > 0:
+            for n in rejected:
+                self.deferred[n] = self.deferred.get(n, 0.0) + ratio * ref
+
+    def state_dict(self) -> dict:
+        return {"deferred": {int(n): float(d) for n, d in self.deferred.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.deferred = {int(n): float(d) for n, d in state.get("deferred", {}).items()}
 
     # -- how much each accepted reply counts -----------------------------------
     def weights(self, replies: list) -> list:
@@ -186,42 +281,35 @@ class Guard:
         total = float(sum(counts))  # the same arithmetic as FedServer's own rule
         return [c / total for c in counts]
 
-    # -- robust aggregation (deviation from the paper) -------------------------
-    @property
-    def robust(self) -> bool:
-        return self.policy.aggregate != "mean"
 
-    def combine(self, g: torch.Tensor, replies: list, weights: list) -> None:
-        """Write the coordinate-wise trimmed mean / median of the uploads into
-        ``g`` (zeros elsewhere) on the union of their supports."""
-        n, dim = len(replies), g.numel()
-        if any(r.upload.indices is None for r in replies):
-            support = torch.arange(dim, device=g.device)
-        else:
-            support = torch.unique(torch.cat([r.upload.indices.to(torch.int64) for r in replies]))
-        x = torch.zeros(n, support.numel(), dtype=g.dtype, device=g.device)
-        for i, (r, w) in enumerate(zip(replies, weights)):
-            up = r.upload
-            pos = support if up.indices is None else torch.searchsorted(
-                support, up.indices.to(torch.int64))
-            x[i, pos if up.indices is not None else slice(None)] = up.values.to(g.dtype) * (n * w)
-        s = torch.sort(x, dim=0).values
-        if self.policy.aggregate == "median":
-            vals = (s[(n - 1) // 2] + s[n // 2]) / 2
-        else:
-            cut = int(math.floor(self.policy.trim_fraction * n))
-            vals = s[cut:n - cut].mean(0)
-        g.zero_()
-        g[support] = vals
+def budget_of(sparsifier, dim: int) -> tuple:
+    """(most entries per upload or None, where that comes from) for the run's
+    own sparsifier (``budget(J)``; none for a sparsifier without one, e.g. dense)."""
+    fn = getattr(sparsifier, "budget", None)
+    budget = fn(int(dim)) if fn is not None else None
+    if budget is None:
+        return None, ""
+    note = getattr(sparsifier, "budget_note", None)
+    return int(budget), (note(int(dim)) if note is not None else
+                         f"k of {sparsifier.name} at sparsity {sparsifier.sparsity:g}, J={dim}")
 
 
-def install(server, cfg, task, recorder=None) -> Guard:
-    """Give ``server`` (a FedServer) the run's guard; the server's own counts
-    come from the task's seeded partition, as the clients build it.
-    ``summary.json`` then records ``max_norm_ratio`` (the largest accepted
-    norm / median ratio of the run, since its last start)."""
-    guard = Guard(TrustPolicy.from_cfg(cfg), task.num_examples())
+def install(server, cfg, task, recorder=None, sparsifier=None) -> Guard:
+    """Give ``server`` (a FedServer) the run's guard and aggregation rule.
+    The server's own counts come from the task's seeded partition, as the
+    clients build it; the budget from the run's sparsifier config
+    (``sparsifier``, or instantiated from ``cfg.sparsifier``), never from a
+    client. ``summary.json`` then records ``max_norm_ratio`` (the largest
+    accepted norm / median ratio of the run, since its last start)."""
+    from . import aggregate
+
+    if sparsifier is None:
+        from hydra.utils import instantiate
+        sparsifier = instantiate(OmegaConf.to_container(cfg.sparsifier, resolve=True))
+    budget, note = budget_of(sparsifier, task.dim)
+    guard = Guard(TrustPolicy.from_cfg(cfg), task.num_examples(), budget, note)
     server.trust = guard
+    server.aggregate = aggregate.from_cfg(cfg)
     if recorder is not None:
         recorder.extras.append(lambda: {"max_norm_ratio": guard.max_ratio})
     return guard

@@ -14,6 +14,16 @@ numbers equal the recorded table.csv exactly (so the guard changed nothing).
 sweep_tiny_flower) in-process: the same arithmetic, much faster here
 (tests/test_runtime_equivalence.py). ``--limit-rounds`` shortens the jobs
 (ratios only; the tables are then not compared).
+
+Comebacks (#17): ``--comeback R [--comeback-start T] [--comeback-worker W]``
+refuses worker W (default: the last) in rounds T..T+R-1 (the ``nan``
+attack: it computes honestly, only what travels is NaN; default T = 3) and
+reports its comeback: the accepted upload's norm / the round's median
+(``comeback_ratio``, the first comeback), the largest norm / (median +
+deferred allowance / max_norm_ratio) of its comebacks
+(``comeback_over_allowance``: the guard refuses above max_norm_ratio), and
+how often it was refused after the comeback (``refused_after``). The run
+needs at least T + R rounds; the final numbers then differ from the table.
 """
 from __future__ import annotations
 
@@ -60,12 +70,33 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more overrides, e.g. server.max_norm_ratio=null (measure without the guard)")
+    ap.add_argument("--comeback", type=int, default=None, metavar="R",
+                    help="refuse one worker for R rounds, then report its comeback")
+    ap.add_argument("--comeback-start", type=int, default=3, metavar="T")
+    ap.add_argument("--comeback-worker", type=int, default=None, metavar="W")
     args = ap.parse_args(argv)
 
     import torch
 
+    from regtopk_fl import fedround, trust
     from regtopk_fl.deploy import compose_config
     from regtopk_fl.runner import run_experiment
+
+    seen = {"guards": [], "outcomes": []}
+    if args.comeback:
+        install, collect = trust.install, fedround.Coordinator.collect
+
+        def installing(*a, **k):
+            guard = install(*a, **k)
+            seen["guards"].append(guard)
+            return guard
+
+        def collecting(self, replies, rejected=None):
+            out = collect(self, replies, rejected)
+            seen["outcomes"].append(out)
+            return out
+
+        trust.install, fedround.Coordinator.collect = installing, collecting
 
     torch.set_num_threads(1)
     rows = []
@@ -78,6 +109,15 @@ def main(argv=None) -> int:
             if args.limit_rounds:
                 extra.append(f"rounds={args.limit_rounds}")
             cfg = compose_config([f"experiment={preset}", *overrides, *extra, *args.set])
+            if args.comeback:
+                worker = (int(cfg.num_workers) - 1 if args.comeback_worker is None
+                          else args.comeback_worker)
+                t1, t2 = args.comeback_start, args.comeback_start + args.comeback - 1
+                cfg = compose_config([f"experiment={preset}", *overrides, *extra, *args.set,
+                                      f"faults.hostile.worker={worker}",
+                                      f"faults.hostile.attacks={t1}-{t2}:nan"])
+                seen["guards"].clear()
+                seen["outcomes"].clear()
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="ratio-survey-") as tmp:
                 s = run_experiment(cfg, Path(tmp) / "run")
@@ -92,6 +132,15 @@ def main(argv=None) -> int:
                    "max_norm_ratio": round(s["max_norm_ratio"], 4), "rejected": rejected,
                    "final": s["final"], "equals_table": same,
                    "seconds": round(time.perf_counter() - t0, 1)}
+            if args.comeback:
+                row["equals_table"] = ""
+                mine = [c for c in seen["guards"][0].comebacks if c[0] == worker]
+                row.update({"refused": args.comeback, "comeback_round": t2 + 1,
+                            "comeback_ratio": round(mine[0][1], 3) if mine else None,
+                            "comeback_over_allowance": round(max(c[2] for c in mine), 3)
+                            if mine else None,
+                            "refused_after": sum(worker in o.rejected
+                                                 for o in seen["outcomes"][t2:])})
             rows.append(row)
             print(row, flush=True)
     worst = {}

@@ -19,9 +19,19 @@ keys instead: Flower 1.41's ``Grid.get_nodes()`` returns, under the
 Deployment Runtime, each node's ``NodeInfo`` with the ``public_key`` it
 authenticated with (PEM SubjectPublicKeyInfo). A node with a pinned key is
 bound to that key's partition before it ever speaks; a node whose key is not
-pinned is bound to nothing and every reply from it is rejected. Without pins
-the binding is trust on first use. In simulation Flower gives every node a
-random node id and a random "key", so only first-contact binding applies.
+pinned is bound to nothing and every reply from it is rejected. In
+simulation Flower gives every node a random node id and a random "key", so
+only first-contact binding applies.
+
+**Without pins the binding is trust on first use.** Whoever answers
+``query.identify`` first with a partition id holds that partition for the
+run (and the resumed run): a squatter that claims partition p before p's
+rightful node has been bound takes p, and the rightful node is refused from
+then on. The server cannot tell them apart; it warns in the log, and counts
+in :attr:`NodeBinding.conflicts` (``identity_conflicts`` in summary.json),
+every claim of a partition that another node holds, and the ServerApp warns
+once at start under the Deployment Runtime when ``server.node_keys`` is not
+set (docs/deploy.md pins keys).
 
 The binding is part of the server's checkpoint. A resumed run keeps it when
 at least one checkpointed node id is connected again (node ids survive a
@@ -91,6 +101,7 @@ class NodeBinding:
         self.pins = dict(pins or {})  # PEM public key -> partition
         self.node_partition: dict = {}  # node id -> partition
         self._seen_keys: set = set()  # node ids whose key was looked up
+        self.conflicts = 0  # claims of a partition another node holds (since this start)
 
     def partition_of(self, node):
         return self.node_partition.get(node)
@@ -133,12 +144,15 @@ class NodeBinding:
             elif bound is not None:
                 reasons[node] = None if claim == bound else (
                     f"claims partition {claim}, but node {node} is bound to partition {bound}")
+                if claim != bound:
+                    self._conflict(node, claim)
             elif self.pins:
                 reasons[node] = (f"node {node}'s key is pinned to no partition "
                                  "(server.node_keys)")
             elif self.holder_of(claim) is not None:
                 reasons[node] = (f"claims partition {claim}, which node "
                                  f"{self.holder_of(claim)} holds")
+                self._conflict(node, claim)
             else:
                 first.setdefault(claim, []).append(node)
         for claim, nodes in first.items():
@@ -150,6 +164,18 @@ class NodeBinding:
                     reasons[node] = (f"claims partition {claim}, as do nodes "
                                      f"{sorted(set(nodes) - {node})} in the same first round")
         return reasons
+
+    def _conflict(self, node, claim) -> None:
+        """A claim of a partition that another node holds: a squatter, an
+        impersonator, or the rightful node after a squatter came first."""
+        holder = self.holder_of(claim)
+        if holder is None or holder == node:
+            return
+        self.conflicts += 1
+        how = "pinned to its key" if self.pins else "bound at first contact (trust on first use)"
+        log.warning("node %s claims partition %s, which node %s holds (%s); if %s is the "
+                    "rightful node, pin partitions to keys with server.node_keys", node, claim,
+                    holder, how, node)
 
     def forget_unless_connected(self, nodes) -> None:
         """After a resume: keep the checkpointed binding if any of its nodes
@@ -187,6 +213,20 @@ def screen_claims(binding: NodeBinding, decoded: list, server_round: int) -> tup
         else:
             rejected[bound] = f"identity: {why}"
     return good, rejected, unbound
+
+
+def warn_without_keys(cfg) -> bool:
+    """One warning line when partitions are not pinned to node keys (the
+    Deployment Runtime's start, strategies/server_app.py flwr_main). True
+    when it warned."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "server.node_keys", default=None):
+        return False
+    log.warning("server.node_keys is not set: each partition is bound to the first node that "
+                "claims it (trust on first use); a node claiming a bound partition is refused "
+                "and counted (identity_conflicts). Pin partitions to keys: docs/deploy.md")
+    return True
 
 
 def binding_from_cfg(cfg) -> NodeBinding:

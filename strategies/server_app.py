@@ -27,7 +27,8 @@ from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
-from .identity import binding_from_cfg  # noqa: E402
+from . import hostile_grid  # noqa: E402
+from .identity import binding_from_cfg, warn_without_keys  # noqa: E402
 from .sparse_strategy import SparseAggregation  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> FedServer:
     """All rounds of a run (or the rest of them, after a checkpoint)."""
+    faults = OmegaConf.to_container(cfg.faults) if "faults" in cfg else {}
+    if hostile_grid.needed(faults):  # faults.hostile's omniscient attacker (#17)
+        grid = hostile_grid.HostileGrid(grid, faults, int(cfg.seed), task.dim,
+                                        int(cfg.num_workers))
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -60,12 +65,15 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
         bar.update(row)
 
     timeout = float(OmegaConf.select(cfg, "runtime.round_timeout_s", default=3600.0))
+    identity = binding_from_cfg(cfg)  # node <-> partition (#11)
+    # claims of a partition another node holds, since this start (#17)
+    recorder.extras.append(lambda: {"identity_conflicts": identity.conflicts})
     strategy = SparseAggregation(coord, int(cfg.num_workers), on_round,
                                  wait_for_nodes_s=float(OmegaConf.select(
                                      cfg, "runtime.wait_for_nodes_s", default=600.0)),
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
                                  first_round=start, checkpointer=ckpt, recorder=recorder,
-                                 identity=binding_from_cfg(cfg),  # node <-> partition (#11)
+                                 identity=identity,
                                  participation=participation_from_cfg(cfg, task.num_examples()))
     if state is not None:
         strategy.load_state_dict(state)
@@ -123,6 +131,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
     except (ConfigError, FederationMismatch) as exc:
         log.error("regtopk-fl: %s", exc)
         raise
+    warn_without_keys(cfg)  # trust on first use, said once at start (#17)
     # a relative output_dir is relative to the SuperLink's working directory;
     # re-running with the same output_dir resumes from its checkpoint
     out = OmegaConf.select(cfg, "output_dir") or f"results/runs/flwr-run-{context.run_id}"

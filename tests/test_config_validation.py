@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import compose_cfg
 from regtopk_fl.settings import ConfigError, validate
 
 BAD = [  # (overrides, key named in the message)
@@ -63,12 +64,19 @@ BAD = [  # (overrides, key named in the message)
     (["server.trust_num_examples=maybe"], "server.trust_num_examples='maybe'"),
     (["server.max_weight_share=0"], "server.max_weight_share=0"),
     (["server.max_weight_share=1.5"], "server.max_weight_share=1.5"),
-    (["server.aggregate=mode"], "server.aggregate='mode'"),
-    (["server.trim_fraction=0.5"], "server.trim_fraction=0.5"),
+    (["aggregate=trimmed_mean", "aggregate.trim_fraction=0.5"], "aggregate.trim_fraction=0.5"),
+    (["aggregate=centered_clip", "aggregate.clip_ratio=0"], "aggregate.clip_ratio=0"),
+    (["aggregate=centered_clip", "aggregate.iters=0"], "aggregate.iters=0"),
+    (["aggregate.name=mode"], "aggregate.name='mode'"),
+    (["aggregate._target_=regtopk_fl.compress.TopK"], "aggregate._target_='regtopk_fl.compress.TopK'"),
     (["server.node_keys=''"], "server.node_keys=''"),
     (["num_workers=4", "faults.hostile.worker=4"], "faults.hostile.worker=4"),
     (["faults.hostile.worker=1", "faults.hostile.attacks=3:fly"], "faults.hostile.attacks='3:fly'"),
-    (["faults.hostile.worker=1", "faults.hostile.attacks=3:nan"], "faults.hostile.attacks='3:nan'"),
+    (["faults.hostile.worker=1", "faults.hostile.attacks=3:impersonate"],
+     "faults.hostile.attacks='3:impersonate'"),
+    (["sparsifier=dense", "faults.hostile.worker=1", "faults.hostile.attacks=3:dense_all"],
+     "faults.hostile.attacks='3:dense_all'"),
+    (["faults.hostile.scale=0"], "faults.hostile.scale=0"),
     (["faults.hostile.attacks=3:absent"], "faults.hostile.worker=-1"),
     (["participation.clients_per_round=0"], "participation.clients_per_round=0"),
     (["num_workers=10", "participation.clients_per_round=11"], "participation.clients_per_round=11"),
@@ -97,14 +105,26 @@ def test_bad_setting_is_named(make_cfg, overrides, named):
     assert msg.startswith(named + ":"), msg
 
 
+def test_the_old_aggregate_keys_of_a_run_config_are_named():
+    """A run config from before #17 (server.aggregate) fails in one line
+    saying where the key went, instead of silently averaging."""
+    from regtopk_fl.settings import from_run_config, to_run_config
+
+    flat = to_run_config(compose_cfg(["runtime=flower"]))
+    flat["server.aggregate"] = "median"
+    with pytest.raises(ConfigError, match=r"^server.aggregate='median': moved to the config "
+                       r"group aggregate"):
+        validate(from_run_config(flat))
+
+
 def test_default_and_presets_are_valid(make_cfg):
     for overrides in ([], ["experiment=fig1_toy"], ["experiment=fig2_linreg"],
                       ["experiment=fig3_cifar10_cpu", f"task.data_path={__file__}"],
                       ["experiment=gaussiank", f"task.data_path={__file__}"],
                       ["task=tiny_image", "num_workers=4"], ["runtime=flower"],
-                      ["server.max_norm_ratio=null", "server.aggregate=median",
+                      ["server.max_norm_ratio=null", "aggregate=median",
                        "server.trust_num_examples=true", "faults.hostile.worker=1",
-                       "faults.hostile.attacks=3-4:absent"],
+                       "faults.hostile.attacks=3-4:absent 5:nan 6:over_budget 7-9:sign_flip"],
                       ["runtime=flower", "faults.hostile.worker=0",
                        "faults.hostile.attacks=2:nan 3:impersonate"],
                       ["experiment=sweep_participation"], ["experiment=sweep_participation_tiny"],
@@ -129,6 +149,8 @@ def _launch(tmp_path, *args):
     (["sparsifier=nosuch"], "sparsifier='nosuch'"),
     (["runtime=nosuch"], "runtime='nosuch'"),
     (["-m", "sparsifier=topk,nosuch"], "sparsifier='nosuch'"),
+    (["aggregate=nosuch"], "aggregate='nosuch'"),
+    (["server.aggregate=median"], "server.aggregate='median'"),  # moved to the group (#17)
 ])
 def test_launcher_exits_2_in_one_line(tmp_path, args, named):
     run_dir = tmp_path / "run"

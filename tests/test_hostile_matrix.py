@@ -1,5 +1,6 @@
 """The hostile-client matrix: one Flower simulation in which worker 3 of 4
-makes a different attack in every round from round 3 on (faults.hostile),
+makes a different attack in every round from round 3 on (faults.hostile;
+every attack the server must refuse, hostile.REFUSED),
 against a Flower twin in which worker 3 is simply absent in those rounds
 (faults.hostile ``absent``, a drop).
 
@@ -38,7 +39,7 @@ import pytest
 import torch
 
 from regtopk_fl import fedround
-from regtopk_fl.hostile import MESSAGE_ATTACKS
+from regtopk_fl.hostile import REFUSED
 from regtopk_fl.runner import run_experiment
 
 FIRST = 3  # rounds 1-2 honest (first contact binds every node), then one attack a round
@@ -65,8 +66,12 @@ EXPECTED = {
     "impersonate": "claims partition 0, but node",
     "unknown_partition": "claims partition 99, outside 0..3",
     "inflate_examples": "claims num_examples=1000000000000",
+    # the budget (#17): k = round(0.5 * 103) = 52 for RegTop-k here
+    "over_budget": "a sparse upload of 53 entries is over the budget of 52",
+    "dense_all": f"a dense upload of {J} entries is over the budget of 52",
+    "coded_all": f"a sparse upload of {J} entries is over the budget of 52",
 }
-PLAN = {FIRST + i: a for i, a in enumerate(MESSAGE_ATTACKS)}
+PLAN = {FIRST + i: a for i, a in enumerate(REFUSED)}
 ROUNDS = max(PLAN)
 BASE = ["task=linreg", f"task.dim={J}", f"num_workers={N}", f"rounds={ROUNDS}", "sparsifier=regtopk",
         "sparsifier.sparsity=0.5", "sparsifier.mu=2", "task.size_ratio=3", "threads=1",
@@ -83,7 +88,7 @@ def _rows(run_dir):
 
 
 def test_plan_covers_every_message_attack():
-    assert set(EXPECTED) == set(MESSAGE_ATTACKS) and len(PLAN) == len(EXPECTED) >= 14
+    assert set(EXPECTED) == set(REFUSED) and len(PLAN) == len(EXPECTED) >= 21
 
 
 @pytest.mark.flower
@@ -108,6 +113,8 @@ def test_every_attack_is_rejected_and_nothing_leaks(make_cfg, tmp_path, monkeypa
                                     f"faults.hostile.attacks={FIRST}-{ROUNDS}:absent"]),
                           tmp_path / "twin")
     assert twin["status"] == "finished"
+    # the impersonating claim was logged and counted (trust on first use, #17)
+    assert hostile["identity_conflicts"] == 1 and twin["identity_conflicts"] == 0
 
     # every case rejected, with its reason, and only worker 3's reply
     assert len(flower) == ROUNDS

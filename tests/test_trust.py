@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from regtopk_fl import hostile
+from regtopk_fl.aggregate import Median, TrimmedMean
 from regtopk_fl.compress import RegTopK
 from regtopk_fl.fedround import Coordinator, FedServer, Reply, apply_feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory
@@ -20,9 +21,11 @@ def _reply(worker, values, indices=None, n_ex=10, dim=6):
     return Reply(worker, Upload(v, i, dim), n_ex)
 
 
-def _server(policy=None, sizes=(10, 10, 10, 10), dim=6):
+def _server(policy=None, sizes=(10, 10, 10, 10), dim=6, rule=None, budget=None):
     s = FedServer(torch.zeros(dim, dtype=torch.float64), lr=1.0)
-    s.trust = Guard(policy or TrustPolicy(), sizes)
+    s.trust = Guard(policy or TrustPolicy(), sizes, budget)
+    if rule is not None:
+        s.aggregate = rule
     return s
 
 
@@ -101,13 +104,13 @@ def test_trusted_counts_are_capped():
 
 # -- robust aggregation -------------------------------------------------------------
 def test_coordinate_median_on_the_union_support():
-    s = _server(TrustPolicy(aggregate="median"), sizes=(1, 1, 1))
+    s = _server(sizes=(1, 1, 1), rule=Median())
     out = s.step([_reply(0, [1.0, 2.0], [0, 1], 1), _reply(1, [3.0, 30.0], [0, 1], 1),
                   _reply(2, [5.0], [0], 1)])
     # x_n = R w_n g_n = g_n (equal weights); worker 2 did not send entry 1 -> 0 there
     assert out.grad[:3].tolist() == [3.0, 2.0, 0.0]
     assert out.feedback[1].tolist() == [3.0, 2.0]  # feedback = the applied g on its entries
-    trimmed = _server(TrustPolicy(aggregate="trimmed_mean", trim_fraction=0.34), sizes=(1, 1, 1))
+    trimmed = _server(sizes=(1, 1, 1), rule=TrimmedMean(trim_fraction=0.34))
     assert trimmed.step([_reply(0, [1.0], [0], 1), _reply(1, [3.0], [0], 1),
                          _reply(2, [50.0], [0], 1)]).grad[0] == 3.0  # 17x: not the guard
 
@@ -116,7 +119,8 @@ def test_regtopk_feedback_uses_the_applied_median():
     task = LinRegTask(num_workers=3, dim=10, samples_per_worker=20)
     mem = ErrorFeedbackMemory(3, 10, torch.float64)
     coord = Coordinator(FedServer(task.init_params(), lr=0.01))
-    coord.server.trust = Guard(TrustPolicy(aggregate="median"), task.num_examples())
+    coord.server.trust = Guard(TrustPolicy(), task.num_examples())
+    coord.server.aggregate = Median()
     reps = worker_round(task, mem, RegTopK(0.3, mu=1), coord.server.params, None,
                         [None] * 3, [0, 1, 2], 1)
     out = coord.collect(reps)
@@ -207,3 +211,111 @@ def test_hostile_spec():
     assert hostile.absent(cfg, 2, 4) and not hostile.absent(cfg, 2, 3)
     from regtopk_fl import faults
     assert faults.drops(cfg, 0, 2, 4) and not faults.drops(cfg, 0, 2, 5)
+
+
+def test_squatter_first_takes_the_partition_and_is_counted(caplog):
+    """Trust on first use (no server.node_keys): a squatter that claims
+    partition 0 before its rightful node holds it; the rightful node is then
+    refused, and every such claim is logged and counted."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="strategies.identity")
+    b = NodeBinding(3)
+    assert b.resolve([(99, 0)]) == {99: None}  # the squatter comes first: bound
+    got = b.resolve([(10, 0), (11, 1)])  # the rightful node of 0, and node 11
+    assert "claims partition 0, which node 99 holds" in got[10] and got[11] is None
+    assert b.partition_of(99) == 0 and b.partition_of(10) is None and b.conflicts == 1
+    assert "node 10 claims partition 0, which node 99 holds (bound at first contact: " \
+           "trust on first use)" in caplog.text.replace("contact (", "contact: ")
+    # its train replies are refused too (counted as from a node bound to nothing)
+    good, rejected, unbound = screen_claims(b, [(10, 0, _reply(0, [1.0], [0])),
+                                                (99, 0, _reply(0, [2.0], [0]))], 4)
+    assert [r.upload.values.tolist() for r in good] == [[2.0]] and unbound == 1
+    assert b.conflicts == 2
+    b.resolve([(11, 0)])  # a bound node claiming another's partition: counted as well
+    assert b.conflicts == 3
+    assert NodeBinding(2).conflicts == 0
+
+
+def test_deployment_warns_once_without_node_keys(make_cfg, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from flwr.app import Context, RecordDict
+
+    from regtopk_fl import runner
+    from regtopk_fl.settings import to_run_config
+    from strategies import identity, server_app
+
+    caplog.set_level(logging.WARNING, logger="strategies.identity")
+    assert identity.warn_without_keys(make_cfg([])) is True
+    lines = [r for r in caplog.records if "server.node_keys is not set" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0].getMessage()
+    assert "trust on first use" in lines[0].getMessage()
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"0 {_ssh_pub()[0]}\n")
+    assert identity.warn_without_keys(make_cfg([f"server.node_keys={keys}"])) is False
+
+    calls = []  # flwr_main (the Deployment Runtime's entry point) says it at start
+    monkeypatch.setattr(server_app, "warn_without_keys", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: None)
+    run_config = {**to_run_config(make_cfg(["runtime=flower"])), "output_dir": str(tmp_path)}
+    server_app.flwr_main(None, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(),
+                                       run_config=run_config))
+    assert len(calls) == 1
+
+
+# -- upload budget ----------------------------------------------------------------------
+def test_uploads_over_budget_are_refused_and_dense_runs_are_exempt():
+    s = _server(budget=2)
+    out = s.step([_reply(0, [1.0, 2.0], [0, 1]), _reply(1, [1.0, 1.0, 1.0], [0, 2, 3]),
+                  _reply(2, [1.0] * 6), _reply(3, [2.0], [4])])
+    assert out.accepted == [0, 3] and out.sent == 3
+    assert out.rejected[1] == "a sparse upload of 3 entries is over the budget of 2"
+    assert out.rejected[2] == "a dense upload of 6 entries is over the budget of 2"
+    dense = _server(budget=None).step([_reply(n, [1.0] * 6) for n in range(4)])
+    assert dense.rejected == {} and dense.sent == 24
+
+
+def test_the_budget_comes_from_the_runs_own_sparsifier(make_cfg):
+    from regtopk_fl.runner import build
+    from regtopk_fl.trust import budget_of
+
+    for over, want in ((["sparsifier=topk", "sparsifier.sparsity=0.5"], 50),
+                       (["sparsifier=regtopk", "sparsifier.sparsity=0.125"], 13),
+                       (["sparsifier=randomk", "sparsifier.sparsity=0.3"], 30),
+                       (["sparsifier=global_topk", "sparsifier.sparsity=0.01"], 1),
+                       (["sparsifier=gaussiank", "sparsifier.sparsity=0.05"], 100),
+                       (["sparsifier=gaussiank", "sparsifier.sparsity=0.1",
+                         "sparsifier.budget_factor=2.5"], 25),
+                       (["sparsifier=dense"], None)):
+        task, sp = build(make_cfg(["task=linreg", *over]))  # J = 100
+        budget, note = budget_of(sp, task.dim)
+        assert budget == want, over
+        assert (note == "") == (want is None)
+
+
+# -- deferred allowance (no lockout) ------------------------------------------------------------
+def test_refused_rounds_defer_their_allowance():
+    """Worker 3 refused twice (NaN) at reference norm 1: 2 x 20 deferred; a
+    comeback of norm 50 (50x the median) is accepted and spends 30 of it; a
+    second one of 31 is refused (its bound is 20 + 10), a 1e30 one always."""
+    s = _server(sizes=(10, 10, 10, 10))
+    coord = Coordinator(s)
+    honest = [_reply(n, [1.0], [n]) for n in range(3)]
+    for _ in range(2):
+        out = coord.collect([*honest, _reply(3, [float("nan")], [3])])
+        assert list(out.rejected) == [3]
+    assert s.trust.deferred == {3: 40.0}
+    out = coord.collect([*honest, _reply(3, [50.0], [3])])
+    assert out.accepted == [0, 1, 2, 3] and s.trust.deferred == {3: 10.0}
+    assert s.trust.comebacks == [(3, 50.0, 50.0 / (1.0 + 40.0 / 20))]  # norm over its window
+    out = coord.collect([*honest, _reply(3, [31.0], [3])])
+    assert "+ deferred 10 from refused rounds" in out.rejected[3]
+    assert s.trust.deferred == {3: 30.0}  # that refusal deferred one more round
+    out = coord.collect([*honest, _reply(3, [1e30], [3])])
+    assert list(out.rejected) == [3] and s.trust.deferred == {3: 50.0}
+    out = coord.collect([*honest, _reply(3, [1.0], [3])])  # honest: spends nothing
+    assert out.accepted == [0, 1, 2, 3] and s.trust.deferred == {3: 50.0}
+    again = Coordinator(_server(sizes=(10, 10, 10, 10)))  # and it is in the checkpoint
+    again.load_state_dict(coord.state_dict())
+    assert again.server.trust.deferred == {3: 50.0}

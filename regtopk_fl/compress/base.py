@@ -57,6 +57,13 @@ def num_selected(sparsity: float, dim: int) -> int:
     return max(1, min(int(dim), int(math.floor(sparsity * dim + 0.5))))
 
 
+def exact_budget(self, dim: int) -> int:
+    """The upload budget of a method that sends exactly k entries per row:
+    k = num_selected(S, J). Assigned as ``budget`` by such sparsifiers; the
+    server refuses an upload of more entries (regtopk_fl/trust.py)."""
+    return num_selected(self.sparsity, dim)
+
+
 def check_sparsity(sparsity) -> float:
     try:
         s = float(sparsity)

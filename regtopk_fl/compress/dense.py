@@ -13,5 +13,9 @@ class Dense:
     def __init__(self, sparsity: float = 1.0, **_):
         self.sparsity = 1.0
 
+    def budget(self, dim):
+        """None: a dense run has no upload budget (every upload is all of J)."""
+        return None
+
     def select(self, a, ctx):
         return all_entries(a.shape[0], a.shape[1], a.device)

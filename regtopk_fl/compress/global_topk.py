@@ -3,12 +3,13 @@ worker sending those same entries. Needs every worker's a at once, so it only
 runs in the in-process engine; it is an upper bound, not a deployable method."""
 import torch
 
-from .base import Selection, check_sparsity, num_selected
+from .base import Selection, check_sparsity, exact_budget, num_selected
 from .exact_topk import rows_topk
 
 
 class GlobalTopK:
     name = "global_topk"
+    budget = exact_budget  # exactly k entries per upload (the server's budget)
     sends_indices = True
     needs_all_workers = True
 

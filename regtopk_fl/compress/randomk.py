@@ -5,12 +5,13 @@ round draws the same entries in every runtime and after a resume.
 """
 import torch
 
-from .base import check_sparsity, num_selected
+from .base import check_sparsity, exact_budget, num_selected
 from .exact_topk import rows_topk
 
 
 class RandomK:
     name = "randomk"
+    budget = exact_budget  # exactly k entries per upload (the server's budget)
     sends_indices = True
 
     def __init__(self, sparsity: float, seed: int = 0, **_):

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .base import SparsifierError, check_positive, check_sparsity, num_selected
+from .base import SparsifierError, check_positive, check_sparsity, exact_budget, num_selected
 from .exact_topk import rows_topk
 
 DISTORTIONS = ("reference", "paper")
@@ -62,6 +62,7 @@ def regularized_abs(a: torch.Tensor, ctx, mu: float, distortion: str, q: float) 
 
 class RegTopK:
     name = "regtopk"
+    budget = exact_budget  # exactly k entries per upload (the server's budget)
     sends_indices = True
 
     def __init__(self, sparsity: float, mu: float = 1.0, distortion: str = "reference",

@@ -65,7 +65,36 @@ def config_fingerprint(cfg) -> str:
     if isinstance(keep.get("task"), dict):
         keep["task"] = {k: v for k, v in keep["task"].items()
                         if (k, v) not in _TASK_DEFAULTS}
+    _as_before(keep)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(keep)).encode()).hexdigest()
+
+
+def _as_before(keep: dict) -> None:
+    """The settings in the form they had before issues #17 and #20, where that
+    form could say them, so a checkpoint written then still resumes: the rule
+    as ``server.aggregate`` and ``server.trim_fraction`` (not the ``aggregate``
+    group); no ``faults.hostile.scale`` or ``sparsifier.budget_factor`` at
+    their defaults (the attacks they scale, and Gaussian-k's cap, did not
+    exist); the Flower runtime's entry point by its old module path."""
+    runtime = keep.get("runtime")
+    if isinstance(runtime, dict) and runtime.get("_target_") == "simulation.run_simulation":
+        runtime["_target_"] = "strategies.server_app.run_simulation"
+    agg, server = keep.get("aggregate"), keep.get("server")
+    if (isinstance(agg, dict) and isinstance(server, dict)
+            and agg.get("name") in ("mean", "trimmed_mean", "median")):
+        del keep["aggregate"]
+        old = {}
+        for key, value in server.items():
+            if key == "node_keys":  # the old order: ..., max_weight_share, aggregate, trim_fraction, node_keys
+                old["aggregate"], old["trim_fraction"] = agg["name"], agg.get("trim_fraction", 0.1)
+            old[key] = value
+        keep["server"] = old
+    hostile = (keep.get("faults") or {}).get("hostile")
+    if isinstance(hostile, dict) and hostile.get("scale") == 15.0:
+        del hostile["scale"]
+    sp = keep.get("sparsifier")
+    if isinstance(sp, dict) and sp.get("budget_factor") == 128:
+        del sp["budget_factor"]
 
 
 def run_dir_status(run_dir, fingerprint: str) -> str:

@@ -46,6 +46,7 @@ BAD = [  # (overrides, key named in the message)
     (["task=linreg", "task.sigma2=-1"], "task.sigma2=-1"),
     (["task=linreg", "task.size_ratio=0.5"], "task.size_ratio=0.5"),
     (["task=tiny_image", "task.batch_size=0"], "task.batch_size=0"),
+    (["task=tiny_image", "task.batched=sometimes"], "task.batched='sometimes'"),
     (["task=tiny_image", "task.partition=weird"], "task.partition='weird'"),
     (["task=tiny_image", "task.partition=dirichlet", "task.alpha=0"], "task.alpha=0"),
     (["task=tiny_image", "num_workers=5000"], "num_workers=5000"),

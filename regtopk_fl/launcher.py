@@ -139,6 +139,9 @@ def _main(cfg: DictConfig) -> None:
         except (ConfigError, ValueError) as exc:
             _fail(str(exc))
         return
+    from . import determinism
+
+    determinism.apply(determinism.of(cfg))  # before anything touches CUDA
     if cfg.get("threads"):
         import torch
         torch.set_num_threads(int(cfg.threads))

@@ -142,6 +142,7 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "checkpoint.seconds", 0, lo_open=True, allowed="must be a finite number > 0")
     validate_trust(cfg, n, runtime)
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _bool(cfg, "deterministic")
     _choice(cfg, "broadcast", MODES)
     for key in ("network.uplink_mbps", "network.downlink_mbps"):
         _num(cfg, key, 0, lo_open=True, required=False, allowed="must be null or a number > 0")
@@ -244,7 +245,7 @@ def _ray_address(cfg) -> None:
 RUN_KEYS = ("task", "sparsifier", "runtime", "faults", "checkpoint", "server", "broadcast",
             "network", "participation", "num_workers", "rounds", "lr", "momentum",
             "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "device",
-            "experiment", "observe", "threads", "progress", "output_dir")
+            "deterministic", "experiment", "observe", "threads", "progress", "output_dir")
 
 
 def to_run_config(cfg: DictConfig) -> dict:

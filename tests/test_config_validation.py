@@ -35,6 +35,7 @@ BAD = [  # (overrides, key named in the message)
     (["checkpoint.every=often"], "checkpoint.every='often'"),
     (["checkpoint.seconds=0"], "checkpoint.seconds=0"),
     (["device=tpu"], "device='tpu'"),
+    (["deterministic=maybe"], "deterministic='maybe'"),
     (["broadcast=models"], "broadcast='models'"),
     (["runtime=flower", "runtime.state_dir=''"], "runtime.state_dir=''"),
     (["network.uplink_mbps=0"], "network.uplink_mbps=0"),

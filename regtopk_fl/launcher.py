@@ -109,9 +109,10 @@ def check_group_choices(argv) -> None:
                 _fail(f"{key}={choice!r}: unknown choice; available: {', '.join(options)}")
 
 
-def _discard_run_dir(run_dir: Path) -> None:
-    """A run that never started leaves nothing behind that looks like a run."""
-    if run_dir.exists() and not (run_dir / "metrics.csv").exists():
+def _discard_run_dir(run_dir: Path, force: bool = False) -> None:
+    """A run that never started leaves nothing behind that looks like a run
+    (``force``: a directory this run created, whatever it holds)."""
+    if run_dir.exists() and (force or not (run_dir / "metrics.csv").exists()):
         shutil.rmtree(run_dir, ignore_errors=True)
         parent = run_dir.parent
         try:  # an emptied sweep directory goes too
@@ -119,6 +120,19 @@ def _discard_run_dir(run_dir: Path) -> None:
                 shutil.rmtree(parent, ignore_errors=True)
         except FileNotFoundError:
             pass
+
+
+def _written_by(run_dir: Path, cfg: DictConfig) -> bool:
+    """Whether the run directory's summary.json is this configuration's."""
+    import json
+
+    from .checkpoint import config_fingerprint
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("config_sha256") == config_fingerprint(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -148,9 +162,17 @@ def _main(cfg: DictConfig) -> None:
     from .runner import run_experiment
 
     try:
-        claim_run_dir(cfg, run_dir)
-        summary = run_experiment(cfg, run_dir)
+        status = claim_run_dir(cfg, run_dir)
     except ConfigError as exc:  # the run directory holds another run: leave it as it is
+        _restore_sweep_record()
+        _fail(str(exc))
+    try:
+        summary = run_experiment(cfg, run_dir)
+    except ConfigError as exc:
+        # a setting refused once the run knows more (a client's device, the GPU
+        # share: #21): a directory this run created goes, as for any bad setting
+        if status == "new" and _written_by(run_dir, cfg):
+            _discard_run_dir(run_dir, force=True)
         _restore_sweep_record()
         _fail(str(exc))
     final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())

@@ -159,7 +159,8 @@ def validate(cfg: DictConfig) -> None:
             _fail("sparsifier", sp, "the global top-k oracle needs every worker in one "
                   "process: use runtime=inprocess")
         _num(cfg, "runtime.client_cpus", 0, lo_open=True, allowed="must be > 0")
-        _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be in [0, 1]")
+        if _get(cfg, "runtime.client_gpus") != "auto":
+            _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be auto or a number in [0, 1]")
         _num(cfg, "runtime.round_timeout_s", 0, lo_open=True, required=False,
              allowed="must be > 0")
         _num(cfg, "runtime.wait_for_nodes_s", 0, required=False, allowed="must be >= 0")

@@ -33,8 +33,11 @@ from .sparse_strategy import SparseAggregation  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> FedServer:
-    """All rounds of a run (or the rest of them, after a checkpoint)."""
+def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
+               expect_client_device: str | None = None) -> FedServer:
+    """All rounds of a run (or the rest of them, after a checkpoint).
+    ``expect_client_device``: the device every client must compute on (None:
+    not checked); another one stops the run before round 1 (#21)."""
     buffers = task.init_buffers()
     server = FedServer(task.init_params().cpu(), None if buffers is None else buffers.cpu(),
                        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -66,7 +69,9 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
                                  first_round=start, checkpointer=ckpt, recorder=recorder,
                                  identity=binding_from_cfg(cfg),  # node <-> partition (#11)
-                                 participation=participation_from_cfg(cfg, task.num_examples()))
+                                 participation=participation_from_cfg(cfg, task.num_examples()),
+                                 expect_device=expect_client_device,  # no silent CPU (#21)
+                                 device_setting=_gpu_setting(cfg))
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:
@@ -78,6 +83,11 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
         log.info("replies per Ray node: %s", strategy.ray_nodes)
     recorder.save_model(server.params, server.buffers)
     return server
+
+
+def _gpu_setting(cfg) -> str:
+    """``runtime.client_gpus=<value>``: the setting a device refusal names."""
+    return f"runtime.client_gpus={OmegaConf.select(cfg, 'runtime.client_gpus', default=None)!r}"
 
 
 def _evaluate(task, server, device):
@@ -123,5 +133,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
         from .polling_grid import PollingGrid
         grid = PollingGrid(grid, float(poll_s))
     device = resolve_device(cfg.device)
+    # an explicit device is every SuperNode's too; auto lets each node decide
+    expect = cfg.device if cfg.device in ("cpu", "cuda") else None
     run_experiment(cfg, out, lambda cfg, task, sparsifier, recorder, ckpt:
-                   run_server(grid, cfg, task, recorder, ckpt, device))
+                   run_server(grid, cfg, task, recorder, ckpt, device, expect))

@@ -59,6 +59,7 @@ BAD = [  # (overrides, key named in the message)
      "num_workers=11"),
     (["sparsifier=global_topk", "runtime=flower"], "sparsifier='global_topk'"),
     (["runtime=flower", "runtime.client_gpus=2"], "runtime.client_gpus=2"),
+    (["runtime=flower", "runtime.client_gpus=most"], "runtime.client_gpus='most'"),
     (["server.max_norm_ratio=0.5"], "server.max_norm_ratio=0.5"),
     (["server.max_norm_ratio=abc"], "server.max_norm_ratio='abc'"),
     (["server.max_upload_norm=0"], "server.max_upload_norm=0"),

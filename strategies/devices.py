@@ -1,0 +1,58 @@
+"""No silent CPU: every node says in its identify answer which device it
+computes on (protocol/wire.py), and a run whose clients compute elsewhere
+than the run expects is stopped before round 1 with one line naming the
+setting to change.
+
+Under the launcher's simulation the run expects ``cuda`` exactly when each
+client is given a share of a GPU (``runtime.client_gpus``, simulation/):
+Ray hides every GPU from an actor that asks for none, so such a client would
+train on the CPU while the server's device is CUDA. Under ``flwr run`` an
+explicit ``device=cpu|cuda`` is expected of every SuperNode (``auto`` lets
+each node decide).
+"""
+from __future__ import annotations
+
+import logging
+
+from regtopk_fl.settings import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class DeviceMismatch(ConfigError):
+    """A client computes on another device than the run's (exit status 2)."""
+
+
+def mismatch(node, partition, found: str, expected: str, setting: str) -> str:
+    """The one-line refusal."""
+    who = f"node {node} (partition {partition}) computes on {found}"
+    if expected == "cuda":
+        return (f"{setting}: {who}, but this run's device is cuda (a Ray client that asks "
+                "for no GPU sees none): set runtime.client_gpus=auto or a fraction in (0, 1]")
+    return (f"{setting}: {who}, but this run's device is {expected}: set "
+            "runtime.client_gpus=0 (or device=cuda)")
+
+
+def screen_devices(claims: list, devices: dict, expected: str | None, setting: str,
+                   first_contact: bool) -> list:
+    """The (node, partition) claims of nodes that compute on ``expected``.
+    A node that computes elsewhere stops the run (DeviceMismatch) at first
+    contact, before round 1; a node that joins later is left unbound (never
+    sent the model), with a logged reason. A node that does not say (an
+    older client) is let through with a warning."""
+    if expected is None:
+        return claims
+    kept = []
+    for node, partition in claims:
+        found = devices.get(node)
+        if found is None:
+            log.warning("node %s (partition %s) does not say which device it computes on",
+                        node, partition)
+        elif found != expected:
+            why = mismatch(node, partition, found, expected, setting)
+            if first_contact:
+                raise DeviceMismatch(why)
+            log.warning("node %s not identified: %s", node, why)
+            continue
+        kept.append((node, partition))
+    return kept

@@ -1,9 +1,12 @@
 """How much of a GPU each Flower client asks Ray for (``runtime.client_gpus``).
 
-Ray hides every GPU from an actor that asks for none (``num_gpus=0``): such
-a ClientApp computes on the CPU. So with the run's device on CUDA every
-client must ask for a share, and the shares decide how many clients Ray runs
-on one GPU at once (at most ``floor(1 / share)`` per GPU).
+A client that asks Ray for no GPU (``num_gpus=0``) is placed without regard
+to GPU memory, and Ray hides the GPUs from it unless
+``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` (which simulation/ sets by default;
+Ray's own default hides them, and the client then trains on the CPU). So
+with the run's device on CUDA every client asks for a share, and the shares
+decide how many clients Ray runs on one GPU at once (at most
+``floor(1 / share)`` per GPU).
 
 The rule for ``auto`` (the default), as Flower's guide suggests (run one
 client, measure its memory, give each 1/k of a GPU), measured once per run
@@ -114,9 +117,9 @@ def choose(setting, device: str, gpus: int, cpus: int, client_cpus: float, at_on
     if setting != "auto":
         f = float(setting)
         if f <= 0.0:
-            _fail("runtime.client_gpus", setting, "the run's device is cuda, but a client "
-                  "that asks for no GPU sees none and trains on the CPU: use auto or a "
-                  "fraction in (0, 1]")
+            _fail("runtime.client_gpus", setting, "the run's device is cuda, but clients "
+                  "without a GPU share are placed regardless of GPU memory (or see no GPU): "
+                  "use auto or a fraction in (0, 1]")
         if gpus < 1:
             _fail("runtime.client_gpus", setting, "no GPU is visible here, so no client "
                   "could be scheduled: use 0 or device=cpu")

@@ -25,6 +25,11 @@ from regtopk_fl.gpu_share import client_share  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
 
 
+# how often the ServerApp looks for the clients' replies (Flower's default 0.1 s
+# is a tenth of a second per round; a GPU round computes in a few tens of ms)
+PULL_INTERVAL_S = 0.01
+
+
 def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     """The launcher's runtime=flower: Flower's Simulation Runtime, Ray backend."""
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -47,6 +52,8 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if hasattr(grid, "pull_interval"):  # the in-memory grid looks for replies every 0.1 s
+            grid.pull_interval = min(float(grid.pull_interval), PULL_INTERVAL_S)
         run_server(grid, cfg, task, recorder, ckpt, device, expect_client_device=expect)
 
     level = str(cfg.runtime.log_level).upper()

@@ -4,11 +4,14 @@ than the run expects is stopped before round 1 with one line naming the
 setting to change.
 
 Under the launcher's simulation the run expects ``cuda`` exactly when each
-client is given a share of a GPU (``runtime.client_gpus``, simulation/):
-Ray hides every GPU from an actor that asks for none, so such a client would
-train on the CPU while the server's device is CUDA. Under ``flwr run`` an
-explicit ``device=cpu|cuda`` is expected of every SuperNode (``auto`` lets
-each node decide).
+client is given a share of a GPU (``runtime.client_gpus``, simulation/;
+regtopk_fl/gpu_share.py says why a CUDA run gives every client one). A
+client that still sees no CUDA device (a Ray node without a GPU, Ray hiding
+them) would train on the CPU while the server's device is CUDA; one that
+sees a GPU in a run on the CPU (a cluster node's GPU, under ``device=auto``
+on a driver without one) would compute elsewhere than the run says. Under
+``flwr run`` an explicit ``device=cpu|cuda`` is expected of every SuperNode
+(``auto`` lets each node decide).
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ def mismatch(node, partition, found: str, expected: str, setting: str) -> str:
     """The one-line refusal."""
     who = f"node {node} (partition {partition}) computes on {found}"
     if expected == "cuda":
-        return (f"{setting}: {who}, but this run's device is cuda (a Ray client that asks "
-                "for no GPU sees none): set runtime.client_gpus=auto or a fraction in (0, 1]")
-    return (f"{setting}: {who}, but this run's device is {expected}: set "
-            "runtime.client_gpus=0 (or device=cuda)")
+        return (f"{setting}: {who}, but this run's device is cuda: its process sees no CUDA "
+                "device; give every client a GPU share (auto or a fraction in (0, 1]) on "
+                "nodes that have a GPU")
+    return (f"{setting}: {who}, but this run's device is {expected}: set device=cpu, or "
+            "give every client a GPU share (a fraction in (0, 1]) with device=cuda")
 
 
 def screen_devices(claims: list, devices: dict, expected: str | None, setting: str,

@@ -126,7 +126,14 @@ def choose(setting, device: str, gpus: int, cpus: int, client_cpus: float, at_on
         return Share(f, f"as set: {int(1 // f + 1e-9)} clients per GPU at most")
     if gpus < 1:
         _fail("runtime.client_gpus", setting, "no GPU is visible here: use device=cpu")
-    m = measure()
+    try:
+        m = measure()
+    except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop the run
+        f = fraction_for(at_once, at_once, gpus)
+        log.warning("runtime.client_gpus=auto: measuring one client failed (%s: %s); "
+                    "splitting each GPU evenly", type(exc).__name__, exc)
+        return Share(f, f"auto: measuring one client failed ({type(exc).__name__}); "
+                        f"{at_once} at once on {gpus} GPU(s) share them evenly -> {f:g} each")
     k = int(HEADROOM * m.free_bytes // max(1, m.client_bytes))
     if k < 1:
         _fail("runtime.client_gpus", setting,
@@ -140,7 +147,7 @@ def choose(setting, device: str, gpus: int, cpus: int, client_cpus: float, at_on
     return Share(f, why, m, k, at_once)
 
 
-def measure_client(task, sparsifier, cfg) -> Measurement:
+def measure_client(task, sparsifier, cfg, device="cuda") -> Measurement:
     """One client's GPU memory, measured in this process (CUDA): one local
     update of worker 0 with a scratch memory and a copy of the sparsifier,
     so nothing of the run changes."""
@@ -149,7 +156,7 @@ def measure_client(task, sparsifier, cfg) -> Measurement:
     from .fedround import worker_round
     from .memory import ErrorFeedbackMemory
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)
     memory = ErrorFeedbackMemory(1, task.dim, task.dtype, dev)

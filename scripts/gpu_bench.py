@@ -96,8 +96,11 @@ def render(r: dict) -> str:
                   f"(the same images as {ip.get('workers')} batches of 20, one after another: "
                   f"{_fmt(fl.get('sequential_ms'), ' ms')}). Gradients of the {ip.get('workers')} "
                   f"workers alone: loop {_fmt(fl.get('grad_loop_ms'), ' ms')}, batched "
-                  f"{_fmt(fl.get('grad_batched_ms'), ' ms')}.", "",
-                  "| run | s/round | x floor | final accuracy |", "| --- | ---: | ---: | ---: |"]
+                  f"{_fmt(fl.get('grad_batched_ms'), ' ms')}"
+                  + ("." if fl.get("equal_batches", True) else
+                     " (unequal batches: the batched runs fell back to the loop)."), "",
+                  "`-det`: deterministic=true (the Flower runs' twins); without: torch's defaults.",
+                  "", "| run | s/round | x floor | final accuracy |", "| --- | ---: | ---: | ---: |"]
         for name, row in ip.get("runs", {}).items():
             lines.append(f"| {name} | {_fmt(row.get('s_per_round'))} | "
                          f"{_fmt(row.get('x_floor'), 'x', 3)} | {_fmt(row.get('accuracy'))} |")
@@ -108,6 +111,7 @@ def render(r: dict) -> str:
     fl = r.get("flower", {})
     if fl and "skipped" not in fl:
         lines += ["## (a) Flower vs in-process at Fig. 3's settings, (c) memory", "",
+                  "All with deterministic=true; in-process: the `-det` runs above.", "",
                   "| method | Flower s/round | in-process s/round (loop / batched) | "
                   "Flower ÷ in-process (best) | final models: max rel. diff (loop / batched) | "
                   "bitwise | client_gpus (auto) | peak per client |",
@@ -253,13 +257,13 @@ def _cuda(device: str) -> bool:
     return device == "cuda" and torch.cuda.is_available()
 
 
-def fig3(a, sp: str, runtime: str) -> list:
+def fig3(a, sp: str, runtime: str, det: bool = True) -> list:
     """Fig. 3's settings for ``a.rounds`` rounds, evaluated only at the end."""
     return ["experiment=fig3_cifar10", f"sparsifier={sp}", f"runtime={runtime}",
             f"num_workers={a.workers}", f"rounds={a.rounds}", f"eval_every={10 ** 6}",
             f"task.width={a.width}", f"task.data_path={a.data}", f"task.cache_dir={a.cache}",
             f"task.test_subset={a.test_subset}", f"device={a.device}", "checkpoint.every=0",
-            "deterministic=true"]
+            f"deterministic={'true' if det else 'false'}"]
 
 
 def _run(cfg, run_dir: Path) -> dict:
@@ -341,7 +345,11 @@ def floor(a) -> dict:
         ws = list(range(a.workers))
         out["grad_loop_ms" if mode == "false" else "grad_batched_ms"] = timed(
             lambda: task.gradients(rows, b, ws, 1, 0), reps)
-    return {k: round(v, 3) for k, v in out.items()}
+    out = {k: round(v, 3) for k, v in out.items()}
+    # a partition smaller than a batch makes unequal batches: the batched path
+    # then falls back to the loop (tasks/images.py)
+    out["equal_batches"] = len({len(task.batch_indices(n, 1, 0)) for n in ws}) == 1
+    return out
 
 
 def step_inprocess(a) -> None:
@@ -352,22 +360,25 @@ def step_inprocess(a) -> None:
     record(a.out, "inprocess", {"floor": fl})
     floor_s = fl["batch_ms"] / 1e3
     runs = {}
-    for sp in a.sparsifiers:
-        for mode in ("loop", "batched"):
-            name = f"{sp}-{mode}"
-            cfg = compose(fig3(a, sp, "inprocess") +
-                          [f"task.batched={'true' if mode == 'batched' else 'false'}"])
-            row = _run(cfg, a.runs / f"inprocess-{name}")
-            if row["s_per_round"]:
-                row["x_floor"] = round(row["s_per_round"] / floor_s, 2)
-            runs[name] = row
-            print(name, row, flush=True)
-            record(a.out, "inprocess", {"runs": runs})
+    # speed with torch's defaults first, then the deterministic twins that the
+    # Flower runs are compared with (and what determinism costs)
+    for det in (False, True):
+        for sp in a.sparsifiers:
+            for mode in ("loop", "batched"):
+                name = f"{sp}-{mode}" + ("-det" if det else "")
+                cfg = compose(fig3(a, sp, "inprocess", det) +
+                              [f"task.batched={'true' if mode == 'batched' else 'false'}"])
+                row = _run(cfg, a.runs / f"inprocess-{name}")
+                if row["s_per_round"]:
+                    row["x_floor"] = round(row["s_per_round"] / floor_s, 2)
+                runs[name] = row
+                print(name, row, flush=True)
+                record(a.out, "inprocess", {"runs": runs})
     # deterministic=true: the same run again, bit for bit?
     sp = a.sparsifiers[-1]
     cfg = compose(fig3(a, sp, "inprocess") + ["task.batched=false"])
-    _run(cfg, a.runs / f"inprocess-{sp}-loop-repeat")
-    ag = agreement(a.runs / f"inprocess-{sp}-loop-repeat", a.runs / f"inprocess-{sp}-loop")
+    _run(cfg, a.runs / f"inprocess-{sp}-loop-det-repeat")
+    ag = agreement(a.runs / f"inprocess-{sp}-loop-det-repeat", a.runs / f"inprocess-{sp}-loop-det")
     rep = (f"{sp} (loop) bitwise equal: {ag['bitwise']} (max rel. diff {ag['maxrel']:.3g})")
     print(rep, flush=True)
     record(a.out, "inprocess", {"repeat": rep})
@@ -385,7 +396,7 @@ def step_flower(a) -> None:
         else:
             row["peak_per_client"] = NO_GPU
         for mode in ("loop", "batched"):
-            twin = a.runs / f"inprocess-{sp}-{mode}"
+            twin = a.runs / f"inprocess-{sp}-{mode}-det"  # both deterministic=true
             if (twin / "model.pt").exists():
                 ag = agreement(run_dir, twin)
                 row[f"maxrel_{mode}"] = ag["maxrel"]

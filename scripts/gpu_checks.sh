@@ -38,6 +38,7 @@ RUNS=${RUNS:-/tmp/regtopk_gpu_runs}
 EXTRA=${GPU_BENCH_ARGS:-}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
+TEE=$!
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0
 date
 if [ -f "$BUNDLE" ]; then
@@ -82,3 +83,5 @@ step many 120 60
 echo "== total ${SECONDS} s"
 cat "$OUT/gpu_summary.md" 2>/dev/null
 date
+exec 1>&- 2>&-
+wait "$TEE" 2>/dev/null || sleep 1   # run.log complete before the script returns

@@ -97,6 +97,41 @@ def test_client_share_reads_the_config(make_cfg):
     assert got and s.fraction == 0.0625  # N = 64, m = 16 on 16 CPUs: 16 per GPU
 
 
+def test_a_failed_measurement_splits_the_gpu_evenly(caplog):
+    def boom():
+        raise RuntimeError("CUDA error: out of memory")
+
+    s = choose("auto", "cuda", 1, 16, 1, 8, boom)
+    assert s.fraction == 0.125 and "measuring one client failed" in s.why
+    assert "out of memory" in caplog.text
+
+
+def test_measure_client_runs_one_local_update(make_cfg, monkeypatch):
+    """The measurement's plumbing on the CPU (torch.cuda's counters made up):
+    one local update of worker 0 on a scratch memory, the run's sparsifier
+    untouched."""
+    import copy
+
+    import torch
+
+    from regtopk_fl.runner import build
+
+    cfg = make_cfg(["task=tiny_image", "num_workers=2", "sparsifier=regtopk"])
+    task, sp = build(cfg)
+    before = copy.deepcopy(sp.__dict__)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 3 * GIB // 10)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: GIB // 10)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    m = gpu_share.measure_client(task, sp, cfg, device="cpu")
+    assert calls[:2] == ["sync", "reset"]
+    assert m.peak_bytes == 3 * GIB // 10 and m.free_bytes == 70 * GIB
+    assert m.context_bytes == 10 * GIB - GIB // 10  # in use outside the allocator
+    assert sp.__dict__.keys() == before.keys()
+
+
 @pytest.mark.slow
 def test_launcher_refuses_unschedulable_clients(tmp_path):
     """More CPUs per client than the machine has: one line, exit status 2,

@@ -91,10 +91,13 @@ torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel
 wrapt xarray xxhash yarl zipp
 """.split())
-# ... but these travel anyway: flwr pins them within narrow ranges the
-# machine's unknown versions may miss, and they are small pure Python
+# ... but these travel anyway, at the versions the CPU suite runs: flwr pins
+# them within narrow ranges the machine's unknown versions may miss (small, pure
+# Python), or flwr's generated code refuses older ones at import (protobuf >= 5.29,
+# grpcio >= 1.70): our processes import none of them through anything else
 ALWAYS = frozenset({"typer", "rich", "click", "packaging", "shellingham", "markdown-it-py",
-                    "mdurl", "pygments", "typing-extensions", "annotated-doc"})
+                    "mdurl", "pygments", "typing-extensions", "annotated-doc", "protobuf",
+                    "grpcio"})
 # the Ray libraries and files the Flower simulation never loads
 RAY_STRIP = ("jars", "rllib", "serve", "tune", "train", "data", "llm", "air", "workflow",
              "dashboard/client", "util/dask", "util/spark", "util/joblib", "util/multiprocessing",

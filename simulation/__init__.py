@@ -44,7 +44,8 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     # cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
     on_cluster = bool(ray_init_address(cfg))
     share = client_share(cfg, device, task, sparsifier, on_cluster)
-    recorder.extras.append(share.record)
+    if recorder is not None:
+        recorder.extras.append(share.record)  # into summary.json
     gpus = share.fraction
     # no silent CPU (#21): a client with a GPU share computes on cuda, one
     # without on the CPU; a client that says otherwise stops the run

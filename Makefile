@@ -56,7 +56,8 @@ cluster-test: $(STAMP)
 # torch but neither Flower nor Ray and no internet, under .gpu/ (git-ignored; carry
 # it): the cp312 wheels it lacks, unpacked and packed as one .tar.xz without Ray's
 # jars and the Ray libraries the Flower simulation never imports, and a reduced
-# CIFAR-10 archive (scripts/gpu_bundle.py prints the sizes; ~2 min, downloads ~80 MB).
+# CIFAR-10 archive (scripts/gpu_bundle.py prints the sizes; ~10 min on 2 cores, most
+# of it xz; downloads ~240 MB of wheels once, kept in .gpu/wheels with --keep-wheels).
 gpu-bundle: $(STAMP)
 	$(BIN)/python scripts/gpu_bundle.py --out .gpu
 

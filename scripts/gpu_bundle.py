@@ -8,8 +8,9 @@ Flower nor Ray nor Hydra, and no internet; what travels there is limited to
   datasets at this project's versions, with their dependencies, installed
   into one folder (``pip install --target``, no dependency resolution on the
   machine) and packed with xz. Left out: distributions the machine already
-  has (``DEVICE_HAS``: numpy, pandas, pyarrow, grpcio, protobuf, ...; it has
-  compatible versions: scripts/gpu_checks.sh prints what imports), the
+  has (``DEVICE_HAS``: numpy, pandas, pyarrow, aiohttp, ...; except
+  ``ALWAYS``, small ones flwr pins narrowly and protobuf/grpcio, whose
+  versions flwr's generated code checks at import), the
   distributions nothing imports when the checks run (``gpu_bundle_imports.txt``:
   e.g. uv), Ray's Java jars and the Ray libraries the Flower simulation never
   imports (rllib, serve, tune, train, data, llm, air, workflow, the
@@ -302,8 +303,12 @@ def _here(mod: str):
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
-    if spec is None or spec.origin in (None, "built-in", "frozen"):
-        return None if spec is None else Path("/")
+    if spec is None:
+        return None
+    if spec.origin is None and spec.submodule_search_locations:  # a namespace package
+        return Path(list(spec.submodule_search_locations)[0]).parent
+    if spec.origin in (None, "built-in", "frozen"):
+        return Path("/")
     loc = Path(spec.origin)
     return loc.parent.parent if loc.name == "__init__.py" else loc.parent
 

@@ -23,7 +23,8 @@
 #   gpu_summary.md    the same as tables
 #
 #   OUT=/tmp/out bash scripts/gpu_checks.sh
-# CPU smoke test (what `make gpu-smoke` and tests/test_gpu_checks.py run):
+# CPU smoke test (`make gpu-smoke`, which CI runs; tests/test_gpu_checks.py runs
+# it with no time left, every step skipped):
 #   DEVICE=cpu ROUNDS=2 DATA=<synthetic archive> GPU_BENCH_ARGS="--width 4 ..." OUT=... bash scripts/gpu_checks.sh
 set -u
 cd "$(dirname "$0")/.."

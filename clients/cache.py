@@ -43,6 +43,7 @@ def apply_node_config(cfg, node_config) -> None:
 
 def settings_and_build(context, settings=None):
     """(cfg, task, sparsifier, device), built once per process and config."""
+    from regtopk_fl import determinism
     from regtopk_fl.device import resolve_device
     from regtopk_fl.runner import build
 
@@ -51,6 +52,7 @@ def settings_and_build(context, settings=None):
     key = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True),
                                     sort_keys=True, default=str).encode()).hexdigest()
     if key not in _CACHE:
+        determinism.apply(determinism.of(cfg))  # before the task touches CUDA
         task, sparsifier = build(cfg)
         _CACHE.clear()  # one experiment per process at a time
         _CACHE[key] = (cfg, task, sparsifier, resolve_device(cfg.device))

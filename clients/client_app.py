@@ -21,7 +21,7 @@ the worker; ``data-path`` / ``cache-dir`` replace the task's paths on that node
 (clients/cache.py); ``state-dir`` keeps the memory and the replica in files
 there (clients/node_state.py), so a SuperNode that is killed and restarted
 resumes with its residual intact. The app also answers ``query.identify``
-(its partition), ``query.checkpoint`` (its memory, for the server's
+(its partition and the device it computes on), ``query.checkpoint`` (its memory, for the server's
 checkpoints) and ``query.restore`` (take this memory back, after the server
 resumed a run). Feedback about an upload the memory does
 not hold (a fresh node, or an upload the server never received) is ignored
@@ -39,12 +39,13 @@ from flwr.clientapp import ClientApp
 from protocol import wire
 from regtopk_fl import faults
 from regtopk_fl.broadcast import Replica
+from regtopk_fl.device import compute_device
 from regtopk_fl.fedround import Feedback, worker_round
 from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.ray_cluster import ray_node_id
 
 from . import hostile  # faults.hostile: the reply as a hostile worker sends it (#11)
-from .cache import settings_and_build
+from .cache import settings_and_build, settings_of
 from .node_state import load_memory, load_replica, opt_settings, save_memory, save_replica
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,13 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
 
 
 def handle_identify(msg: Message, context: Context, settings=None) -> Message:
-    """Which partition this node holds (the server binds it at first contact)."""
-    return Message(wire.identity_content(int(context.node_config["partition-id"])),
-                   reply_to=msg)
+    """Which partition this node holds (the server binds it at first contact)
+    and the device it computes on (the server stops a run whose clients
+    compute elsewhere than it expects: no silent CPU). Builds nothing: a
+    client that would fail to build its task on a missing GPU says so here."""
+    cfg = settings_of(context, settings)
+    return Message(wire.identity_content(int(context.node_config["partition-id"]),
+                                         compute_device(cfg.device)), reply_to=msg)
 
 
 def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:
@@ -189,7 +194,7 @@ def handle_restore(msg: Message, context: Context, settings=None) -> Message:
     memory = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
     memory.load_state_dict(saved["state"])
     save_memory(context, memory, last_round=saved["last_round"], cfg=cfg)
-    return handle_identify(msg, context)
+    return handle_identify(msg, context, settings)
 
 
 def make_client_app(settings=None) -> ClientApp:
@@ -207,7 +212,7 @@ def make_client_app(settings=None) -> ClientApp:
 
     @client.query("identify")
     def identify(msg: Message, context: Context) -> Message:
-        return handle_identify(msg, context)
+        return handle_identify(msg, context, settings)
 
     @client.query("restore")
     def restore(msg: Message, context: Context) -> Message:

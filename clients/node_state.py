@@ -142,11 +142,15 @@ def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory
     else from ``context.state``. ``mem.last_round`` is the round of the upload
     it holds (None when unknown)."""
     path = state_file(context, cfg=cfg)
-    if path is not None and _inplace(context, cfg) and device == "cpu":
+    if path is not None and _inplace(context, cfg):
         saved = state_files.load(path)
         if saved is not None and saved["eps"].dtype == task.dtype:
             last = saved.pop("last_round")
             eps = saved.pop("eps").view(1, task.dim)  # the shared mapping itself
+            if str(device) != "cpu":  # a GPU client: a copy there, written back by save_memory
+                eps = eps.to(device)
+                saved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in saved.items()}
             mem = ErrorFeedbackMemory(1, task.dim, task.dtype, device, eps=eps)
             mem.load_state_dict(saved, copy=False)
             mem.last_round = None if last < 0 else int(last)
@@ -171,16 +175,18 @@ def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | No
                 cfg=None) -> None:
     """The memory into the state file when there is one (context.state keeps
     the round tag), else into context.state."""
-    state = {k: v.detach().cpu() for k, v in mem.state_dict(copy=False).items()}
     if last_round is not None:
         context.state[META_KEY] = MetricRecord({"last-round": int(last_round)})
     path = state_file(context, cfg=cfg)
-    if path is not None and _inplace(context, cfg) and mem.eps.device.type == "cpu":
-        state_files.save(path, state,  # eps: written only if it is not the mapping already
+    if path is not None and _inplace(context, cfg):
+        # eps: written only if it is not the mapping already (a GPU client's
+        # is copied into it, device to host, without a second host copy)
+        state_files.save(path, {k: v.detach() for k, v in mem.state_dict(copy=False).items()},
                          {"last_round": -1 if last_round is None else int(last_round)})
         if MEMORY_KEY in context.state:
             del context.state[MEMORY_KEY]
         return
+    state = {k: v.detach().cpu() for k, v in mem.state_dict(copy=False).items()}
     if path is not None:
         saved = {"memory": state, "last_round": -1 if last_round is None else int(last_round)}
         atomic_write(path, lambda fh: torch.save(saved, fh), "wb")

@@ -39,20 +39,24 @@ def _map(path: Path, numel: int, dtype) -> torch.Tensor:
 
 def save(base: Path, state: dict, extra: dict | None = None) -> None:
     """Big tensors into their mapped files (a no-op for a tensor that already
-    is that mapping), the rest and ``extra`` into ``<base>.pt``."""
+    is that mapping; a GPU tensor is copied into its mapping of the same
+    size), the rest (on the CPU) and ``extra`` into ``<base>.pt``."""
     small = dict(extra or {})
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.numel() >= BIG:
             path = _raw(base, key)
             mapped = _MAPPED.get(str(path))
-            if mapped is None or mapped.data_ptr() != value.data_ptr() or (
-                    mapped.numel() != value.numel() or mapped.dtype != value.dtype):
+            same_shape = mapped is not None and (mapped.numel() == value.numel()
+                                                 and mapped.dtype == value.dtype)
+            if same_shape and value.device.type != "cpu":
+                mapped.copy_(value.detach().reshape(-1))  # device to host, into the file
+            elif not same_shape or mapped.data_ptr() != value.data_ptr():
                 if path.exists():
                     path.unlink()  # a new file: never resize a mapping another tensor holds
                 _map(path, value.numel(), value.dtype).copy_(value.detach().reshape(-1).cpu())
             small[key] = ("mapped", tuple(value.shape), str(value.dtype).split(".")[-1])
         else:
-            small[key] = value
+            small[key] = value.cpu() if isinstance(value, torch.Tensor) else value
     atomic_write(base.with_suffix(".pt"), lambda fh: torch.save(small, fh), "wb")
 
 

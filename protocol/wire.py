@@ -28,7 +28,8 @@ Worker -> server
                    sent, uplink-bytes} and, under broadcast=gradient,
                    "replica-meta" {round, digest} of the model the upload was
                    computed on; under Ray, "placement" {ray-node-id}
-  query.identify   "metrics" {partition-id}
+  query.identify   "metrics" {partition-id} and "node-device" {device: the
+                   device it computes on, "cpu" or "cuda"}
   query.checkpoint its memory (:func:`memory_content`)
   errors           :data:`FAULT_DROPPED`, :data:`WRONG_WORKER`, :data:`REPLICA_STALE`
 """
@@ -235,13 +236,24 @@ def read_placement(content) -> str | None:
 
 
 # -- queries: identify, checkpoint, restore ----------------------------------------------
-def identity_content(partition: int) -> RecordDict:
-    return RecordDict({"metrics": MetricRecord({"partition-id": int(partition)})})
+def identity_content(partition: int, device: str | None = None) -> RecordDict:
+    """A node's identify answer: its partition and the device it computes on."""
+    content = RecordDict({"metrics": MetricRecord({"partition-id": int(partition)})})
+    if device is not None:
+        content["node-device"] = ConfigRecord({"device": str(device)})
+    return content
 
 
 def read_identity(content) -> int:
     """The partition a node claims (raises when it claims none)."""
     return int(content["metrics"]["partition-id"])
+
+
+def read_device(content) -> str | None:
+    """The device a node says it computes on (None: it does not say)."""
+    if "node-device" not in content:
+        return None
+    return str(content["node-device"]["device"])
 
 
 def memory_content(worker: int, memory: dict) -> RecordDict:

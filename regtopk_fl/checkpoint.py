@@ -51,12 +51,13 @@ _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
 def config_fingerprint(cfg) -> str:
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in NOT_IDENTITY}
-    # where the Ray cluster is and where simulated clients keep their state do
-    # not change what a run computes, and the default participation (everyone)
+    # where the Ray cluster is, where simulated clients keep their state and
+    # how much of a GPU each gets do not change what a run computes, and the
+    # default participation (everyone)
     # is what runs before these keys computed, so their checkpoints still resume
     if isinstance(keep.get("runtime"), dict):
         keep["runtime"] = {k: v for k, v in keep["runtime"].items()
-                           if k not in ("ray_address", "state_dir")}
+                           if k not in ("ray_address", "state_dir", "client_gpus")}
     if keep.get("participation") == _EVERYONE:
         del keep["participation"]
     # the Fig. 3 switches (#18) at their defaults compute what ran before them
@@ -65,6 +66,11 @@ def config_fingerprint(cfg) -> str:
     if isinstance(keep.get("task"), dict):
         keep["task"] = {k: v for k, v in keep["task"].items()
                         if (k, v) not in _TASK_DEFAULTS}
+    # #21's switches at their defaults compute what ran before they existed
+    if keep.get("deterministic") is False:
+        del keep["deterministic"]
+    if isinstance(keep.get("task"), dict) and keep["task"].get("batched") == "auto":
+        keep["task"] = {k: v for k, v in keep["task"].items() if k != "batched"}
     _as_before(keep)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(keep)).encode()).hexdigest()
 

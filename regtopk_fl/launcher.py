@@ -146,9 +146,10 @@ def check_group_keys(argv, group: str = "tracker") -> None:
                       f"{', '.join(k for k in keys if k != '_target_')}")
 
 
-def _discard_run_dir(run_dir: Path) -> None:
-    """A run that never started leaves nothing behind that looks like a run."""
-    if run_dir.exists() and not (run_dir / "metrics.csv").exists():
+def _discard_run_dir(run_dir: Path, force: bool = False) -> None:
+    """A run that never started leaves nothing behind that looks like a run
+    (``force``: a directory this run created, whatever it holds)."""
+    if run_dir.exists() and (force or not (run_dir / "metrics.csv").exists()):
         shutil.rmtree(run_dir, ignore_errors=True)
         parent = run_dir.parent
         try:  # an emptied sweep directory goes too
@@ -156,6 +157,19 @@ def _discard_run_dir(run_dir: Path) -> None:
                 shutil.rmtree(parent, ignore_errors=True)
         except FileNotFoundError:
             pass
+
+
+def _written_by(run_dir: Path, cfg: DictConfig) -> bool:
+    """Whether the run directory's summary.json is this configuration's."""
+    import json
+
+    from .checkpoint import config_fingerprint
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("config_sha256") == config_fingerprint(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -176,15 +190,26 @@ def _main(cfg: DictConfig) -> None:
         except (ConfigError, ValueError) as exc:
             _fail(str(exc))
         return
+    from . import determinism
+
+    determinism.apply(determinism.of(cfg))  # before anything touches CUDA
     if cfg.get("threads"):
         import torch
         torch.set_num_threads(int(cfg.threads))
     from .runner import run_experiment
 
     try:
-        claim_run_dir(cfg, run_dir)
-        summary = run_experiment(cfg, run_dir)
+        status = claim_run_dir(cfg, run_dir)
     except ConfigError as exc:  # the run directory holds another run: leave it as it is
+        _restore_sweep_record()
+        _fail(str(exc))
+    try:
+        summary = run_experiment(cfg, run_dir)
+    except ConfigError as exc:
+        # a setting refused once the run knows more (a client's device, the GPU
+        # share: #21): a directory this run created goes, as for any bad setting
+        if status == "new" and _written_by(run_dir, cfg):
+            _discard_run_dir(run_dir, force=True)
         _restore_sweep_record()
         _fail(str(exc))
     final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())

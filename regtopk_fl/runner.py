@@ -163,6 +163,9 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
     default the one of ``cfg.runtime``. A run directory that already holds
     this configuration's finished run is left as it is; one with its
     checkpoint resumes (see checkpoint.py)."""
+    from . import determinism
+
+    determinism.apply(determinism.of(cfg))  # before any CUDA work (cuBLAS reads its env once)
     run_dir = Path(run_dir)
     fingerprint = config_fingerprint(cfg)
     if run_dir_status(run_dir, fingerprint) == "finished":

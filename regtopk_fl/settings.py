@@ -182,6 +182,7 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "checkpoint.seconds", 0, lo_open=True, allowed="must be a finite number > 0")
     validate_trust(cfg, n, runtime)
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _bool(cfg, "deterministic")
     _choice(cfg, "broadcast", MODES)
     for key in ("network.uplink_mbps", "network.downlink_mbps"):
         _num(cfg, key, 0, lo_open=True, required=False, allowed="must be null or a number > 0")
@@ -199,7 +200,8 @@ def validate(cfg: DictConfig) -> None:
             _fail("sparsifier", sp, "the global top-k oracle needs every worker in one "
                   "process: use runtime=inprocess")
         _num(cfg, "runtime.client_cpus", 0, lo_open=True, allowed="must be > 0")
-        _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be in [0, 1]")
+        if _get(cfg, "runtime.client_gpus") != "auto":
+            _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be auto or a number in [0, 1]")
         _num(cfg, "runtime.round_timeout_s", 0, lo_open=True, required=False,
              allowed="must be > 0")
         _num(cfg, "runtime.wait_for_nodes_s", 0, required=False, allowed="must be >= 0")
@@ -222,6 +224,8 @@ def validate(cfg: DictConfig) -> None:
             _fail("num_workers", n, f"more workers than data points ({m * n})")
     if task in ("cifar10", "tiny_image"):
         _num(cfg, "task.batch_size", 1, integer=True, allowed="must be an integer >= 1")
+        if _get(cfg, "task.batched") is not None:
+            _choice(cfg, "task.batched", ("auto", True, False))
         _choice(cfg, "task.partition", PARTITION_SCHEMES)
         if _get(cfg, "task.partition") == "dirichlet":
             _num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")
@@ -350,7 +354,8 @@ def _ray_address(cfg) -> None:
 RUN_KEYS = ("task", "sparsifier", "aggregate", "runtime", "faults", "checkpoint", "server",
             "broadcast", "network", "participation", "num_workers", "rounds", "lr", "momentum",
             "weight_decay", "seed", "eval_every", "local_steps", "local_lr", "upload", "device",
-            "experiment", "observe", "threads", "progress", "output_dir", "tracker")
+            "deterministic", "experiment", "observe", "threads", "progress", "output_dir",
+            "tracker")
 
 
 def to_run_config(cfg: DictConfig) -> dict:

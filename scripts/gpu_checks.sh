@@ -1,52 +1,88 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one script for a lent GPU machine (no
-# internet; its python3 has torch/torchvision/pandas but not hydra, omegaconf,
-# datasets or flwr-datasets, which travel as wheels in .whl/, and the CIFAR-10
-# archive travels in data/). Results go to $OUT (at most 8 files):
-#   run.log                     everything printed, in order
-#   bench_sparsifiers_cuda.md/.csv  scripts/bench_sparsifiers.py on CUDA
-#   fig3_{topk,regtopk}_metrics.csv, fig3_{topk,regtopk}_summary.json
-#       the paper's Fig. 3 preset (ResNet-18, N = 8, S = 0.001) on the GPU,
-#       both methods side by side, each stopped after FIG3_S seconds
+# The GPU checks of issue #21 in one go, for a lent GPU machine (one H100 or
+# H200, no internet): Flower clients on the GPU beside the in-process engine.
+# Needs what `make gpu-bundle` puts in .gpu/ (carry it): the Flower + Ray +
+# Hydra + flwr-datasets wheels the machine lacks, unpacked here into a
+# PYTHONPATH folder (flower-cp312.tar.xz), and a reduced CIFAR-10 archive
+# (cifar10-small.tar.gz, the offline archive's layout).
 #
-#   OUT=/tmp/out FIG3_S=280 bash scripts/gpu_checks.sh 2>&1 | tee /tmp/out/run.log
-# Locally (CPU, smoke): DEVICE=cpu ROUNDS=2 BENCH=0 OUT=/tmp/out bash scripts/gpu_checks.sh
+# Steps, in order, each under a hard time cap and skipped with a printed
+# "not run: budget" when less than it needs is left of BUDGET_S (default 420 s):
+#   env        versions, GPU, what imports
+#   inprocess  (b) compute floor (ResNet-18 fwd+bwd of N x 20 images), the
+#              workers' gradients (loop vs batched), in-process s/round of
+#              Fig. 3 (topk, regtopk) x (loop, batched), deterministic=true,
+#              and a repeat (bitwise?)
+#   flower     (a) runtime=flower at Fig. 3 (N=8, ResNet-18, S=0.001) for
+#              ROUNDS rounds, s/round, final model vs the in-process twins;
+#              (c) peak GPU memory per client, the client_gpus auto chose
+#   many       (d) Flower, ResNet-18 width 16, N=64, m=16: s/round
+# Results, written as each step completes (at most 3 files in $OUT):
+#   run.log           everything printed, in order
+#   gpu_summary.json  the numbers, one key per step
+#   gpu_summary.md    the same as tables
+#
+#   OUT=/tmp/out bash scripts/gpu_checks.sh
+# CPU smoke test (`make gpu-smoke`, which CI runs; tests/test_gpu_checks.py runs
+# it with no time left, every step skipped):
+#   DEVICE=cpu ROUNDS=2 DATA=<synthetic archive> GPU_BENCH_ARGS="--width 4 ..." OUT=... bash scripts/gpu_checks.sh
 set -u
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 DEVICE=${DEVICE:-cuda}
-FIG3_S=${FIG3_S:-280}
-ROUNDS=${ROUNDS:-1500}
-BENCH=${BENCH:-1}
+ROUNDS=${ROUNDS:-30}
+BUDGET_S=${BUDGET_S:-420}
 PY=${PY:-python3}
+BUNDLE=${BUNDLE:-.gpu/flower-cp312.tar.xz}
+DATA=${DATA:-$PWD/.gpu/cifar10-small.tar.gz}
+RUNS=${RUNS:-/tmp/regtopk_gpu_runs}
+EXTRA=${GPU_BENCH_ARGS:-}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import hydra, flwr_datasets" 2>/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
+exec > >(tee -a "$OUT/run.log") 2>&1
+TEE=$!
+export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0
+date
+if [ -f "$BUNDLE" ]; then
+    SITE=${SITE:-/tmp/regtopk-site}
+    rm -rf "$SITE" && mkdir -p "$SITE"
+    tar -xJf "$BUNDLE" -C "$SITE" || { echo "could not unpack $BUNDLE"; exit 1; }
+    export PYTHONPATH="$SITE:$PWD"
+    echo "unpacked $BUNDLE ($(du -sh "$SITE" | cut -f1)) into $SITE (${SECONDS} s)"
 else
     export PYTHONPATH=$PWD
 fi
-date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-if [ "$BENCH" = 1 ]; then
-    echo "== exact selection tests (CUDA cases included)"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider --noconftest tests/test_selection.py
-    echo "== sparsifier benchmark on $DEVICE"
-    timeout 150 $PY scripts/bench_sparsifiers.py --device "$DEVICE" --sizes 1000000 11173962 \
-        --repeats 5 --note "lent GPU machine" --out "$OUT/bench_sparsifiers_cuda.md" | tail -5
-fi
-echo "== Fig. 3 preset on $DEVICE, ${FIG3_S} s per method"
-DATA="task.data_path=$PWD/data/cifar10-jpeg.tar.gz task.cache_dir=/tmp/regtopk-cache"
-timeout 120 $PY -c "from regtopk_fl.tasks.data import load_cifar10; load_cifar10('$PWD/data/cifar10-jpeg.tar.gz', '/tmp/regtopk-cache')" || exit 1
-for sp in topk regtopk; do
-    timeout "$FIG3_S" $PY -m regtopk_fl experiment=fig3_cifar10 sparsifier=$sp device=$DEVICE \
-        rounds=$ROUNDS $DATA checkpoint.every=0 progress=false hydra.run.dir=/tmp/fig3_$sp &
-done
-wait
-for sp in topk regtopk; do
-    cp /tmp/fig3_$sp/metrics.csv "$OUT/fig3_${sp}_metrics.csv"
-    cp /tmp/fig3_$sp/summary.json "$OUT/fig3_${sp}_summary.json"
-    tail -2 /tmp/fig3_$sp/metrics.csv
-done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+[ -f "$DATA" ] || { echo "no data archive at $DATA (make gpu-bundle builds it)"; exit 1; }
+
+bench() { $PY scripts/gpu_bench.py "$@" --out "$OUT" --runs "$RUNS"; }
+
+# step NAME CAP_S NEED_S: run `gpu_bench.py NAME` for at most CAP_S seconds,
+# or skip it when less than NEED_S seconds of the budget are left
+step() {
+    local name=$1 cap=$2 need=$3 left=$((BUDGET_S - SECONDS)) t rc
+    if [ "$left" -lt "$need" ]; then
+        bench skip "$name" --why "not run: budget (${left} s of ${BUDGET_S} s left, needs ~${need} s)"
+        return
+    fi
+    t=$cap; [ "$left" -lt "$t" ] && t=$left
+    echo "== $name (at ${SECONDS} s; cap ${t} s)"
+    # shellcheck disable=SC2086
+    timeout -k 15 "$t" $PY scripts/gpu_bench.py "$name" --out "$OUT" --runs "$RUNS" \
+        --device "$DEVICE" --data "$DATA" --rounds "$ROUNDS" $EXTRA
+    rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        bench skip "$name" --stopped --why "stopped after its ${t} s cap (partial results kept)"
+        $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
+    fi
+    echo "== $name done (rc $rc) at ${SECONDS} s"
+}
+
+step env 90 20
+step inprocess 150 60
+step flower 200 90
+step many 120 60
+echo "== total ${SECONDS} s"
+cat "$OUT/gpu_summary.md" 2>/dev/null
 date
+exec 1>&- 2>&-
+wait "$TEE" 2>/dev/null || sleep 1   # run.log complete before the script returns

@@ -21,7 +21,13 @@ from omegaconf import OmegaConf  # noqa: E402
 from clients.client_app import make_client_app  # noqa: E402
 from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
 from regtopk_fl.device import resolve_device  # noqa: E402
+from regtopk_fl.gpu_share import client_share  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
+
+
+# how often the ServerApp looks for the clients' replies (Flower's default 0.1 s
+# is a tenth of a second per round; a GPU round computes in a few tens of ms)
+PULL_INTERVAL_S = 0.01
 
 
 def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
@@ -33,13 +39,24 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     device = resolve_device(cfg.device)
     server_app = ServerApp()
 
+    # each client's share of a GPU (runtime.client_gpus, regtopk_fl/gpu_share.py):
+    # refused here, before Ray starts, when no client could run as asked; on a
+    # cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
+    on_cluster = bool(ray_init_address(cfg))
+    share = client_share(cfg, device, task, sparsifier, on_cluster)
+    if recorder is not None:
+        recorder.extras.append(share.record)  # into summary.json
+    gpus = share.fraction
+    # no silent CPU (#21): a client with a GPU share computes on cuda, one
+    # without on the CPU; a client that says otherwise stops the run
+    expect = "cuda" if gpus > 0 else "cpu"
+
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, task, recorder, ckpt, device)
+        if hasattr(grid, "pull_interval"):  # the in-memory grid looks for replies every 0.1 s
+            grid.pull_interval = min(float(grid.pull_interval), PULL_INTERVAL_S)
+        run_server(grid, cfg, task, recorder, ckpt, device, expect_client_device=expect)
 
-    # on a cluster the GPUs are the worker nodes', not necessarily the driver's (#12)
-    on_cluster = bool(ray_init_address(cfg))
-    gpus = float(cfg.runtime.client_gpus) if device == "cuda" or on_cluster else 0.0
     level = str(cfg.runtime.log_level).upper()
     logging.getLogger("flwr").setLevel(level)
     backend = {"client_resources": {"num_cpus": float(cfg.runtime.client_cpus), "num_gpus": gpus},

@@ -34,8 +34,11 @@ from .sparse_strategy import SparseAggregation  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> FedServer:
-    """All rounds of a run (or the rest of them, after a checkpoint)."""
+def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
+               expect_client_device: str | None = None) -> FedServer:
+    """All rounds of a run (or the rest of them, after a checkpoint).
+    ``expect_client_device``: the device every client must compute on (None:
+    not checked); another one stops the run before round 1 (#21)."""
     faults = OmegaConf.to_container(cfg.faults) if "faults" in cfg else {}
     if hostile_grid.needed(faults):  # faults.hostile's omniscient attacker (#17)
         grid = hostile_grid.HostileGrid(grid, faults, int(cfg.seed), task.dim,
@@ -74,7 +77,9 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
                                  message_ttl_s=min(timeout, float(DEFAULT_TTL)),
                                  first_round=start, checkpointer=ckpt, recorder=recorder,
                                  identity=identity,
-                                 participation=participation_from_cfg(cfg, task.num_examples()))
+                                 participation=participation_from_cfg(cfg, task.num_examples()),
+                                 expect_device=expect_client_device,  # no silent CPU (#21)
+                                 device_setting=_gpu_setting(cfg))
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:
@@ -86,6 +91,11 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu") -> Fe
         log.info("replies per Ray node: %s", strategy.ray_nodes)
     recorder.save_model(server.params, server.buffers)
     return server
+
+
+def _gpu_setting(cfg) -> str:
+    """``runtime.client_gpus=<value>``: the setting a device refusal names."""
+    return f"runtime.client_gpus={OmegaConf.select(cfg, 'runtime.client_gpus', default=None)!r}"
 
 
 def _evaluate(task, server, device):
@@ -140,5 +150,7 @@ def flwr_main(grid: Grid, context: Context) -> None:
         from .polling_grid import PollingGrid
         grid = PollingGrid(grid, float(poll_s))
     device = resolve_device(cfg.device)
+    # an explicit device is every SuperNode's too; auto lets each node decide
+    expect = cfg.device if cfg.device in ("cpu", "cuda") else None
     run_experiment(cfg, out, lambda cfg, task, sparsifier, recorder, ckpt:
-                   run_server(grid, cfg, task, recorder, ckpt, device))
+                   run_server(grid, cfg, task, recorder, ckpt, device, expect))

@@ -39,6 +39,7 @@ from protocol import wire
 from regtopk_fl.checkpoint import crash_point
 from regtopk_fl.fedround import Coordinator
 
+from .devices import screen_devices
 from .identity import NodeBinding, screen_claims
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,14 @@ class SparseAggregation(Strategy):
                  on_round: Callable[[int, dict], None] | None = None,
                  wait_for_nodes_s: float = 600.0, message_ttl_s: float | None = None,
                  first_round: int = 1, checkpointer=None, recorder=None,
-                 identity: NodeBinding | None = None, participation=None):
+                 identity: NodeBinding | None = None, participation=None,
+                 expect_device: str | None = None,
+                 device_setting: str = "runtime.client_gpus"):
         self.coord = coordinator
+        # no silent CPU (#21): the device every node must compute on, and the
+        # setting the refusal names (strategies/devices.py)
+        self.expect_device, self.device_setting = expect_device, device_setting
+        self._trained = False  # a train message went out from this process
         self.participation = participation  # #12: which partitions take part in round t
         self.first_round = int(first_round)  # Flower counts from 1 again after a resume
         self.checkpointer, self.recorder = checkpointer, recorder
@@ -148,6 +155,7 @@ class SparseAggregation(Strategy):
             msgs.append(Message(content=content, dst_node_id=node,
                                 message_type=MessageType.TRAIN, group_id=str(server_round),
                                 ttl=self.message_ttl_s))
+        self._trained = self._trained or bool(msgs)
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -265,15 +273,21 @@ class SparseAggregation(Strategy):
             self.identity.load_state_dict(state["identity"])
 
     def _identify(self, grid: Grid, nodes: list) -> None:
-        """Ask these nodes which partition they hold (``query.identify``); a
-        clean claim binds the node to it (strategies/identity.py)."""
-        claims = []
+        """Ask these nodes which partition they hold and which device they
+        compute on (``query.identify``); a clean claim on the run's device
+        binds the node to its partition (strategies/identity.py); another
+        device stops the run before round 1 (strategies/devices.py)."""
+        claims, devices = [], {}
         for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
             if not msg.has_error():
                 try:
-                    claims.append((msg.metadata.src_node_id, wire.read_identity(msg.content)))
+                    node = msg.metadata.src_node_id
+                    claims.append((node, wire.read_identity(msg.content)))
+                    devices[node] = wire.read_device(msg.content)
                 except Exception:  # noqa: BLE001 - an unreadable claim binds nothing
                     continue
+        claims = screen_devices(claims, devices, self.expect_device, self.device_setting,
+                                first_contact=not self._trained)
         for node, why in self.identity.resolve(claims).items():
             if why is not None:
                 log.warning("node %s not identified: %s", node, why)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.utils import vector_to_parameters
 
 from ..device import resolve_device
+from . import batched
 from . import data as D
 from .base import Task
 from .models import buffer_tensors, flat_buffers, flat_params, resnet18, tiny_cnn
@@ -85,12 +86,17 @@ class _ImageTask(Task):
     def _setup(self, x_train, y_train, x_test, y_test, model, *, num_workers, seed,
                batch_size, local_steps, partition, alpha, size_ratio, min_partition_size,
                augment, eval_batch_size, device, mean=None, std=None, resize=None,
-               loss="ce"):
-        """x_*: uint8 or float tensors [N, C, H, W] already on ``device``; y_*: int64."""
+               loss="ce", batched_mode="auto"):
+        """x_*: uint8 or float tensors [N, C, H, W] already on ``device``; y_*: int64.
+        ``batched_mode``: the ``batched`` setting (auto | true | false; tasks/batched.py)."""
         if loss not in LOSS_FUNCTIONS:
             raise ValueError(f"task.loss={loss!r}: one of {', '.join(LOSSES)}")
+        if batched_mode not in batched.MODES:
+            raise ValueError(f"batched={batched_mode!r}: must be auto, true or false")
         self.loss_name, self._loss = loss, LOSS_FUNCTIONS[loss]
         self.resize = None if resize is None else int(resize)
+        self.batched = batched_mode
+        self._batched_fn = None
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
@@ -138,27 +144,56 @@ class _ImageTask(Task):
         R = len(workers)
         if params.dim() == 1:
             params = params.unsqueeze(0).expand(R, -1)
+        # every batch first: a blocking host-to-device copy of the indices then
+        # never waits for a worker's backward pass (CUDA)
+        batches = [self.batch(n, round, step) for n in workers]
+        if batched.uses_batched(self.batched, self.device, R) and \
+                len({tuple(x.shape) for x, _ in batches}) == 1:  # else: unequal batches
+            return self._batched_gradients(params, buffers, batches)
         grads = torch.empty(R, self.dim, dtype=self.dtype, device=self.device)
         bufs_out = (torch.empty(R, self.num_buffers, dtype=self.dtype, device=self.device)
                     if self.num_buffers else None)
         losses = []
         model = self.model
         model.train()
-        for r, n in enumerate(workers):
+        for r, (x, y) in enumerate(batches):
             b = None if buffers is None else (buffers if buffers.dim() == 1 else buffers[r])
             self._load(params[r], b)
-            x, y = self.batch(n, round, step)
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = self._loss(model(x), y)
+                loss = self.loss(model(x), y)
                 loss.backward()
             torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
                        for p in self._params], out=grads[r])
             if bufs_out is not None:
                 torch.cat([t.reshape(-1) for t in self._buffers], out=bufs_out[r])
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
         model.zero_grad(set_to_none=True)
-        return grads, losses, bufs_out
+        return grads, torch.stack(losses).tolist(), bufs_out  # one host sync, not one per worker
+
+    def loss(self, logits, y):
+        """The training loss of one worker's batch (both gradient paths):
+        ``task.loss`` (ce, or the authors' softmax_ce)."""
+        return self._loss(logits, y)
+
+    def _batched_gradients(self, params, buffers, batches):
+        """All rows in one pass (tasks/batched.py); same results as the loop
+        within float rounding."""
+        R = len(batches)
+        if self._batched_fn is None:
+            self._batched_fn = batched.BatchedGradients(self.model)
+        # the engine's local_steps=1 rows are one model expanded: compute on it once
+        shared = params[0] if params.dim() == 2 and params.stride(0) == 0 else params
+        shared = shared.to(device=self.device, dtype=self.dtype)
+        bufs = None
+        if self.num_buffers:
+            src = self._init_buffers if buffers is None else buffers
+            src = src.to(device=self.device, dtype=self.dtype)
+            bufs = src.unsqueeze(0).expand(R, -1) if src.dim() == 1 else src
+        x = torch.stack([b[0] for b in batches])
+        y = torch.stack([b[1] for b in batches])
+        grads, losses, bufs_out = self._batched_fn(shared, bufs, x, y, self.loss)
+        return grads, losses.tolist(), bufs_out
 
     @torch.no_grad()
     def evaluate(self, params, buffers) -> dict:
@@ -266,7 +301,8 @@ class ImageTask(_ImageTask):
                  stem: str = "cifar", augment: bool = False, eval_batch_size: int = 500,
                  device: str = "cpu", download: bool = False, name: str | None = None,
                  width: int = 64, pretrained_weights: str | None = None,
-                 resize: int | None = None, loss: str = "ce", normalize: str = "auto"):
+                 resize: int | None = None, loss: str = "ce", normalize: str = "auto",
+                 batched="auto"):
         dev = torch.device(resolve_device(device))  # name: the config's task name, not used
         norm = normalization(normalize, (IMAGENET_MEAN, IMAGENET_STD) if pretrained_weights
                              else (D.CIFAR10_MEAN, D.CIFAR10_STD))
@@ -288,7 +324,8 @@ class ImageTask(_ImageTask):
                     local_steps=local_steps, partition=partition, alpha=alpha,
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
                     augment=augment, eval_batch_size=eval_batch_size, device=dev,
-                    mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss)
+                    mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss,
+                    batched_mode=batched)
 
 
 def make_tiny_images(num_train: int = 2000, num_test: int = 500, image_size: int = 8,
@@ -339,7 +376,8 @@ class TinyImageTask(_ImageTask):
                  noise: float = 1.0, width: int = 16, data_seed: int | None = None,
                  data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
                  stem=None, download=False, name: str | None = None,
-                 resize: int | None = None, loss: str = "ce", normalize: str = "auto"):
+                 resize: int | None = None, loss: str = "ce", normalize: str = "auto",
+                 batched="auto"):
         dev = torch.device(resolve_device(device))
         norm = normalization(normalize, None)
         if test_subset is not None:
@@ -357,4 +395,5 @@ class TinyImageTask(_ImageTask):
                     local_steps=local_steps, partition=partition, alpha=alpha,
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
                     augment=augment, eval_batch_size=eval_batch_size, device=dev,
-                    mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss)
+                    mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss,
+                    batched_mode=batched)

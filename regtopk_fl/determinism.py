@@ -1,0 +1,50 @@
+"""The ``deterministic`` switch (top-level config key, default false).
+
+On: ``torch.use_deterministic_algorithms(True)``, cuDNN's deterministic
+algorithms without autotuning (``cudnn.deterministic``, no
+``cudnn.benchmark``), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which cuBLAS
+reads when it first runs (before any CUDA work of the process: the launcher
+applies it right after validation, :func:`regtopk_fl.runner.run_experiment`
+before building the task, every Flower client before building its own). A
+GPU run can then be repeated bit for bit on the same machine and software.
+
+``warn_only``: CUDA has no deterministic ``adaptive_avg_pool2d`` backward
+(ResNet-18's global average pool); torch warns once instead of failing. That
+kernel adds each input's gradient exactly once (a 1x1 output pools disjoint
+windows), so its atomics add to zeros and the order does not matter.
+
+Off (the default): torch's own defaults, set explicitly, so a process that
+ran a deterministic run before (a test session, a reused Ray actor) goes back
+to them. On the CPU the switch changes no result of this suite's kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def apply(enabled: bool) -> None:
+    enabled = bool(enabled)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
+def of(cfg) -> bool:
+    """The switch as a config sets it (absent: off)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.select(cfg, "deterministic", default=False))
+
+
+def state() -> dict:
+    """What is in force in this process (for logs and tests)."""
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}

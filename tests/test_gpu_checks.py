@@ -1,0 +1,73 @@
+"""scripts/gpu_checks.sh and scripts/gpu_bench.py without a GPU: the time
+budget (every step skipped with "not run: budget" when none is left), the
+results file written step by step, and the numbers it derives (s/round,
+model agreement). The whole script on the CPU with tiny settings is
+``make gpu-smoke`` (a few minutes: three Ray starts)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_bench  # noqa: E402
+
+
+def test_no_budget_skips_every_step(tmp_path):
+    data = tmp_path / "data.tar.gz"
+    data.write_bytes(b"")  # only checked for existence before the steps
+    env = dict(os.environ, OUT=str(tmp_path / "out"), BUDGET_S="0", DEVICE="cpu",
+               BUNDLE=str(tmp_path / "no-bundle.tar.xz"), DATA=str(data), PY=sys.executable,
+               RUNS=str(tmp_path / "runs"))
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "gpu_summary.json").read_text())
+    assert set(res) == {"env", "inprocess", "flower", "many"}
+    for step in res.values():
+        assert step["skipped"].startswith("not run: budget (")
+    md = (tmp_path / "out" / "gpu_summary.md").read_text()
+    assert md.count("not run: budget") == 3  # the three measuring steps, each named
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "== flower: not run: budget" in log
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_summary.json", "gpu_summary.md", "run.log"]  # $OUT takes at most 8 files
+
+
+def test_record_merges_and_renders(tmp_path):
+    gpu_bench.record(tmp_path, "inprocess", {"width": 64, "workers": 8, "floor_images": 160,
+                                            "floor": {"batch_ms": 20.0}})
+    gpu_bench.record(tmp_path, "inprocess", {"runs": {"topk-loop": {"s_per_round": 0.1,
+                                                                    "x_floor": 5.0}}})
+    gpu_bench.record(tmp_path, "flower", {"stopped": "stopped after its 200 s cap"})
+    res = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert res["inprocess"]["floor"]["batch_ms"] == 20.0  # kept across calls
+    md = (tmp_path / "gpu_summary.md").read_text()
+    assert "| topk-loop | 0.1 | 5x |" in md and "**flower**: stopped after" in md
+
+
+def test_per_round_leaves_out_start_up_and_the_final_evaluation(tmp_path):
+    with open(tmp_path / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["round", "wall_s"])
+        for r, t in enumerate([0.0, 5.0, 5.1, 5.3, 5.4, 9.0]):  # start-up, 3 rounds, eval
+            w.writerow([r, t])
+    assert gpu_bench.per_round(tmp_path) == pytest.approx(0.1)
+
+
+def test_agreement(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    p = torch.arange(1.0, 5.0)
+    torch.save({"params": p, "buffers": None}, a / "model.pt")
+    torch.save({"params": p.clone(), "buffers": None}, b / "model.pt")
+    assert gpu_bench.agreement(a, b) == {"maxrel": 0.0, "bitwise": True}
+    torch.save({"params": p + torch.tensor([0, 0, 0, 4e-6]), "buffers": None}, a / "model.pt")
+    ag = gpu_bench.agreement(a, b)
+    assert not ag["bitwise"] and ag["maxrel"] == pytest.approx(1e-6, rel=0.1)  # fp32 steps

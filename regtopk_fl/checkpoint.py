@@ -56,8 +56,9 @@ def config_fingerprint(cfg) -> str:
     # default participation (everyone)
     # is what runs before these keys computed, so their checkpoints still resume
     if isinstance(keep.get("runtime"), dict):
-        keep["runtime"] = {k: v for k, v in keep["runtime"].items()
-                           if k not in ("ray_address", "state_dir", "client_gpus")}
+        keep["runtime"] = {k: (0.0 if k == "client_gpus" else v)  # its old default, any share
+                           for k, v in keep["runtime"].items()
+                           if k not in ("ray_address", "state_dir")}
     if keep.get("participation") == _EVERYONE:
         del keep["participation"]
     # the Fig. 3 switches (#18) at their defaults compute what ran before them

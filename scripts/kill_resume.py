@@ -53,15 +53,17 @@ def rows(run_dir: Path) -> list:
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(fh)]
 
 
-# what a resumed Flower run sends differently: every node's replica is
-# resynced (the full model) in the first round after the checkpoint
-DOWNLINK = ("downlink_bytes", "downlink_coded_bytes", "resyncs", "comm_s")
+# what a resumed Flower run sends differently: its nodes' replicas are gone
+# or ahead of the checkpoint, so each node is caught up (a patch from the
+# round its replica holds, from model_0 without one, or the full model) the
+# first time it is sent something after the resume
+DOWNLINK = ("downlink_bytes", "downlink_coded_bytes", "resyncs", "patches", "comm_s")
 
 
 def differences(a: Path, b: Path, resync_rounds=()) -> list:
     """What differs between two finished runs (empty: bitwise identical).
     In ``resync_rounds`` the downlink columns are left out (a resumed
-    Flower run resyncs its nodes there; the caller checks that itself)."""
+    Flower run catches its nodes up there; the caller checks that itself)."""
     out = []
     skip = {str(r) for r in resync_rounds}
     clean = lambda rs: [{k: v for k, v in r.items()  # noqa: E731

@@ -414,3 +414,48 @@ def test_inprocess_sampling_replicas_stay_bitwise_equal():
     assert counts["patch"] > 250 and counts["full"] < counts["patch"] / 10
     assert sum(r["plan"].patches for r in rows) == counts["patch"]
     assert not any(r["outcome"].rejected for r in rows)  # every reply's replica checked
+
+
+def test_full_participation_sends_only_the_global_gradient(one_thread):
+    """Every worker in every round, no drops: each replica is always at the
+    previous round, so every message is g of that round, and its bytes are
+    the ones counted before patches existed (header + digest + coded
+    support + values + buffers, + the feedback status)."""
+    from regtopk_fl.broadcast import DIGEST, FEEDBACK_META, HEADER
+    from regtopk_fl.compress import RegTopK
+    from regtopk_fl.engine import InProcessRun
+    from regtopk_fl.tasks.linreg import LinRegTask
+
+    task = LinRegTask(num_workers=6, dim=500, samples_per_worker=40)
+    run = InProcessRun(task, RegTopK(0.02, mu=2), lr=0.01)
+    support = torch.zeros(0, dtype=torch.int64)
+    for t in range(1, 31):
+        r = run.round(t)
+        plan = r["plan"]
+        assert plan.kind_list == ["delta"] * 6 and plan.patches == plan.resyncs == 0
+        g = len(support) * 8 + coded_index_bytes(support, 500) + HEADER + DIGEST
+        fb = FEEDBACK_META if t > 1 else 0
+        assert list(plan.coded.values()) == [g + fb] * 6, t
+        support = torch.unique(r["outcome"].support)
+
+
+@pytest.mark.slow
+def test_full_participation_bytes_are_the_recorded_ones(make_cfg, tmp_path):
+    """sweep_participation's m = 100 dense job: its downlink bytes are those
+    recorded in results/sweep_participation/collected.csv (made before
+    patches existed). A dense g does not depend on the last bits of any
+    computation, so this holds on every CPU."""
+    import csv
+
+    from regtopk_fl.paths import PROJECT_ROOT
+    from regtopk_fl.runner import run_experiment
+
+    with open(PROJECT_ROOT / "results" / "sweep_participation" / "collected.csv") as fh:
+        rec = next(r for r in csv.DictReader(fh) if r["sparsifier"] == "dense"
+                   and r["participation.clients_per_round"] == "100"
+                   and "forget" not in r["sweep"])
+    s = run_experiment(make_cfg(["experiment=sweep_participation", "sparsifier=dense",
+                                 "participation.clients_per_round=100"]), tmp_path / "run")
+    assert s["downlink_bytes"] == int(rec["downlink_bytes"]) > 0
+    assert s["downlink_coded_bytes"] == int(rec["downlink_coded_bytes"])
+    assert s["resyncs"] == s["patches"] == 0

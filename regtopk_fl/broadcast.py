@@ -194,11 +194,6 @@ class Patch:
     buffers: torch.Tensor | None = None
     digest: bytes | None = None
 
-    def nbytes(self, coded: bool) -> int:
-        n = self.indices.numel()
-        idx = coded_index_bytes(self.indices, self.dim) if coded else n * index_itemsize(self.dim)
-        return patch_nbytes(n, idx, self.values.element_size(), nbytes(self.buffers))
-
 
 class Replica:
     """A worker's copy of the global model and of the server optimizer's state,

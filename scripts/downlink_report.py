@@ -32,7 +32,8 @@ def report(run_dir: Path) -> dict:
     per2 = rows.loc[later, "downlink_coded_bytes"].sum() / max(1, sent[later].sum())
     return {"run": str(run_dir), "rounds": int(rows["round"].max()),
             "model_bytes": int(nbytes), "clients_sent": int(sent.sum()),
-            "patches": int(rows["patches"].sum()), "resyncs": int(rows["resyncs"].sum()),
+            "patches": int(rows["patches"].sum()) if "patches" in rows else 0,  # older runs
+            "resyncs": int(rows["resyncs"].sum()),
             "downlink_per_client": round(per), "per_client_over_model": round(per / nbytes, 4),
             "from_round_2_over_model": round(per2 / nbytes, 4),
             "max_round_per_client_over_model": round(float(

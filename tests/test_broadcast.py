@@ -459,3 +459,30 @@ def test_full_participation_bytes_are_the_recorded_ones(make_cfg, tmp_path):
     assert s["downlink_bytes"] == int(rec["downlink_bytes"]) > 0
     assert s["downlink_coded_bytes"] == int(rec["downlink_coded_bytes"])
     assert s["resyncs"] == s["patches"] == 0
+
+
+def test_wire_patch_and_identify_claim_round_trip():
+    """A patch travels with coded indices and reads back equal; an identify
+    answer carries the replica's round and digest (none without a replica)
+    and a malformed claim is refused, never believed."""
+    from flwr.app import ConfigRecord
+
+    from protocol import wire
+    from regtopk_fl.broadcast import Patch
+
+    p = Patch(7, 3, torch.tensor([1.5, -2.0]), torch.tensor([4, 900]), 1000,
+              torch.ones(3), b"d" * 16)
+    recs = wire.patch_records(p)
+    assert recs["patch"]["indices"].numpy().dtype == np.uint8
+    q = wire.read_patch(recs)
+    assert (q.round, q.base, q.dim, q.digest) == (7, 3, 1000, b"d" * 16)
+    assert torch.equal(q.indices, p.indices) and torch.equal(q.values, p.values)
+    assert torch.equal(q.buffers, p.buffers)
+    r = Replica(torch.arange(5.0), None, lr=0.1, round=4)
+    assert wire.read_replica_claim(wire.identity_content(2, r)) == (4, r.digest())
+    assert wire.read_replica_claim(wire.identity_content(2)) is None
+    assert wire.read_identity(wire.identity_content(2, r)) == 2
+    bad = wire.identity_content(2)
+    bad["replica-meta"] = ConfigRecord({"round": 4, "digest": "not bytes"})
+    with pytest.raises(TypeError):
+        wire.read_replica_claim(bad)

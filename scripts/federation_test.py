@@ -154,12 +154,26 @@ class Procs:
             self.stop(name)
 
 
+def _ancestors() -> set:
+    """This process and its ancestors (whose command line may name the work
+    directory too: ``--workdir DIR`` under ``timeout``, say)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def sweep(marker: str) -> list:
     """Kill any process left whose command line or environment names our
-    work directory (e.g. a flwr-serverapp whose parent died first)."""
-    killed = []
+    work directory (e.g. a flwr-serverapp whose parent died first), never
+    this process or one of its ancestors."""
+    killed, mine = [], _ancestors()
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
+        if not d.name.isdigit() or int(d.name) in mine:
             continue
         try:
             blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()

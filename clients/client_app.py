@@ -1,13 +1,15 @@
 """The Flower ClientApp: one worker. Per train message it brings its model
-replica up to date (applies the broadcast global gradient and checks the
-server's digest, or takes the full model of a resync),
+replica up to date (applies the broadcast global gradient, or sets the
+entries of a catch-up patch, and checks the server's digest; or takes the
+full model of a resync),
 applies the server's feedback on its last upload (read off the broadcast g),
 computes its local update on its own partition, runs error feedback + the
 configured sparsifier, and replies with a sparse ArrayRecord (coded indices,
 values), the round and digest of the model it computed on, and a MetricRecord.
 A replica it cannot bring up to date (missing, stale, digest mismatch) is
 dropped and the message answered with an error (``REPLICA_STALE``): the
-server then sends the full model next round. Nothing of such a round touches
+server then sends the full model next round. A patch from round 0 needs no
+replica: the worker builds model_0 from the seed, as in round 1. Nothing of such a round touches
 the error-feedback memory.
 
 Its error-feedback memory and replica survive across rounds in
@@ -21,7 +23,9 @@ the worker; ``data-path`` / ``cache-dir`` replace the task's paths on that node
 (clients/cache.py); ``state-dir`` keeps the memory and the replica in files
 there (clients/node_state.py), so a SuperNode that is killed and restarted
 resumes with its residual intact. The app also answers ``query.identify``
-(its partition and the device it computes on), ``query.checkpoint`` (its memory, for the server's
+(its partition, the device it computes on and the round and digest of the
+replica it holds, so that a restarted node or every node of a resumed run is
+patched from there), ``query.checkpoint`` (its memory, for the server's
 checkpoints) and ``query.restore`` (take this memory back, after the server
 resumed a run). Feedback about an upload the memory does
 not hold (a fresh node, or an upload the server never received) is ignored
@@ -35,6 +39,7 @@ import logging
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from omegaconf import OmegaConf
 
 from protocol import wire
 from regtopk_fl import faults
@@ -55,11 +60,16 @@ class ReplicaError(RuntimeError):
     pass
 
 
+def seed_replica(task, cfg) -> Replica:
+    """model_0, built from the seed as every worker can (no message needed)."""
+    return Replica(task.init_params(), task.init_buffers(), *opt_settings(cfg))
+
+
 def receive_model(content: RecordDict, context: Context, cfg, task):
     """(params, buffers, replica, step) for this round from the server's
     message: ``replica`` and ``step`` are None under broadcast=model, ``step``
-    is None for a resync. Raises ReplicaError when the replica cannot be made
-    equal to the server's model."""
+    is None for a resync or a patch. Raises ReplicaError when the replica
+    cannot be made equal to the server's model."""
     _, kind = wire.read_train(content)
     if kind == "model":
         return (*wire.read_model(content), None, None)
@@ -68,13 +78,24 @@ def receive_model(content: RecordDict, context: Context, cfg, task):
         if digest is not None and replica.digest() != digest:
             raise ReplicaError("the resync's model does not match its digest")
         return replica.params, replica.buffers, replica, None
+    if kind == "patch":
+        patch = wire.read_patch(content)
+        replica = load_replica(context, cfg)
+        if replica is None or not patch.base <= replica.round <= patch.round:
+            if patch.base != 0:
+                raise ReplicaError(f"no replica of a round in [{patch.base}, {patch.round}] "
+                                   f"to patch ({'none' if replica is None else replica.round})")
+            replica = seed_replica(task, cfg)  # a patch from model_0
+        why = replica.patch(patch)
+        if why is not None:
+            raise ReplicaError(why)
+        return replica.params, replica.buffers, replica, None
     step = wire.read_step(content)
     replica = load_replica(context, cfg)
-    if replica is None:  # model_0 comes from the seed: any worker can build it
-        if step.round > 1:
-            raise ReplicaError(f"no replica to apply round {step.round}'s gradient to")
-        buffers = task.init_buffers()
-        replica = Replica(task.init_params(), buffers, *opt_settings(cfg))
+    if step.round <= 1 and (replica is None or replica.round not in (step.round - 1, step.round)):
+        replica = seed_replica(task, cfg)  # model_0 comes from the seed: any worker can build it
+    elif replica is None:
+        raise ReplicaError(f"no replica to apply round {step.round}'s gradient to")
     why = replica.apply(step)
     if why is not None:
         raise ReplicaError(why)
@@ -167,11 +188,15 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
 def handle_identify(msg: Message, context: Context, settings=None) -> Message:
     """Which partition this node holds (the server binds it at first contact)
     and the device it computes on (the server stops a run whose clients
-    compute elsewhere than it expects: no silent CPU). Builds nothing: a
-    client that would fail to build its task on a missing GPU says so here."""
+    compute elsewhere than it expects: no silent CPU), and the round and
+    digest of the model replica it holds, if any. Builds nothing: a client
+    that would fail to build its task on a missing GPU says so here."""
     cfg = settings_of(context, settings)
+    replica = None
+    if OmegaConf.select(cfg, "broadcast", default="gradient") == "gradient":
+        replica = load_replica(context, cfg)
     return Message(wire.identity_content(int(context.node_config["partition-id"]),
-                                         compute_device(cfg.device)), reply_to=msg)
+                                         compute_device(cfg.device), replica), reply_to=msg)
 
 
 def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:
@@ -194,7 +219,7 @@ def handle_restore(msg: Message, context: Context, settings=None) -> Message:
     memory = ErrorFeedbackMemory(1, task.dim, task.dtype, device)
     memory.load_state_dict(saved["state"])
     save_memory(context, memory, last_round=saved["last_round"], cfg=cfg)
-    return handle_identify(msg, context, settings)
+    return Message(wire.identity_content(pid), reply_to=msg)
 
 
 def make_client_app(settings=None) -> ClientApp:

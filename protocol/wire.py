@@ -12,6 +12,10 @@ Server -> worker
                    "delta"  "step" {values, indices (coded; absent = dense g),
                             buffers?} and "step-meta" {round, stepped, digest,
                             dim}: the last round's global gradient
+                   "patch"  "patch" {values, indices (coded), buffers?} and
+                            "patch-meta" {round, base, digest, dim}: the
+                            server's values of the entries that changed after
+                            round ``base`` (a stale replica catches up)
                    "full"   "replica" {params, buffers?, momentum?} and
                             "replica-meta" {round, digest}: the whole model and
                             optimizer state (a resync)
@@ -28,8 +32,10 @@ Worker -> server
                    sent, uplink-bytes} and, under broadcast=gradient,
                    "replica-meta" {round, digest} of the model the upload was
                    computed on; under Ray, "placement" {ray-node-id}
-  query.identify   "metrics" {partition-id} and "node-device" {device: the
-                   device it computes on, "cpu" or "cuda"}
+  query.identify   "metrics" {partition-id}, "node-device" {device: the
+                   device it computes on, "cpu" or "cuda"} and, when it holds
+                   a replica, "replica-meta" {round, digest} of it (the server
+                   checks the claim against its digest table before patching it)
   query.checkpoint its memory (:func:`memory_content`)
   errors           :data:`FAULT_DROPPED`, :data:`WRONG_WORKER`, :data:`REPLICA_STALE`
 """
@@ -39,7 +45,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from regtopk_fl.broadcast import GlobalStep, Replica
+from regtopk_fl.broadcast import GlobalStep, Patch, Replica
 from regtopk_fl.fedround import Feedback, Reply
 from regtopk_fl.payload import Upload, decode_indices, encode_indices, raw_bytes
 
@@ -90,6 +96,26 @@ def read_step(content) -> GlobalStep:
     return GlobalStep(int(meta["round"]), tensor(rec, "values"), idx, dim, bool(meta["stepped"]),
                       tensor(rec, "buffers") if "buffers" in rec else None,
                       meta["digest"] if "digest" in meta else None)
+
+
+def patch_records(patch: Patch) -> dict:
+    """patch: a stale replica's catch-up (built once per base round)."""
+    rec = {"values": array(patch.values), "indices": coded(patch.indices, patch.dim)}
+    if patch.buffers is not None:
+        rec["buffers"] = array(patch.buffers)
+    meta = {"round": int(patch.round), "base": int(patch.base), "dim": int(patch.dim)}
+    if patch.digest is not None:
+        meta["digest"] = patch.digest
+    return {"patch": ArrayRecord(rec), "patch-meta": ConfigRecord(meta)}
+
+
+def read_patch(content) -> Patch:
+    rec, meta = content["patch"], content["patch-meta"]
+    dim = int(meta["dim"])
+    return Patch(int(meta["round"]), int(meta["base"]), tensor(rec, "values"),
+                 uncoded(rec, "indices", dim), dim,
+                 tensor(rec, "buffers") if "buffers" in rec else None,
+                 meta["digest"] if "digest" in meta else None)
 
 
 def replica_records(server, round: int, digest) -> dict:
@@ -236,11 +262,17 @@ def read_placement(content) -> str | None:
 
 
 # -- queries: identify, checkpoint, restore ----------------------------------------------
-def identity_content(partition: int, device: str | None = None) -> RecordDict:
-    """A node's identify answer: its partition and the device it computes on."""
+def identity_content(partition: int, device: str | None = None,
+                     replica: Replica | None = None) -> RecordDict:
+    """A node's identify answer: its partition, the device it computes on and,
+    when it holds a replica, that replica's round and digest (claims the
+    server checks)."""
     content = RecordDict({"metrics": MetricRecord({"partition-id": int(partition)})})
     if device is not None:
         content["node-device"] = ConfigRecord({"device": str(device)})
+    if replica is not None:
+        content["replica-meta"] = ConfigRecord({"round": int(replica.round),
+                                                "digest": replica.digest()})
     return content
 
 
@@ -254,6 +286,18 @@ def read_device(content) -> str | None:
     if "node-device" not in content:
         return None
     return str(content["node-device"]["device"])
+
+
+def read_replica_claim(content) -> tuple | None:
+    """(round, digest) of the replica an identify answer claims, None when it
+    claims none; raises (KeyError, ValueError, TypeError) when malformed."""
+    if "replica-meta" not in content:
+        return None
+    meta = content["replica-meta"]
+    digest = meta["digest"]
+    if not isinstance(digest, bytes):
+        raise TypeError(f"digest must be bytes, got {type(digest).__name__}")
+    return int(meta["round"]), digest
 
 
 def memory_content(worker: int, memory: dict) -> RecordDict:

@@ -11,12 +11,53 @@ optimizer's state and applies g with the server's own :class:`ServerSGD`, so
 the replica stays bitwise equal to the server's model; it checks that against
 the digest. Its RegTop-k feedback is read off the same g.
 
-A worker gets the full model (and the optimizer state) instead, once, when
-its replica is missing, stale or wrong: a new node, one that missed a round,
-a restarted SuperNode, a resumed run, a digest mismatch. The server knows a
-replica is current only from that worker's last reply, which names the model
-it computed on (round and digest); :meth:`Downlink.plan` decides. These
-transfers are counted as ``resyncs``.
+A worker whose replica is older than the previous round (a sampled client
+that sat rounds out, one that dropped a round, a restarted SuperNode, every
+node after a resumed run, a new node) is sent a :class:`Patch` instead: the
+server's *current values* of the entries that changed after the round r its
+replica holds, coded indices plus values, the BatchNorm buffers (dense) and
+the digest of the model, which the worker checks after applying it. Setting
+values (not adding deltas) keeps the replica bitwise equal. The server keeps
+for this, per model entry, the last round in which it changed
+(:attr:`Downlink.changed`, one int32 per entry) and the digests of the models
+of the last :data:`DIGEST_ROUNDS` rounds (and of model_0), never a model per
+round. A worker with no replica is patched against round 0: every worker
+builds model_0 from the seed. A patch from r also brings any replica of a
+round between r and the server's round up to date (the entries that changed
+after its own round are a subset of those that changed after r), so a worker
+that got further than the server knows (a lost reply) is still served.
+
+Patches count as ``patches``; the full model (and the optimizer state), sent
+where a patch would not be smaller or cannot be exact, counts as
+``resyncs``. :meth:`Downlink.plan` decides, worker by worker:
+
+* replica at t-2 (it took part in round t-1): the :class:`GlobalStep` (a
+  "delta"); under full participation nothing else is ever sent, so its bytes
+  are what they were before patches existed;
+* replica at an older round r, or none (r = 0): the patch, or the full model
+  where that is not larger than the patch;
+* the full model where a patch cannot be exact or cannot be trusted: the
+  server optimizer has momentum or weight decay (they change every entry
+  every round, so the patch would be dense, and a replica would also need
+  the momentum buffer), r is older than the digest table's bound, a replica
+  the worker claims (in its identify answer, after a restart or a resume)
+  does not match the digest the server recorded for that round, or the
+  worker failed to apply what it was sent (``REPLICA_STALE``), or its reply
+  was computed on another model.
+
+With plain SGD (no momentum, no weight decay, the paper's setting) the
+optimizer has no state, so a replica is its params and buffers, and the
+server's step ``p -= lr * g`` leaves every entry outside g's support bit for
+bit as it was (p + (-lr * 0) = p): an entry changes only in a round whose
+support holds it, which is what :attr:`Downlink.changed` records.
+
+The server knows a replica's round from the worker's last reply that passed
+the check (it names the model it computed on: round and digest), or from the
+round and digest the worker claims in its identify answer, which the server
+checks against its digest table before believing it (a claim it cannot
+check gets the full model; a claim that matches the table but not the
+worker's model ends in the worker's own digest check failing, then a full
+model: never a wrong model).
 
 ``broadcast=model``: the whole model every round plus the per-worker
 feedback values (stateless workers; the behaviour before the sparse
@@ -24,12 +65,14 @@ downlink).
 
 Bytes, per message: a fixed :data:`HEADER` (round, kind, flags), the
 :data:`DIGEST`, the feedback status (:data:`FEEDBACK_META`: weight + status),
-then the payload: indices raw (int32) or coded (payload.py: varint deltas or
-bitmap, what actually travels), values in the model dtype, buffers.
+a patch's base round (:data:`PATCH_BASE`), then the payload: indices raw
+(int32) or coded (payload.py: varint deltas or bitmap, what actually
+travels), values in the model dtype, buffers. A patch or a full model
+carries the feedback values explicitly (a delta's are read off g).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import xxhash
@@ -41,6 +84,8 @@ MODES = ("gradient", "model")
 HEADER = 16  # round (int64), message kind, flags
 DIGEST = 16  # xxh3-128 of the model after the step
 FEEDBACK_META = 9  # float64 weight + status byte
+PATCH_BASE = 8  # a patch's base round (int64)
+DIGEST_ROUNDS = 1024  # how many rounds back the server keeps digests and patches from
 
 
 _ZEROS: dict = {}  # (J, dtype, device) -> a J-sized zero buffer for applying g
@@ -128,6 +173,28 @@ class GlobalStep:
         return n
 
 
+def patch_nbytes(count: int, index_bytes: int, itemsize: int, buffer_bytes: int) -> int:
+    """Bytes of a patch of ``count`` entries (its indices taking
+    ``index_bytes``), without the feedback it may carry."""
+    return HEADER + DIGEST + PATCH_BASE + count * itemsize + index_bytes + buffer_bytes
+
+
+@dataclass
+class Patch:
+    """model_{base} -> model_{round}: the values model_{round} holds at the
+    entries that changed after round ``base`` (ascending ``indices``), the
+    BatchNorm buffers and the digest of model_{round}. It brings any replica
+    of a round in [base, round] to model_{round}, bitwise."""
+
+    round: int
+    base: int
+    values: torch.Tensor
+    indices: torch.Tensor  # ascending int64
+    dim: int
+    buffers: torch.Tensor | None = None
+    digest: bytes | None = None
+
+
 class Replica:
     """A worker's copy of the global model and of the server optimizer's state,
     moved by the broadcast gradients with the server's arithmetic. Lives on the
@@ -161,6 +228,25 @@ class Replica:
             return f"replica digest mismatch after round {step.round}"
         return None
 
+    def patch(self, p: Patch) -> str | None:
+        """Bring the replica from any round in [p.base, p.round] to
+        model_{p.round} by setting the patched entries. Returns why it could
+        not (the replica is then unusable), else None."""
+        if not p.base <= self.round <= p.round:
+            return (f"replica holds round {self.round}, the patch is from round {p.base} "
+                    f"to {p.round}")
+        if self.opt.buf is not None:  # never sent: patches are for plain SGD only
+            return "a patch cannot restore the optimizer's momentum"
+        self._digest = None
+        if p.indices.numel():
+            self.params[p.indices.to(self.params.device)] = p.values.to(self.params.device)
+        if p.buffers is not None:
+            self.buffers = p.buffers.detach().cpu().clone()
+        self.round = p.round
+        if p.digest is not None and self.digest() != p.digest:
+            return f"replica digest mismatch after the patch to round {p.round}"
+        return None
+
     def digest(self) -> bytes:
         if self._digest is None:
             self._digest = model_digest(self.params, self.buffers)
@@ -181,70 +267,166 @@ class Replica:
 @dataclass
 class Plan:
     """What one round's messages carry, worker by worker (``kind`` is
-    "delta", "full" or "model"), and their bytes."""
+    "delta", "patch", "full" or "model"), and their bytes."""
 
     kinds: dict
     raw: dict
     coded: dict
     kind_list: list  # the kinds in the order of the workers planned for
+    base_list: list = field(default_factory=list)  # a patch's base round, else None
 
     @property
     def resyncs(self) -> int:
         return sum(k == "full" for k in self.kinds.values())
 
+    @property
+    def patches(self) -> int:
+        return sum(k == "patch" for k in self.kinds.values())
+
 
 class Downlink:
     """The server's side of the downlink: the last :class:`GlobalStep`, which
-    replicas are known to be current, and what each worker must be sent."""
+    replica round each worker is known to hold, the round each model entry
+    last changed and the recent models' digests, and what each worker must
+    be sent (see the module docstring)."""
 
-    def __init__(self, mode: str = "gradient", verify: bool = False):
+    def __init__(self, mode: str = "gradient", verify: bool = False,
+                 window: int = DIGEST_ROUNDS):
         if mode not in MODES:
             raise ValueError(f"broadcast={mode!r}: must be one of {', '.join(MODES)}")
-        self.mode, self.verify = mode, bool(verify)
+        self.mode, self.verify, self.window = mode, bool(verify), int(window)
         self.step: GlobalStep | None = None
         self.current: dict = {}  # worker -> round of the model its replica is known to hold
+        self.resync: set = set()  # workers whose next message must be the full model
+        self.patchable = False  # plain SGD under broadcast=gradient (set by start)
+        self.changed: torch.Tensor | None = None  # int32 [J]: the last round each entry changed
+        self.digests: dict = {}  # round -> digest of model_round (verify; bounded)
+        self._sizes: dict = {}  # base -> (raw, coded) patch bytes for the current step
 
     def start(self, server, workers) -> None:
         """Round 0: every worker builds model_0 from the seed, so all are current."""
         digest = model_digest(server.params, server.buffers) if self.verify else None
         self.step = GlobalStep.initial(server.params, server.buffers, digest)
         self.current = {int(n): 0 for n in workers}
+        self.resync = set()
+        opt = server.opt
+        self.patchable = self.mode == "gradient" and not opt.momentum and not opt.weight_decay
+        self.changed = (torch.zeros(server.dim, dtype=torch.int32, device=server.params.device)
+                        if self.patchable else None)
+        self.digests = {0: digest} if digest is not None else {}
+        self._sizes = {}
 
-    def kind(self, worker) -> str:
+    def route(self, worker) -> tuple:
+        """(kind, base round of the patch or None) for ``worker`` (None: a
+        node not yet identified), before the size comparison of :meth:`plan`."""
         if self.mode == "model":
-            return "model"
+            return "model", None
         if self.step is None:
-            return "full"
-        if worker is None:  # a node we have not heard from: fine only before round 1
-            return "delta" if self.step.round == 0 else "full"
-        return "delta" if self.current.get(worker) == self.step.round - (
-            1 if self.step.round else 0) else "full"
+            return "full", None
+        t = self.step.round
+        if t == 0:  # model_0 comes from the seed: nothing to send but the header
+            return "delta", None
+        if worker is not None and worker in self.resync:
+            return "full", None
+        r = None if worker is None else self.current.get(worker)
+        if r == t - 1:
+            return "delta", None
+        r = 0 if r is None else r  # no replica known: model_0 from the seed
+        if not self.patchable or (r != 0 and r < t - self.window):
+            return "full", None
+        return "patch", r
+
+    def patch_indices(self, base: int) -> torch.Tensor:
+        """The entries that changed after round ``base`` (ascending int64)."""
+        return torch.nonzero(self.changed > int(base)).flatten()
+
+    def patch_bytes(self, base: int, server) -> tuple:
+        """(raw, coded) bytes of the patch from ``base`` (cached per round)."""
+        sizes = self._sizes.get(base)
+        if sizes is None:
+            idx = self.patch_indices(base)
+            n, dim = idx.numel(), server.dim
+            args = (server.params.element_size(), nbytes(server.buffers))
+            sizes = self._sizes[base] = (
+                patch_nbytes(n, n * index_itemsize(dim), *args),
+                patch_nbytes(n, coded_index_bytes(idx, dim), *args))
+        return sizes
+
+    def patch(self, base: int, server) -> Patch:
+        """The patch from round ``base`` to the server's current model."""
+        idx = self.patch_indices(base)
+        return Patch(self.step.round, int(base), server.params[idx].cpu(), idx.cpu(), server.dim,
+                     None if server.buffers is None else server.buffers.cpu(), self.step.digest)
 
     def plan(self, workers, server, pending: dict) -> Plan:
-        """Kinds and bytes for these workers (None: a node not yet identified)."""
+        """Kinds and bytes for these workers (None: a node not yet identified).
+        A patch is sent only where it is smaller than the full model."""
         model = nbytes(server.params) + nbytes(server.buffers)
         full = model + nbytes(server.opt.buf) + HEADER + DIGEST
-        kinds, raw, coded, order = {}, {}, {}, []
+        kinds, raw, coded, order, bases = {}, {}, {}, [], []
         shared = None
         for i, n in enumerate(workers):
             key = n if n is not None and n not in kinds else f"node{i}"
             fb = pending.get(n) if n is not None else None
-            kinds[key] = k = self.kind(n)
+            k, base = self.route(n)
+            if k == "patch":
+                sizes = self.patch_bytes(base, server)
+                if sizes[1] >= full:
+                    k, base = "full", None
+            kinds[key] = k
             order.append(k)
+            bases.append(base)
+            fb_bytes = fb.nbytes() if fb is not None else 0  # with its values
             if k == "model":  # the whole model + the feedback values (as before)
-                raw[key] = coded[key] = model + (fb.nbytes() if fb is not None else 0)
+                raw[key] = coded[key] = model + fb_bytes
             elif k == "full":
-                raw[key] = coded[key] = full + (fb.nbytes() if fb is not None else 0)
+                raw[key] = coded[key] = full + fb_bytes
+            elif k == "patch":
+                raw[key], coded[key] = sizes[0] + fb_bytes, sizes[1] + fb_bytes
             else:
                 if shared is None:
                     shared = (self.step.nbytes(False), self.step.nbytes(True))
                 extra = FEEDBACK_META if fb is not None else 0
                 raw[key], coded[key] = shared[0] + extra, shared[1] + extra
-        return Plan(kinds, raw, coded, order)
+        return Plan(kinds, raw, coded, order, bases)
 
     def confirm(self, worker: int, replica_round) -> None:
         """A reply computed on model_{replica_round} passed the check."""
         self.current[int(worker)] = int(replica_round)
+        self.resync.discard(int(worker))
+
+    def lost(self, worker) -> None:
+        """The worker's replica cannot be trusted (it failed to apply what it
+        was sent, or replied from another model): the full model next."""
+        if worker is not None:
+            self.resync.add(int(worker))
+
+    def claim(self, worker: int, replica_round, digest) -> str:
+        """What a node says its replica holds (``replica_round`` None: no
+        replica), checked against the digest table; returns what was decided.
+        A verified claim sets the round the next patch starts from."""
+        w = int(worker)
+        if self.mode == "model" or self.step is None:
+            return "ignored (no replicas)"
+        t = self.step.round
+        if replica_round is None:
+            self.current[w] = 0
+            self.resync.discard(w)
+            return "no replica: patched from model_0, which it builds from the seed"
+        r = int(replica_round)
+        if r > t:  # its replica is ahead of a resumed server: unusable, model_0 instead
+            self.current[w] = 0
+            self.resync.discard(w)
+            return f"replica of round {r} is ahead of the server's {t}: patched from model_0"
+        if r < 0 or (r != 0 and r < t - self.window) or r not in self.digests:
+            self.resync.add(w)
+            return f"replica of round {r} is outside the server's digest table: the full model"
+        if self.digests[r] != digest:
+            self.resync.add(w)
+            return f"replica of round {r} does not match the server's digest: the full model"
+        self.current[w] = r
+        self.resync.discard(w)
+        return f"replica of round {r} matches the server's digest"
 
     def check(self, reply, expected_round: int, expected_digest) -> str | None:
         """Why this reply was not computed on the server's current model, or None."""
@@ -258,25 +440,49 @@ class Downlink:
         return None
 
     def after_step(self, round: int, server, outcome, support) -> None:
-        """Record round ``round``'s step as the next broadcast."""
+        """Record round ``round``'s step as the next broadcast, the entries it
+        changed and the new model's digest."""
         if self.mode == "model":
             return
         digest = model_digest(server.params, server.buffers) if self.verify else None
         self.step = GlobalStep.from_gradient(round, outcome.grad, support,
                                              bool(outcome.accepted), server.buffers, digest)
+        if self.changed is not None and self.step.stepped:
+            if self.step.indices is None:  # a dense g moves every entry
+                self.changed.fill_(round)
+            else:
+                self.changed[self.step.indices.to(self.changed.device)] = round
+        if digest is not None:
+            self.digests[round] = digest
+            for r in [r for r in self.digests if r and r < round - self.window]:
+                del self.digests[r]
+        self._sizes = {}
         for n in outcome.confirmed:
-            self.current[n] = round - 1
+            self.confirm(n, round - 1)
 
     def state_dict(self) -> dict:
         s = self.step
-        return {"current": dict(self.current), "step": None if s is None else {
-            "round": s.round, "values": s.values, "indices": s.indices, "dim": s.dim,
-            "stepped": s.stepped, "buffers": s.buffers, "digest": s.digest}}
+        return {"current": dict(self.current), "resync": sorted(self.resync),
+                "changed": None if self.changed is None else self.changed.cpu().clone(),
+                "digests": dict(self.digests), "step": None if s is None else {
+                    "round": s.round, "values": s.values, "indices": s.indices, "dim": s.dim,
+                    "stepped": s.stepped, "buffers": s.buffers, "digest": s.digest}}
 
     def load_state_dict(self, state: dict, device="cpu") -> None:
         self.current = {int(k): int(v) for k, v in state["current"].items()}
+        self.resync = {int(n) for n in state.get("resync", ())}
+        self.digests = {int(k): v for k, v in state.get("digests", {}).items()}
+        self._sizes = {}
         st = state.get("step")
         if st is not None:
             mv = lambda t: None if t is None else t.to(device)  # noqa: E731
             self.step = GlobalStep(st["round"], mv(st["values"]), mv(st["indices"]), st["dim"],
                                    st["stepped"], mv(st["buffers"]), st["digest"])
+        if self.patchable and self.step is not None:
+            changed = state.get("changed")
+            # a checkpoint from before patches: every entry counts as changed at
+            # its round, so only replicas of that round are patched (the rest
+            # get the full model) until the entries' rounds are known again
+            self.changed = (changed.to(device=device, dtype=torch.int32) if changed is not None
+                            else torch.full((self.step.dim,), self.step.round, dtype=torch.int32,
+                                            device=device))

@@ -3,7 +3,10 @@
 One file, ``checkpoint.pt`` in the run directory, written atomically (temp
 file, fsync, rename), so a SIGKILL leaves the previous checkpoint or the new
 one. It holds the round it was taken after, the runtime's state (server model
-and optimizer, pending feedback, every worker's error-feedback memory), the
+and optimizer, pending feedback, every worker's error-feedback memory, and
+the downlink's state: the last round each model entry changed, the recent
+models' digests and the replicas' known rounds, from which a resumed server
+patches stale replicas), the
 metrics rows so far, the wall time spent, the RNG states and a fingerprint of
 the configuration. Every source of randomness in a round is seeded by
 (seed, worker, round), so a run resumed from round t repeats rounds t+1...

@@ -331,8 +331,8 @@ def worker_round(task, memory, sparsifier, params, buffers, feedbacks, workers, 
 class Coordinator:
     """The server's side of the protocol around :class:`FedServer`: which
     feedback each worker is owed, what each worker's next message carries
-    (broadcast.py: the global gradient, or the full model for a stale
-    replica) and its honest byte count, and the check that a reply was
+    (broadcast.py: the global gradient, a patch for a stale replica, or the
+    full model) and its honest byte count, and the check that a reply was
     computed on the current model."""
 
     def __init__(self, server: FedServer, broadcast: str = "gradient", verify: bool = False):
@@ -366,6 +366,7 @@ class Coordinator:
                 current.append(r)
             else:
                 rejected[r.worker] = why
+                self.downlink.lost(r.worker)  # its replica is not the model: the full one next
         out = self.server.step(current)
         out.confirmed = [r.worker for r in current]
         for n, why in rejected.items():

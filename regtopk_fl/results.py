@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
-           "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes", "resyncs", "sent",
-           "sampled", "replies", "missing", "rejected", "comm_s", "wall_s"]
+           "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes", "resyncs", "patches",
+           "sent", "sampled", "replies", "missing", "rejected", "comm_s", "wall_s"]
 
 
 _UMASK = os.umask(0)
@@ -171,6 +171,7 @@ class RunRecorder:
             "downlink_bytes": int(sum(r.get("downlink_bytes", 0) for r in self.rows)),
             "downlink_coded_bytes": int(sum(r.get("downlink_coded_bytes") or 0 for r in self.rows)),
             "resyncs": int(sum(r.get("resyncs") or 0 for r in self.rows)),
+            "patches": int(sum(r.get("patches") or 0 for r in self.rows)),
             "comm_s": _total(r.get("comm_s") for r in self.rows),
             "wall_time_s": self.elapsed(),
         })

@@ -73,6 +73,7 @@ def round_row(t: int, outcome, eval_metrics: dict, plan, missing: int, replies: 
         "downlink_bytes": sum(plan.raw.values()) if plan else 0,
         "downlink_coded_bytes": sum(plan.coded.values()) if plan else 0,
         "resyncs": plan.resyncs if plan else 0,
+        "patches": plan.patches if plan else 0,
         "sent": outcome.sent if outcome else 0,
         "sampled": sampled, "replies": replies, "missing": missing,
         "rejected": len(outcome.rejected) if outcome else 0,

@@ -34,8 +34,8 @@ process group, and every process stopped at the end, pass or fail:
 Throughout, broadcast=gradient (the default): the nodes keep model replicas
 and every reply carries the digest of the replica it was computed on; the
 checks require no rejection (every replica bitwise the server's model) and
-the same downlink bytes and resyncs as the in-process twin, apart from the
-one resync round after a server resume.
+the same downlink bytes, resyncs and patches as the in-process twin, apart
+from the one round after a server resume that catches every node up.
 
     python scripts/federation_test.py [--rounds 20] [--skip-negative] [--skip-fault] [--skip-crash]
                                       [--skip-impostor] [--workdir DIR] [--keep]
@@ -154,12 +154,26 @@ class Procs:
             self.stop(name)
 
 
+def _ancestors() -> set:
+    """This process and its ancestors (whose command line may name the work
+    directory too: ``--workdir DIR`` under ``timeout``, say)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def sweep(marker: str) -> list:
     """Kill any process left whose command line or environment names our
-    work directory (e.g. a flwr-serverapp whose parent died first)."""
-    killed = []
+    work directory (e.g. a flwr-serverapp whose parent died first), never
+    this process or one of its ancestors."""
+    killed, mine = [], _ancestors()
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
+        if not d.name.isdigit() or int(d.name) in mine:
             continue
         try:
             blob = (d / "cmdline").read_bytes() + (d / "environ").read_bytes()
@@ -414,8 +428,9 @@ class FederationTest:
     def compare_with_twin(self, out: Path, overrides: list, rows: list, label: str = "",
                           resumed: bool = False, ignore=()) -> None:
         """The deployed run against the same config under runtime=inprocess.
-        ``resumed``: the one round after the restart resyncs every node (the
-        full model), so its downlink columns are checked for that instead;
+        ``resumed``: the one round after the restart catches every node up
+        (a patch, or the full model where that is smaller), so its downlink
+        columns are checked for that instead;
         ``ignore``: columns not compared."""
         import torch
 
@@ -437,22 +452,26 @@ class FederationTest:
         for x, y in zip(rows, trows):
             keys = ["sent", "uplink_bytes", "uplink_coded_bytes", "replies", "missing",
                     "rejected"]
-            if resumed and int(x["resyncs"]) == N and int(y["resyncs"]) == 0:
+            caught_up = int(x["resyncs"]) + int(x["patches"])
+            if resumed and caught_up == N and int(y["resyncs"]) + int(y["patches"]) == 0:
                 resync_rounds.append(int(x["round"]))
             else:
-                keys += ["downlink_bytes", "downlink_coded_bytes", "resyncs"]
+                keys += ["downlink_bytes", "downlink_coded_bytes", "resyncs", "patches"]
             for k in keys:
                 if k not in ignore and x[k] != y[k]:
                     bad.append((x["round"], k, x[k], y[k]))
             if abs(float(x["gap"]) - float(y["gap"])) > 1e-6 * max(1.0, abs(float(y["gap"]))):
                 bad.append((x["round"], "gap", x["gap"], y["gap"]))
-        self.check(f"metrics.csv{label} rows == twin's (up/downlink bytes, resyncs, sent, "
-                   "replies, gap)",
+        self.check(f"metrics.csv{label} rows == twin's (up/downlink bytes, resyncs, patches, "
+                   "sent, replies, gap)",
                    len(rows) == len(trows) == rounds + 1 and not bad, f"{bad[:3]}" if bad else
                    f"{len(rows)} rows; final gap {rows[-1]['gap']}")
         if resumed:
-            self.check("the resumed run resynced every node once (full model), then sent g",
-                       len(resync_rounds) == 1, f"resync rounds {resync_rounds}")
+            self.check("the resumed run caught every node up once (patch or full model), "
+                       "then sent g", len(resync_rounds) == 1,
+                       f"catch-up rounds {resync_rounds}: " + ", ".join(
+                           f"{r['patches']} patches + {r['resyncs']} resyncs"
+                           for r in rows if int(r["round"]) in resync_rounds))
         # every reply names the digest of the replica it computed on; the
         # server rejects any that is not its own model's
         self.check(f"deployed{label}: every replica bitwise the server's model (no digest "
@@ -521,9 +540,9 @@ class FederationTest:
         self.check("node 2 kept its model replica in its state dir", replica.exists(),
                    str(replica.name))
         back = [int(r["round"]) for r in rows if int(r["round"]) > ev["kill_round"]
-                and int(r["resyncs"]) > 0]
-        self.check("the node that missed rounds got the full model (a counted resync)",
-                   bool(back), f"resyncs in rounds {back}")
+                and int(r["resyncs"]) + int(r["patches"]) > 0]
+        self.check("the node that missed rounds was caught up (a counted patch or resync)",
+                   bool(back), f"patches or resyncs in rounds {back}")
 
     def server_crash_run(self) -> None:
         """The ServerApp is SIGKILLed after its first checkpoint; the same run,

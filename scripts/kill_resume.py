@@ -9,7 +9,11 @@ in ``<out>/killed``: once per ``--crash-after`` round, a run that SIGKILLs
 itself after that round (the REGTOPK_FL_CRASH_AFTER_ROUND hook; each resumes
 from the previous one's last checkpoint), and a final run that finishes.
 Compares metrics.csv (all columns but wall_s) and model.pt; exit status 0 when
-they are identical. tests/test_faults_resume.py uses the same functions.
+they are identical. ``--catch-up-rounds R ...`` leaves the downlink columns of
+those rounds out of the comparison and prints them instead (a resumed
+``runtime=flower`` run catches its nodes up in the first round after the
+checkpoint: their replicas are gone). tests/test_faults_resume.py uses the
+same functions.
 """
 from __future__ import annotations
 
@@ -53,15 +57,17 @@ def rows(run_dir: Path) -> list:
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(fh)]
 
 
-# what a resumed Flower run sends differently: every node's replica is
-# resynced (the full model) in the first round after the checkpoint
-DOWNLINK = ("downlink_bytes", "downlink_coded_bytes", "resyncs", "comm_s")
+# what a resumed Flower run sends differently: its nodes' replicas are gone
+# or ahead of the checkpoint, so each node is caught up (a patch from the
+# round its replica holds, from model_0 without one, or the full model) the
+# first time it is sent something after the resume
+DOWNLINK = ("downlink_bytes", "downlink_coded_bytes", "resyncs", "patches", "comm_s")
 
 
 def differences(a: Path, b: Path, resync_rounds=()) -> list:
     """What differs between two finished runs (empty: bitwise identical).
     In ``resync_rounds`` the downlink columns are left out (a resumed
-    Flower run resyncs its nodes there; the caller checks that itself)."""
+    Flower run catches its nodes up there; the caller checks that itself)."""
     out = []
     skip = {str(r) for r in resync_rounds}
     clean = lambda rs: [{k: v for k, v in r.items()  # noqa: E731
@@ -83,6 +89,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--crash-after", type=int, nargs="+", required=True)
+    ap.add_argument("--catch-up-rounds", type=int, nargs="*", default=[])
     ap.add_argument("overrides", nargs="+")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -107,8 +114,15 @@ def main(argv=None) -> int:
     if rc != 0:
         print(out[-2000:], file=sys.stderr)
         return 1
-    diff = differences(killed, args.out / "reference")
-    print("identical to the uninterrupted run (metrics.csv without wall_s, model.pt)"
+    diff = differences(killed, args.out / "reference", args.catch_up_rounds)
+    ours, ref = ({r["round"]: r for r in rows(d)} for d in (killed, args.out / "reference"))
+    for t in map(str, args.catch_up_rounds):
+        print(f"round {t} downlink (coded bytes, resyncs, patches): resumed "
+              f"{ours[t]['downlink_coded_bytes']}, {ours[t]['resyncs']}, {ours[t]['patches']}; "
+              f"uninterrupted {ref[t]['downlink_coded_bytes']}, {ref[t]['resyncs']}, "
+              f"{ref[t]['patches']}")
+    skip = f", the downlink of rounds {args.catch_up_rounds} aside" if args.catch_up_rounds else ""
+    print(f"identical to the uninterrupted run (metrics.csv without wall_s{skip}, model.pt)"
           if not diff else "NOT identical: " + "; ".join(diff))
     return 0 if not diff else 1
 

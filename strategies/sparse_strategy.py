@@ -4,11 +4,15 @@ global gradient (or, with ``broadcast=model``, the model).
 Round t: ``configure_train`` sends every node (under client sampling, #12:
 only the nodes of round t's sampled partitions) what the Coordinator's plan
 says (regtopk_fl/broadcast.py, protocol/wire.py): the sparse global
-gradient of round t-1 with the digest of the server's model, or, to a node
-whose replica is missing or stale (a sampled client that missed rounds, say),
-the full model and optimizer state once (a resync), plus the status of its
-last upload (its weight w_n, or "rejected"); the feedback values are read
-off the broadcast g, or travel explicitly with a resync. ``aggregate_train``
+gradient of round t-1 with the digest of the server's model; to a node
+whose replica is stale or missing (a sampled client that missed rounds, a
+node that dropped, a restarted one) a patch of the entries that changed
+since its replica's round (from model_0 without a replica), or the full
+model and optimizer state where that is smaller or a patch cannot be exact
+(a resync); plus the status of its last upload (its weight w_n, or
+"rejected"). The feedback values are read off the broadcast g, or travel
+explicitly with a patch or a resync. A node that answers ``REPLICA_STALE``
+gets the full model next. ``aggregate_train``
 decodes the replies (coded indices), and the framework-free
 :class:`~regtopk_fl.fedround.Coordinator` rejects a reply computed on another
 model than the server's (round and digest), validates the rest (a bad upload
@@ -22,8 +26,11 @@ after a due round every node is asked for its error-feedback memory
 (``query.checkpoint``) and the server writes one checkpoint with the model,
 optimizer, pending feedback and all memories, or none when a node did not
 answer. A resumed run starts at the checkpoint's next round: it first asks the
-nodes who they are (``query.identify``) and hands each its memory back
-(``query.restore``).
+nodes who they are (``query.identify``: partition, and the round and digest
+of the replica each holds, which the server checks against its digest
+table) and hands each its memory back (``query.restore``); each node is then
+patched from its replica's round (from model_0 when it has none, or one
+ahead of the checkpoint), or sent the full model where that is smaller.
 """
 from __future__ import annotations
 
@@ -138,12 +145,18 @@ class SparseAggregation(Strategy):
         workers = [self.node_worker.get(n) for n in nodes]
         plan = self.coord.plan(workers)
         self._round_info = {"nodes": len(nodes), "plan": plan, "sampled": sampled}
-        server, step = self.coord.server, self.coord.downlink.step
+        server, downlink = self.coord.server, self.coord.downlink
+        step = downlink.step
         shared = None  # the delta records, built once and sent to every node
+        patches: dict = {}  # base round -> the patch records, built once per base
         msgs = []
-        for node, worker, kind in zip(nodes, workers, plan.kind_list):
+        for node, worker, kind, base in zip(nodes, workers, plan.kind_list, plan.base_list):
             if kind == "delta":
                 records = shared = shared or wire.step_records(step)
+            elif kind == "patch":
+                if base not in patches:
+                    patches[base] = wire.patch_records(downlink.patch(base, server))
+                records = patches[base]
             elif kind == "full":
                 records = wire.replica_records(server, self.coord.round,
                                                step.digest if step else None)
@@ -168,6 +181,8 @@ class SparseAggregation(Strategy):
                 failed += 1
                 log.info("round %d: node %s failed: [code %s] %s", server_round,
                          msg.metadata.src_node_id, msg.error.code, msg.error.reason)
+                if msg.error.code == wire.REPLICA_STALE:  # it holds no usable replica
+                    self.coord.downlink.lost(self.node_worker.get(msg.metadata.src_node_id))
                 continue
             try:
                 reply = wire.read_reply(msg.content, server.dim)
@@ -265,32 +280,46 @@ class SparseAggregation(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.coord.load_state_dict(state["coord"])
         self.upload_round = {int(k): int(v) for k, v in state["upload_round"].items()}
-        # the nodes' replicas may be ahead of the checkpoint (or gone, on a
-        # restarted SuperNode): every worker gets the full model once
-        self.coord.downlink.current = {}
+        # the nodes' replicas may be ahead of the checkpoint, or gone: what
+        # each holds is learnt from its identify answer (checked against the
+        # digest table); a worker that does not answer is patched from model_0
+        self.coord.downlink.current, self.coord.downlink.resync = {}, set()
         self._restore = dict(state["memories"])
         if "identity" in state:
             self.identity.load_state_dict(state["identity"])
 
     def _identify(self, grid: Grid, nodes: list) -> None:
-        """Ask these nodes which partition they hold and which device they
-        compute on (``query.identify``); a clean claim on the run's device
-        binds the node to its partition (strategies/identity.py); another
-        device stops the run before round 1 (strategies/devices.py)."""
-        claims, devices = [], {}
+        """Ask these nodes which partition they hold, which device they
+        compute on and which model replica they hold (``query.identify``). A
+        clean claim on the run's device binds the node to its partition
+        (strategies/identity.py); another device stops the run before round 1
+        (strategies/devices.py). The replica a bound node says it holds is
+        checked against the digest table (broadcast.Downlink.claim): it
+        decides what the node is sent."""
+        claims, devices, replicas = [], {}, {}
         for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
             if not msg.has_error():
+                node = msg.metadata.src_node_id
                 try:
-                    node = msg.metadata.src_node_id
                     claims.append((node, wire.read_identity(msg.content)))
                     devices[node] = wire.read_device(msg.content)
                 except Exception:  # noqa: BLE001 - an unreadable claim binds nothing
                     continue
+                try:
+                    replicas[node] = wire.read_replica_claim(msg.content)
+                except Exception as exc:  # noqa: BLE001 - believed nothing: as no replica
+                    log.warning("node %s: unreadable replica claim: %s", node, exc)
+                    replicas[node] = None
         claims = screen_devices(claims, devices, self.expect_device, self.device_setting,
                                 first_contact=not self._trained)
         for node, why in self.identity.resolve(claims).items():
             if why is not None:
                 log.warning("node %s not identified: %s", node, why)
+            elif node in replicas and self.identity.partition_of(node) is not None:
+                claim = replicas[node]
+                worker = self.identity.partition_of(node)
+                said = self.coord.downlink.claim(worker, *(claim or (None, None)))
+                log.info("node %s (worker %s): %s", node, worker, said)
 
     def _restore_memories(self, grid: Grid, nodes: list) -> None:
         memories, self._restore = self._restore, None

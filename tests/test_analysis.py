@@ -454,3 +454,26 @@ def test_traffic_and_time_from_coded_bytes(tmp_path):
         one[one["round"] <= 3]["comm_s"].sum())
     never = plot_mod.plot(sweep, save=False, target=0.0).table
     assert never["round_to_target"].isna().all()
+
+
+def test_table_shows_resyncs_and_patches(tmp_path):
+    """Sampled runs (#16): the final table carries both downlink counts, the
+    summary totals, which are the sums of metrics.csv's columns."""
+    from conftest import compose_cfg
+    from regtopk_fl.runner import run_experiment
+
+    sweep = tmp_path / "sweep"
+    for i, m in enumerate((2, 8)):
+        run_experiment(compose_cfg(["rounds=12", "num_workers=8", "task.dim=1000",
+                                    "task.samples_per_worker=40", "sparsifier.sparsity=0.01",
+                                    f"participation.clients_per_round={m}"]), sweep / str(i))
+        (sweep / str(i) / ".hydra").mkdir()
+        (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(
+            f"- participation.clients_per_round={m}\n")
+    t = plot_mod.plot(sweep, save=False).table.set_index("participation.clients_per_round")
+    assert list(t.columns).index("patches") == list(t.columns).index("resyncs") + 1
+    for i, m in enumerate((2, 8)):
+        rows = pd.read_csv(sweep / str(i) / "metrics.csv")
+        assert t.loc[m, "patches"] == rows["patches"].sum()
+        assert t.loc[m, "resyncs"] == rows["resyncs"].sum()
+    assert t.loc[2, "patches"] > 5 and t.loc[8, "patches"] == t.loc[8, "resyncs"] == 0

@@ -174,21 +174,53 @@ class _Federation:
                        run_config=dict(self.run_config))
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return [n for n in self.contexts if n - 100 not in self.offline]
+
+    offline = ()
 
     def send_and_receive(self, messages, timeout=None):
-        """The strategy's queries (identify) answered by the ClientApp's handler."""
-        from clients.client_app import handle_identify
+        """The strategy's queries (identify, restore) answered by the ClientApp's handlers."""
+        from clients.client_app import handle_identify, handle_restore
 
         out = []
         for m in messages:
-            assert m.metadata.message_type.endswith("identify"), m.metadata.message_type
-            out.append(handle_identify(m, self.contexts[m.metadata.dst_node_id]))
+            kind = m.metadata.message_type.rsplit(".", 1)[-1]
+            assert kind in ("identify", "restore"), m.metadata.message_type
+            handler = handle_identify if kind == "identify" else handle_restore
+            out.append(handler(m, self.contexts[m.metadata.dst_node_id]))
         return out
 
-    def round(self, t, restart=(), lose=()):
+    def checkpoint(self, t):
+        """What the server checkpoints after round t (strategy state + every memory)."""
+        from clients.client_app import handle_checkpoint
+        from protocol import wire
+
+        memories = {}
+        for node, ctx in self.contexts.items():
+            ask = Message(RecordDict({}), dst_node_id=node, message_type="query.checkpoint")
+            worker, memory = wire.read_memory(handle_checkpoint(ask, ctx).content)
+            memories[worker] = memory
+        return self.strategy.state_dict(memories)
+
+    def resume(self, state, first_round):
+        """A new ServerApp resumed from ``state`` (the nodes keep running)."""
+        from regtopk_fl.fedround import Coordinator, FedServer
+        from regtopk_fl.runner import build
+        from strategies.sparse_strategy import SparseAggregation
+
+        task, _ = build(self.cfg)
+        self.server = FedServer(task.init_params(), task.init_buffers(), lr=self.cfg.lr)
+        coord = Coordinator(self.server, self.cfg.broadcast, verify=True)
+        coord.start(range(self.n))
+        self.strategy = SparseAggregation(coord, self.n, wait_for_nodes_s=0,
+                                          first_round=first_round)
+        self.strategy.on_round = lambda _t, info: self.rows.append(info)
+        self.strategy.load_state_dict(state)
+
+    def round(self, t, restart=(), lose=(), offline=()):
         from clients.client_app import handle_train
 
+        self.offline = tuple(offline)
         for i in restart:
             self.contexts[100 + i] = self.new_context(i)
         msgs = self.strategy.configure_train(t, ArrayRecord(), ConfigRecord(), self)
@@ -225,6 +257,71 @@ def test_restarted_node_with_state_dir_resumes_exactly(make_cfg, task_identity, 
     assert torch.equal(ref.server.params, fed.server.params)
     assert (tmp_path / "s1" / "run-77-partition-1.pt").exists()
     assert not list((tmp_path / "s1").glob(".*tmp"))  # atomic writes leave no temp file
+
+
+def _patch_cfg(make_cfg, **kw):
+    """linreg with J = 400 and k = 8: a few rounds change far fewer than J entries."""
+    return _linreg_cfg(make_cfg, **{"task.dim": 400, "sparsifier.sparsity": 0.02, **kw})
+
+
+def test_restarted_node_is_patched_from_its_state_dir_replica(make_cfg, task_identity,
+                                                              tmp_path):
+    """Node 1's replies of rounds 4 and 5 are lost after it applied their
+    messages (its replica, in its state dir, is then at round 4 while the
+    server knows round 2), and it is restarted (fresh Context) before round 6:
+    it gets a patch from round 2, not the model, which brings its round-4
+    replica to the server's model (digest checked); bitwise the run without
+    the restart."""
+    cfg = _patch_cfg(make_cfg)
+    ref, fed = _Federation(cfg), _Federation(cfg, {1: {"state-dir": str(tmp_path / "s1")}})
+    for t in range(1, 9):
+        lose = (1,) if t in (4, 5) else ()
+        a = ref.round(t, lose=lose)
+        b = fed.round(t, lose=lose, restart=(1,) if t == 6 else ())
+        assert not fed.errors and not ref.errors
+        assert b["plan"].kind_list == a["plan"].kind_list
+    assert torch.equal(ref.server.params, fed.server.params)
+    plans = [info["plan"] for info in fed.rows]
+    assert plans[5].kind_list == ["delta", "patch", "delta"] and plans[5].base_list[1] == 2
+    assert plans[5].resyncs == 0 and plans[5].coded[1] < 400 * 8  # far less than the model
+    assert all(not any(info["outcome"].rejected.values()) for info in fed.rows)
+
+
+def test_resumed_server_patches_nodes_from_the_replicas_they_claim(make_cfg, task_identity,
+                                                                   tmp_path):
+    """The ServerApp is killed after round 5's checkpoint and a new one
+    resumes while the SuperNodes (with state dirs) keep their replicas.
+    Each node says in its identify answer which replica it holds; the server
+    checks that against its digest table: nodes 0 and 1 (round 4) get the
+    round-5 gradient, node 2 (offline in round 5: round 3) a patch from round
+    3, and node 1, whose state-dir replica was altered, the full model (a
+    stale digest claim). The run ends bitwise the uninterrupted one's."""
+    from clients.node_state import load_replica, save_replica
+
+    dirs = {i: {"state-dir": str(tmp_path / f"s{i}")} for i in range(3)}
+    cfg = _patch_cfg(make_cfg)
+    ref, fed = _Federation(cfg, dirs), _Federation(cfg, {})
+    fed.extra = {i: {"state-dir": str(tmp_path / f"f{i}")} for i in range(3)}
+    fed.contexts = {100 + i: fed.new_context(i) for i in range(3)}
+    for t in range(1, 6):
+        ref.round(t, offline=(2,) if t == 5 else ())
+        fed.round(t, offline=(2,) if t == 5 else ())
+    state = fed.checkpoint(5)
+    fed.resume(state, first_round=6)
+    fed.contexts = {100 + i: fed.new_context(i) for i in range(3)}  # the nodes reconnect
+    tampered = load_replica(fed.contexts[101], cfg)
+    tampered.params[3] += 1.0
+    save_replica(fed.contexts[101], tampered, cfg)
+    for t in range(6, 9):
+        a = ref.round(t)
+        b = fed.round(t - 5)  # Flower counts from 1 again after a resume
+        assert not fed.errors and not b["outcome"].rejected
+    resumed = fed.rows[5]["plan"]
+    assert resumed.kind_list == ["delta", "full", "patch"] and resumed.base_list[2] == 3
+    assert ref.rows[5]["plan"].kind_list == ["delta", "delta", "patch"]
+    assert resumed.coded[2] == ref.rows[5]["plan"].coded[2]  # as if never interrupted
+    assert torch.equal(ref.server.params, fed.server.params)
+    assert fed.rows[6]["plan"].kind_list == ["delta"] * 3
 
 
 def test_fresh_node_ignores_feedback_instead_of_crashing(make_cfg, task_identity, caplog):

@@ -161,10 +161,16 @@ def test_sigkill_twice_then_resume_is_identical(tmp_path):
 def test_flower_run_killed_and_resumed_is_identical(tmp_path):
     """runtime=flower: the checkpoint holds every client's memory (also of a
     client that missed the checkpoint round), the resumed run hands them back,
-    and the result is bitwise the uninterrupted Flower run's."""
-    args = ["task=linreg", "num_workers=4", "rounds=20", "runtime=flower", "threads=1",
-            "sparsifier=regtopk", "sparsifier.sparsity=0.3", "faults.drop_prob=0.25",
-            "faults.nan_prob=0.1", "checkpoint.every=5"]
+    and the result is bitwise the uninterrupted Flower run's. The resumed
+    simulation's nodes hold no replica, and say so when identified: each is
+    patched from model_0 (which it builds from the seed), not sent the model.
+    J = 1000 with k = 10 per worker: five rounds change far fewer than J."""
+    from regtopk_fl import faults
+
+    args = ["task=linreg", "task.dim=1000", "task.samples_per_worker=100", "num_workers=4",
+            "rounds=20", "runtime=flower", "threads=1", "sparsifier=regtopk",
+            "sparsifier.sparsity=0.01", "faults.drop_prob=0.25", "faults.nan_prob=0.1",
+            "checkpoint.every=5"]
     assert launch(tmp_path / "ref", args)[0] == 0
     run_dir = tmp_path / "killed"
     rc, err = launch(run_dir, args, crash_after=8)
@@ -172,27 +178,40 @@ def test_flower_run_killed_and_resumed_is_identical(tmp_path):
     ckpt = _checkpoint(run_dir)
     assert ckpt["round"] == 5 and sorted(ckpt["state"]["memories"]) == [0, 1, 2, 3]
     eps = [m["state"]["eps"] for m in ckpt["state"]["memories"].values()]
-    assert all(e.shape == (1, 100) for e in eps) and all(e.abs().sum() > 0 for e in eps)
+    assert all(e.shape == (1, 1000) for e in eps) and all(e.abs().sum() > 0 for e in eps)
+    assert ckpt["state"]["coord"]["downlink"]["changed"].max() == 5  # the entries' last rounds
     rc, err = launch(run_dir, args)
     assert rc == 0, err
     assert "could not restore" not in err
-    # the resumed round resyncs every node's replica (the full model, counted);
-    # everything else, the model included, is bitwise the uninterrupted run's
-    assert differences(run_dir, tmp_path / "ref", resync_rounds=[6]) == []
-    resumed = {r["round"]: r for r in rows(run_dir)}
-    assert int(resumed["6"]["resyncs"]) == 4
-    assert int(resumed["6"]["downlink_bytes"]) > int(rows(tmp_path / "ref")[6]["downlink_bytes"])
-    assert all(int(r["rejected"]) == int(ref["rejected"])  # no stale-replica rejections
-               for r, ref in zip(rows(run_dir), rows(tmp_path / "ref")))
+    # a node is caught up the first time it is sent something after the
+    # resume (a node that drops keeps no replica of this run until it gets
+    # one); from then on the downlink, and everything else, the model
+    # included, is bitwise the uninterrupted run's
+    caught, catch_up = set(), []
+    for t in range(6, 21):
+        if len(caught) < 4:
+            catch_up.append(t)
+        caught |= {n for n in range(4) if not faults.drops({"drop_prob": 0.25}, 0, n, t)}
+    assert differences(run_dir, tmp_path / "ref", resync_rounds=catch_up) == []
+    resumed, ref = ({r["round"]: r for r in rows(d)} for d in (run_dir, tmp_path / "ref"))
+    assert int(resumed["6"]["patches"]) == 4 and int(resumed["6"]["resyncs"]) == 0
+    full = 4 * (1000 * 8 + 16 + 16)  # what the resumed round sent before: four models
+    assert int(resumed["6"]["downlink_coded_bytes"]) < full / 3
+    assert int(resumed["6"]["downlink_coded_bytes"]) > int(ref["6"]["downlink_coded_bytes"])
+    assert all(int(r["rejected"]) == int(ref[r["round"]]["rejected"])  # no stale replica
+               for r in resumed.values())
 
 
 def test_sampled_run_killed_and_resumed_is_identical(tmp_path):
     """Client sampling (#12), in-process: the per-client states of the clients
     sampled so far (ClientStates) and their last rounds are in the checkpoint,
     and the sampler needs no state (seeded by (seed, round)), so the resumed
-    run samples the same clients and ends bitwise equal."""
-    args = ["task=linreg", "num_workers=20", "rounds=30", "sparsifier=regtopk",
-            "sparsifier.sparsity=0.3", "participation.clients_per_round=4",
+    run samples the same clients and ends bitwise equal. So do the downlink's
+    patches (#16): the entries' last rounds and the replicas' rounds are in
+    the checkpoint too (metrics.csv's patch and resync counts and bytes)."""
+    args = ["task=linreg", "task.dim=1000", "task.samples_per_worker=50", "num_workers=20",
+            "rounds=30", "sparsifier=regtopk",
+            "sparsifier.sparsity=0.01", "participation.clients_per_round=4",
             "participation.weighted=true", "task.size_ratio=4", "faults.drop_prob=0.2",
             "checkpoint.every=10", "threads=1"]
     assert launch(tmp_path / "ref", args)[0] == 0
@@ -205,6 +224,8 @@ def test_sampled_run_killed_and_resumed_is_identical(tmp_path):
     assert launch(tmp_path / "killed", args)[0] == 0
     assert differences(tmp_path / "killed", tmp_path / "ref") == []
     assert {r["sampled"] for r in _rows(tmp_path / "ref")[1:]} == {"4"}
+    patches = [int(r["patches"]) for r in _rows(tmp_path / "ref")]
+    assert sum(patches[11:]) > 10  # returning clients after the resume point were patched
 
 
 def test_observations_survive_a_resume(tmp_path):

@@ -42,7 +42,7 @@ def _both(make_cfg, tmp_path, overrides):
 
 
 COUNTS = ("uplink_bytes", "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes",
-          "resyncs", "sent", "replies", "missing", "rejected")
+          "resyncs", "patches", "sent", "replies", "missing", "rejected")
 
 
 @pytest.mark.flower
@@ -63,7 +63,8 @@ def test_linreg_flower_equals_inprocess(make_cfg, tmp_path, broadcast):
         assert abs(float(a["gap"]) - float(b["gap"])) <= 1e-6 * max(1.0, float(a["gap"]))
     # the model actually moved and RegTop-k's feedback path ran
     assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])
-    assert all(int(r["rejected"]) == 0 and int(r["resyncs"]) == 0 for r in r_fl)
+    assert all(int(r["rejected"]) == 0 and int(r["resyncs"]) == 0 and int(r["patches"]) == 0
+               for r in r_fl)
     models = 4 * 100 * 8  # four float64 models of J = 100
     if broadcast == "model":  # the model every round, feedback values from round 2 on
         assert int(r_ip[2]["downlink_bytes"]) > int(r_ip[1]["downlink_bytes"]) == models
@@ -81,7 +82,9 @@ def test_flower_replicas_stay_bitwise_equal_for_100_rounds(make_cfg, tmp_path):
     digest (xxh3-128) of the replica it computed on and the server rejects any
     that is not its own model's: with no rejection in 100 rounds, every
     replica that took part was bitwise the server's model after every round.
-    Drops force resyncs (counted, as in-process); the trajectory equals the
+    Drops force resyncs (counted, as in-process: with momentum and weight
+    decay every entry changes every round, so a worker that missed a round
+    gets the full model, never a patch); the trajectory equals the
     in-process run and the broadcast=model run."""
     common = ["task=linreg", "num_workers=4", "rounds=100", "sparsifier=regtopk",
               "sparsifier.sparsity=0.3", "sparsifier.mu=2", "momentum=0.9",
@@ -94,6 +97,7 @@ def test_flower_replicas_stay_bitwise_equal_for_100_rounds(make_cfg, tmp_path):
     assert all(int(r["rejected"]) == 0 for r in r_fl)
     assert sum(int(r["replies"]) for r in r_fl) == 400 - sum(int(r["missing"]) for r in r_fl)
     assert sum(int(r["resyncs"]) for r in r_fl) > 10  # drops came back through resyncs
+    assert sum(int(r["patches"]) for r in r_fl) == 0
     m_ip, m_fl = _final_model(ip), _final_model(fl)
     assert _rel(m_fl["params"], m_ip["params"]) <= 1e-6
     model = run_experiment(make_cfg(common + ["broadcast=model"]), tmp_path / "model")
@@ -157,3 +161,34 @@ def test_sampled_clients_flower_equals_inprocess(make_cfg, tmp_path):
             last[n] = t
     assert stale > 0
     assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_sampled_patches_flower_equals_inprocess(make_cfg, tmp_path):
+    """Catch-up patches (#16) under sampling, m = 10 of N = 100 with 20 %
+    drops, J = 1000, k = 5: the Flower nodes apply the patches (from the
+    round their replica holds, or from model_0 they build from the seed) and
+    every reply names the digest of the replica it computed on, which the
+    server checks: no rejection means every replica was bitwise the server's
+    model. The in-process run plans the same messages: patches, resyncs and
+    bytes are equal round by round, and the model agrees within 1e-6."""
+    ip, fl = _both(make_cfg, tmp_path, ["task=linreg", "task.dim=1000",
+                                        "task.samples_per_worker=20", "num_workers=100",
+                                        "rounds=25", "sparsifier=regtopk",
+                                        "sparsifier.sparsity=0.005", "sparsifier.mu=2",
+                                        "threads=1", "participation.clients_per_round=10",
+                                        "faults.drop_prob=0.2", "eval_every=5"])
+    r_ip, r_fl = _rows(ip), _rows(fl)
+    for a, b in zip(r_ip, r_fl):
+        for key in COUNTS + ("sampled",):
+            assert a[key] == b[key], (key, a["round"])
+    assert all(int(r["rejected"]) == 0 for r in r_fl)
+    patches = sum(int(r["patches"]) for r in r_fl)
+    resyncs = sum(int(r["resyncs"]) for r in r_fl)
+    assert patches > 150 and resyncs < patches / 10
+    model = 1000 * 8 + 16 + 16  # what a resync sends
+    sent = sum(int(r["downlink_coded_bytes"]) for r in r_fl[2:])
+    assert sent < 0.3 * model * 10 * 23  # against a model per sampled client
+    assert sum(int(r["missing"]) for r in r_fl) > 20
+    assert _rel(_final_model(fl)["params"], _final_model(ip)["params"]) <= 1e-6

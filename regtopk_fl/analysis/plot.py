@@ -446,7 +446,8 @@ def final_table(jobs: pd.DataFrame) -> pd.DataFrame:
         table["downlink_mb"] = down / 1e6
         table["total_mb"] = table["uplink_mb"] + table["downlink_mb"]
     columns = ["job", "method", *keys, *finals, "uplink_mb", "downlink_mb", "total_mb",
-               "resyncs", "comm_s", "wall_time_s", "rounds_completed", "status", "reason"]
+               "resyncs", "patches", "comm_s", "wall_time_s", "rounds_completed", "status",
+               "reason"]
     return table[[c for c in columns if c in table]]
 
 

@@ -18,7 +18,7 @@ from regtopk_fl.tasks import images as I
 from regtopk_fl.tasks import models as M
 from regtopk_fl.tasks.images import ImageTask, TinyImageTask
 
-ARCHIVE = D.resolve_path(D.DEFAULT_DATA_PATH, must_exist=False)
+ARCHIVE = D.resolve_path(D.DEFAULT_DATA_PATH)
 needs_archive = pytest.mark.skipif(not ARCHIVE.is_file(),
                                    reason=f"offline CIFAR-10 archive missing: {ARCHIVE}")
 

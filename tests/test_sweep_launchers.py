@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from regtopk_fl.analysis.collect import collect
-from regtopk_fl.settings import PROJECT_ROOT
+from regtopk_fl.paths import PROJECT_ROOT
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

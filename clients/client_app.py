@@ -196,7 +196,8 @@ def handle_identify(msg: Message, context: Context, settings=None) -> Message:
     if OmegaConf.select(cfg, "broadcast", default="gradient") == "gradient":
         replica = load_replica(context, cfg)
     return Message(wire.identity_content(int(context.node_config["partition-id"]),
-                                         compute_device(cfg.device), replica), reply_to=msg)
+                                         device=compute_device(cfg.device), replica=replica),
+                   reply_to=msg)
 
 
 def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:

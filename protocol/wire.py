@@ -262,7 +262,7 @@ def read_placement(content) -> str | None:
 
 
 # -- queries: identify, checkpoint, restore ----------------------------------------------
-def identity_content(partition: int, device: str | None = None,
+def identity_content(partition: int, *, device: str | None = None,
                      replica: Replica | None = None) -> RecordDict:
     """A node's identify answer: its partition, the device it computes on and,
     when it holds a replica, that replica's round and digest (claims the

@@ -479,9 +479,9 @@ def test_wire_patch_and_identify_claim_round_trip():
     assert torch.equal(q.indices, p.indices) and torch.equal(q.values, p.values)
     assert torch.equal(q.buffers, p.buffers)
     r = Replica(torch.arange(5.0), None, lr=0.1, round=4)
-    assert wire.read_replica_claim(wire.identity_content(2, r)) == (4, r.digest())
+    assert wire.read_replica_claim(wire.identity_content(2, replica=r)) == (4, r.digest())
     assert wire.read_replica_claim(wire.identity_content(2)) is None
-    assert wire.read_identity(wire.identity_content(2, r)) == 2
+    assert wire.read_identity(wire.identity_content(2, replica=r)) == 2
     bad = wire.identity_content(2)
     bad["replica-meta"] = ConfigRecord({"round": 4, "digest": "not bytes"})
     with pytest.raises(TypeError):

@@ -26,7 +26,7 @@ from regtopk_fl.settings import ConfigError, to_run_config
 
 
 def test_wire_carries_the_device():
-    c = wire.identity_content(3, "cuda")
+    c = wire.identity_content(3, device="cuda")
     assert wire.read_identity(c) == 3 and wire.read_device(c) == "cuda"
     assert wire.read_device(wire.identity_content(3)) is None  # an older client
 

@@ -29,19 +29,21 @@ LINREG = ["task=linreg", "num_workers=4", "rounds=12", "threads=1", "sparsifier=
 
 # rows with every kind of cell: floats that need repr, 1e-12, inf, NaN and
 # None (empty cells), ints past 2**32; the golden files are what the
-# RunRecorder of 5441123 (before trackers) wrote for them
+# RunRecorder of 5441123 (before trackers) wrote for them, with the one column
+# that came after it (#16's `patches`, after `resyncs`; its total in summary.json)
 ROWS = [
     {"round": 0, "loss": 548.6312345678901, "gap": 3.6441234567890123, "accuracy": None,
      "test_loss": None, "uplink_bytes": 0, "uplink_coded_bytes": 0, "downlink_bytes": 0,
-     "downlink_coded_bytes": 0, "resyncs": 0, "sent": 0, "sampled": None, "replies": 0,
+     "downlink_coded_bytes": 0, "resyncs": 0, "patches": 0, "sent": 0, "sampled": None,
+     "replies": 0,
      "missing": 0, "rejected": 0, "comm_s": None, "wall_s": 0.012345678901234},
     {"round": 1, "loss": 0.1 + 0.2, "gap": 1e-12, "accuracy": float("nan"), "test_loss": 2.5,
      "uplink_bytes": 8000, "uplink_coded_bytes": 5123, "downlink_bytes": 16000,
-     "downlink_coded_bytes": 9001, "resyncs": 20, "sent": 20, "sampled": 20, "replies": 19,
+     "downlink_coded_bytes": 9001, "resyncs": 20, "patches": 3, "sent": 20, "sampled": 20, "replies": 19,
      "missing": 1, "rejected": 2, "comm_s": 0.0123, "wall_s": 0.5},
     {"round": 2, "loss": float("inf"), "gap": 3.2e-12, "accuracy": 0.8125, "test_loss": 1e300,
      "uplink_bytes": 2**40, "uplink_coded_bytes": 12, "downlink_bytes": 7,
-     "downlink_coded_bytes": None, "resyncs": None, "sent": 3, "sampled": 4, "replies": 4,
+     "downlink_coded_bytes": None, "resyncs": None, "patches": None, "sent": 3, "sampled": 4, "replies": 4,
      "missing": 0, "rejected": 0, "comm_s": 1.5, "wall_s": 1.25},
 ]
 IDENTITY = {"experiment": None, "task": "linreg", "runtime": "inprocess", "sparsifier": "regtopk",

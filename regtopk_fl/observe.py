@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .compress.base import num_selected, rows_topk
+from .compress.base import num_selected
+from .compress.exact_topk import rows_topk
 from .compress.gaussiank import threshold_select
 from .results import atomic_write
 

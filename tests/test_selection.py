@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from regtopk_fl.compress import exact_topk
-from regtopk_fl.compress.base import rows_topk
+from regtopk_fl.compress.exact_topk import rows_topk
 
 
 def reference(score: torch.Tensor, k: int) -> torch.Tensor:

@@ -111,7 +111,3 @@ def row_of_entry(counts, device=None) -> torch.Tensor:
         return torch.arange(n, device=device).unsqueeze(1).expand(n, c[0]).reshape(-1)
     ends = torch.cumsum(torch.as_tensor(c, dtype=torch.int64, device=device), 0)
     return torch.searchsorted(ends, torch.arange(total, device=device), right=True)
-
-
-# the exact selection routine; imported last, as it builds on the pieces above
-from .exact_topk import rows_topk  # noqa: E402,F401

@@ -3,7 +3,8 @@ worker sending those same entries. Needs every worker's a at once, so it only
 runs in the in-process engine; it is an upper bound, not a deployable method."""
 import torch
 
-from .base import Selection, check_sparsity, num_selected, rows_topk
+from .base import Selection, check_sparsity, num_selected
+from .exact_topk import rows_topk
 
 
 class GlobalTopK:

@@ -3,7 +3,8 @@
 ``|a|`` is never materialized: the exact selection (``exact_topk``) bounds
 blocks of ``a`` by their max and min and takes ``|.|`` only where a block can
 hold one of the k largest."""
-from .base import check_sparsity, num_selected, rows_topk
+from .base import check_sparsity, num_selected
+from .exact_topk import rows_topk
 
 
 class TopK:

@@ -34,7 +34,7 @@ def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float):
     """The regularized score on last round's mask only: ``(flat idx, score)``,
     O(k). Every other entry's score is ``|a| * tanh(|1 + Q| / mu)``."""
     idx = ctx.prev_flat
-    a_prev = a.view(-1)[idx]
+    a_prev = a.view(-1).index_select(0, idx)
     contrib = ctx.fb_w * ctx.prev_sent
     den = contrib if distortion == "reference" else ctx.fb_w * a_prev
     delta = (ctx.fb_g - contrib) / den

@@ -241,12 +241,19 @@ def _kth_largest(vals, k: int):
 
 def _top_positions(vals, k: int):
     """Ascending positions of the k largest entries of a 1-D tensor, ties at
-    the k-th value going to the lowest positions (1 <= k <= numel)."""
+    the k-th value going to the lowest positions (1 <= k <= numel).
+
+    Every entry >= the k-th largest value; where ties at that value make
+    more than k, the last ``extra`` ties are dropped (the count is known
+    from ``nonzero``, which synchronizes anyway)."""
     kth = _kth_largest(vals, k)
-    keep = vals > kth
-    tie = vals == kth
-    keep |= tie & (torch.cumsum(tie, 0) <= k - keep.sum())
-    return torch.nonzero(keep).squeeze(1)
+    pos = torch.nonzero(vals >= kth).squeeze(1)
+    extra = pos.numel() - k
+    if extra:
+        tie = vals.index_select(0, pos) == kth  # the ties, in position order
+        keep = ~tie | (torch.cumsum(tie, 0) <= tie.sum() - extra)
+        pos = pos.index_select(0, torch.nonzero(keep).squeeze(1))
+    return pos
 
 
 def _lower(local, vals, t: float, low) -> int | None:

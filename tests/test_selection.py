@@ -575,3 +575,14 @@ def test_cuda_equals_cpu_reference(long, monkeypatch):
     ref.view(-1)[top] = fix[1]
     got = rows_topk(a.cuda(), 30, absolute=True, fix=(fix[0].cuda(), fix[1].cuda()))
     assert torch.equal(got.flat_idx.cpu(), reference(ref, 30))
+    # RegTop-k's lowering on CUDA: every override computed at once (no lazy subsets)
+    asked = []
+
+    def score(pos):
+        asked.append(pos)
+        return fix[1].cuda() if pos is None else fix[1].cuda().index_select(0, pos)
+
+    got = rows_topk(a.cuda(), 30, absolute=True,
+                    lowered=exact_topk.Lowered(fix[0].cuda(), score))
+    assert torch.equal(got.flat_idx.cpu(), reference(ref, 30))
+    assert asked == [None]

@@ -393,7 +393,7 @@ def lowered_case(gen, n, dim, m, where, factor):
        k=st.integers(1, 300), frac=st.sampled_from([0.001, 0.05, 0.3, 1.0]),
        where=st.sampled_from(["top", "random"]),
        factor=st.sampled_from(["zero", "same", "tiny", "random"]),
-       sample=st.sampled_from([8, 64]))
+       sample=st.sampled_from([8, 64, 1 << 16]))  # 1 << 16: every entry sampled, t tight
 def test_property_lowered_equals_materialized(seed, n, dim, k, frac, where, factor, sample):
     gen = torch.Generator().manual_seed(seed)
     k = min(k, dim - 1)  # (k = J returns every entry without a pass)
@@ -443,9 +443,29 @@ def test_lowered_scores_only_the_entries_that_can_be_selected(monkeypatch):
                        reference(ref, 50))
 
 
+def test_lowered_below_the_threshold_forces_a_deeper_pass(monkeypatch):
+    """The first pass's candidates are exactly the largest |a|, all lowered
+    to 0: none is left above t, so the selection must look deeper (the top
+    k are entries that were not candidates at first)."""
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)  # SAMPLE > J: every entry sampled
+    seen = spy_thresholds(monkeypatch)
+    gen = torch.Generator().manual_seed(14)
+    a = torch.randn(1, 40_000, generator=gen)
+    top = torch.topk(a.abs().reshape(-1), 2000).indices.sort().values
+    lowered = exact_topk.Lowered(top, lambda pos: torch.zeros(pos.numel()))
+    ref = a.abs()
+    ref.view(-1)[top] = 0.0
+    for k in (1, 10, 300):
+        seen.clear()
+        got = rows_topk(a, k, absolute=True, lowered=lowered)
+        assert torch.equal(got.flat_idx, reference(ref, k)), k
+        assert len(seen) >= 2, k  # the first threshold left fewer than k
+
+
 def test_lowered_falls_back_when_not_a_lowering_or_unsorted(monkeypatch):
-    """An override above |a| at a candidate, or indices not strictly
-    ascending: every override is computed and the result is still exact."""
+    """An override above |a| at a candidate, or indices out of order in a
+    batch of rows: every override is computed and the result is still exact.
+    One row needs no order (its candidates are found by their own search)."""
     monkeypatch.setattr(exact_topk, "SMALL_J", 1)
     gen = torch.Generator().manual_seed(10)
     a = torch.randn(1, 20_000, generator=gen)
@@ -462,13 +482,35 @@ def test_lowered_falls_back_when_not_a_lowering_or_unsorted(monkeypatch):
     ref.view(-1)[top] = raised
     assert torch.equal(got.flat_idx, reference(ref, 5))
     assert asked[-1] is None  # the eager path computed all of them
-    asked.clear()
+    # one row, indices in descending order: the lazy path, exact
     perm = top.flip(0)
-    lowered = exact_topk.Lowered(perm, lambda pos: torch.zeros(10) if pos is None else None)
+    lowered_vals = a.reshape(-1)[perm].abs() * torch.rand(10, generator=gen)
+    asked.clear()
+
+    def score_perm(pos):
+        asked.append(pos)
+        return lowered_vals if pos is None else lowered_vals[pos]
+
     ref = a.abs()
-    ref.view(-1)[top] = 0.0
-    assert torch.equal(rows_topk(a, 5, absolute=True, lowered=lowered).flat_idx,
-                       reference(ref, 5))
+    ref.view(-1)[perm] = lowered_vals
+    got = rows_topk(a, 5, absolute=True, lowered=exact_topk.Lowered(perm, score_perm))
+    assert torch.equal(got.flat_idx, reference(ref, 5))
+    assert asked and all(p is not None for p in asked)
+    # two rows, out of order: the eager path (the per-row slices need order)
+    b = torch.randn(2, 20_000, generator=gen)
+    idx = torch.tensor([20_005, 7, 30_000, 3])
+    vals = b.reshape(-1)[idx].abs() * 0.5
+    asked.clear()
+
+    def score_b(pos):
+        asked.append(pos)
+        return vals if pos is None else vals[pos]
+
+    ref = b.abs()
+    ref.view(-1)[idx] = vals
+    got = rows_topk(b, 5, absolute=True, lowered=exact_topk.Lowered(idx, score_b))
+    assert torch.equal(got.flat_idx, reference(ref, 5))
+    assert asked == [None]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

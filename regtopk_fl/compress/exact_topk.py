@@ -103,10 +103,11 @@ RETRY_DEPTH = 8  # the retry looks this many times deeper in the sample
 
 
 class Lowered(NamedTuple):
-    """Entries whose score is ``|score|`` lowered: ``idx`` (flat, strictly
-    ascending) and ``score(pos)``, the score at ``idx[pos]`` (``pos=None``:
-    all), each at most ``|score|`` there. Only the entries that can be
-    selected are evaluated (on CPU; elsewhere all at once)."""
+    """Entries whose score is ``|score|`` lowered: ``idx`` (flat, distinct;
+    ascending, as a :class:`Selection` gives them, for more than one row)
+    and ``score(pos)``, the score at ``idx[pos]`` (``pos=None``: all), each
+    at most ``|score|`` there. Only the entries that can be selected are
+    evaluated (on CPU; elsewhere all at once)."""
 
     idx: torch.Tensor
     score: Callable
@@ -270,7 +271,7 @@ def _lower(local, vals, t: float, low) -> int | None:
         return None
     # every such entry is a candidate (the same |a| >= t), so it is found
     vals.index_copy_(0, torch.searchsorted(local, lidx.index_select(0, sub)), val)
-    return int((vals >= t).sum())
+    return local.numel() - int((val < t).sum())  # all were >= t before
 
 
 def _row_topk(row, k: int, absolute: bool, low=None):
@@ -306,15 +307,16 @@ def _rows_topk_lowered(score, k: int, lowered: Lowered):
     rows), or None where that path does not apply."""
     n, dim = score.shape
     idx = lowered.idx.to(torch.int64)
-    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        return None  # the per-row slices below need strictly ascending indices
+    if n > 1 and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        return None  # the per-row slices below need ascending indices
     mag = score.view(-1).index_select(0, idx).abs_()
     ends = [0, idx.numel()] if n == 1 else torch.searchsorted(
         idx, torch.arange(n + 1, device=idx.device) * dim).tolist()
     parts = []
     for r in range(n):
         lo, hi = ends[r], ends[r + 1]
-        low = (idx[lo:hi] - r * dim, mag[lo:hi], lowered.score, lo) if hi > lo else None
+        lidx = idx[lo:hi] - r * dim if r else idx[lo:hi]
+        low = (lidx, mag[lo:hi], lowered.score, lo) if hi > lo else None
         got = _row_topk(score[r], k, True, low)
         if got is None:
             return None

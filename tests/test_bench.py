@@ -61,3 +61,34 @@ def test_quick_run_prints_every_sparsifier(bench, capsys, tmp_path):
 def test_bad_repeats_is_rejected(bench):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--repeats", "0"])
+
+
+def test_repeat_reports_median_and_spread_per_cell(bench, capsys, tmp_path):
+    out = tmp_path / "bench.md"
+    bench.main(["--quick", "--repeats", "1", "--repeat", "3", "--device", "cpu",
+                "--methods", "regtopk", "--sparsities", "0.01", "0.1", "--out", str(out)])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Passes per cell (3 runs"))
+    head = [c.strip() for c in lines[at + 2].strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[at + 4:at + 6]]
+    assert [r[head.index("S")] for r in body] == ["0.01", "0.1"]
+    with open(out.with_suffix(".csv")) as fh:
+        recs = list(csv.DictReader(fh))
+    assert {r["method"] for r in recs} == {bench.FLOOR, "topk", "regtopk"}  # no sort
+    for r in body:
+        for name in ("Top-k step passes", "RegTop-k ÷ Top-k step"):
+            med, spread = r[head.index(name)].split(" (")
+            lo, hi = (float(x) for x in spread.rstrip(")").split("-"))
+            key = {"Top-k step passes": ("topk", "step_passes"),
+                   "RegTop-k ÷ Top-k step": ("regtopk", "step_x_topk")}[name]
+            runs = sorted(float(c[key[1]]) for c in recs
+                          if c["method"] == key[0] and c["S"] == r[head.index("S")])
+            assert len(runs) == 3  # one value per run, each in the CSV
+            assert (lo, float(med), hi) == pytest.approx((runs[0], runs[1], runs[2]), abs=0.006)
+    assert "Targets and verdicts (largest J, medians over the runs)" in text
+
+
+def test_bad_repeat_is_rejected(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--repeat", "0"])

@@ -7,11 +7,12 @@ shrunk here so that small hypothesis inputs exercise it too.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from regtopk_fl.compress import exact_topk
@@ -113,10 +114,12 @@ def test_periodic_input_defeats_the_sample_but_not_the_result(monkeypatch):
     must run, and the result is still the exact top-k."""
     monkeypatch.setattr(exact_topk, "SMALL_J", 1)
     monkeypatch.setattr(exact_topk, "SAMPLE", 4096)
-    dim = 1 << 16  # stride 16
+    dim = 1 << 16
+    stride = exact_topk.sample_stride(dim)
+    assert stride == 17  # the smallest odd prime >= 65536 // 4096
     gen = torch.Generator().manual_seed(0)
     score = torch.rand(1, dim, generator=gen)
-    score[0, ::16] += 10.0
+    score[0, ::stride] += 10.0  # every sampled entry, and only those, is large
     thresholds = []
     real = exact_topk._candidates
 
@@ -125,12 +128,15 @@ def test_periodic_input_defeats_the_sample_but_not_the_result(monkeypatch):
         return real(row, t, absolute, block)
 
     monkeypatch.setattr(exact_topk, "_candidates", spy)
-    for k in (1, 100, 4096, 5000, 30_000):
+    big = score[0, ::stride].numel()  # 3856 large entries
+    for k in (1, 100, big, big + 1, 30_000):
         thresholds.clear()
         check(score, k)
-        if k >= 4096:
-            assert len(thresholds) >= 2  # the first threshold was too high
-    assert thresholds[-1] == -math.inf
+        # the sample saw only large entries: its rank-r threshold leaves r
+        # candidates, too few once k > r (r = 6 for k = 1)
+        assert len(thresholds) == 1 if k == 1 else len(thresholds) >= 2
+        if k >= big:  # no rank of the sample reaches below the large entries
+            assert thresholds[-1] == -math.inf
 
 
 def test_overrides_lower_or_raise(path):
@@ -249,6 +255,344 @@ def test_property_with_overrides(batch, data):
         exact_topk.SMALL_J, exact_topk.SAMPLE = old
 
 
+@contextlib.contextmanager
+def long_path(sample):
+    """Every row takes the sampled-threshold path, with ~``sample`` entries
+    sampled (for use inside hypothesis tests, where fixtures do not reset)."""
+    old = exact_topk.SMALL_J, exact_topk.SAMPLE
+    exact_topk.SMALL_J, exact_topk.SAMPLE = 1, sample
+    try:
+        yield
+    finally:
+        exact_topk.SMALL_J, exact_topk.SAMPLE = old
+
+
+def spy_thresholds(monkeypatch):
+    """Record every threshold the selection tries (one per candidate pass)."""
+    seen, real = [], exact_topk._candidates
+
+    def spy(row, t, absolute, block):
+        seen.append(t)
+        return real(row, t, absolute, block)
+
+    monkeypatch.setattr(exact_topk, "_candidates", spy)
+    return seen
+
+
+def make_row(kind: str, n: int, dim: int, gen) -> torch.Tensor:
+    if kind == "normal":
+        return torch.randn(n, dim, generator=gen)
+    if kind == "cauchy":  # heavy tails
+        return torch.empty(n, dim).cauchy_(generator=gen)
+    if kind == "ties":  # few distinct values: ties at the k-th value
+        return torch.randint(-3, 4, (n, dim), generator=gen).float()
+    # "layers": blocks of different scales, as a network's gradient
+    scale = torch.pow(10.0, -3.0 * torch.rand(n, 8, generator=gen))
+    return torch.randn(n, dim, generator=gen) * scale.repeat_interleave(-(-dim // 8), 1)[:, :dim]
+
+
+# -- small k: the regime where the sample holds few top-k entries ---------------------
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 2), dim=st.integers(64, 6000),
+       k=st.integers(1, 8), sample=st.sampled_from([4, 16, 64, 512]),
+       kind=st.sampled_from(["normal", "cauchy", "ties", "layers"]), absolute=st.booleans())
+def test_property_small_k_long_rows(seed, n, dim, k, sample, kind, absolute):
+    """k of 1-8 in rows of up to 6000 (e = k m / J well below 1 for most
+    draws): the rank is then set by the margin's "+ 4", and the result must
+    still be the stable sort's."""
+    score = make_row(kind, n, dim, torch.Generator().manual_seed(seed))
+    with long_path(sample):
+        check(score, min(k, dim), absolute=absolute)
+
+
+def test_small_k_fast_path_has_no_retry_on_smooth_rows(monkeypatch):
+    """At small k on a row without structure the first threshold is low
+    enough (a retry has probability < 1e-5 there): one candidate pass, and
+    the candidates stay near the docstring's J r / m."""
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)
+    seen = spy_thresholds(monkeypatch)
+    gen = torch.Generator().manual_seed(21)
+    dim = 1 << 21  # stride 32 -> 37, m = 56,680
+    a = torch.randn(1, dim, generator=gen)
+    for k in (1, 3, 20, 200, 2000):
+        seen.clear()
+        check(a, k, absolute=True)
+        assert len(seen) == 1, k
+        cands = int((a.abs() >= seen[0]).sum())
+        m = a[0, ::exact_topk.sample_stride(dim)].numel()
+        e = k * m / dim
+        bound = dim * (e + 4 * math.sqrt(e) + 4) / m  # J r / m, the expected count
+        # the count above the sample's r-th largest is ~ Gamma(r) * J / m: a
+        # wide spread at tiny e (r = 5 for k = 1), below 4x its mean w.p. 1 - 2e-5
+        assert k <= cands <= 4 * bound, (k, cands, bound)
+
+
+# -- adversarial rows: the sample over- or underestimates the threshold --------------
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), dim=st.integers(300, 8000), k=st.integers(1, 400),
+       sample=st.sampled_from([8, 32, 128]), on_sample=st.booleans(), absolute=st.booleans(),
+       ties=st.booleans())
+def test_property_adversarial_sample(seed, dim, k, sample, on_sample, absolute, ties):
+    """Large entries placed exactly on the sample's positions (its threshold
+    is far too high: retries, down to t = -inf) or exactly off them (it sees
+    only small entries: the threshold is far too low and nearly every block
+    is a candidate). Either way the result is the stable sort's, which a
+    fast path that trusted the sample would not give."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, dim - 1)  # (k = J returns every entry without a pass)
+    with long_path(sample):
+        stride = exact_topk.sample_stride(dim)
+        assume(stride > 1)
+        pos = torch.arange(dim)
+        big = pos % stride == 0 if on_sample else pos % stride == stride // 2
+        score = torch.rand(1, dim, generator=gen)
+        if ties:
+            score = torch.round(score * 4) / 4
+        score[0, big] += 10.0 if ties else 10.0 + torch.rand(int(big.sum()), generator=gen)
+        if absolute:  # large entries of both signs
+            score[0, big & (torch.rand(dim, generator=gen) < 0.5)] *= -1.0
+        seen = []
+        real = exact_topk._candidates
+
+        def spy(row, t, absolute, block):
+            seen.append(t)
+            return real(row, t, absolute, block)
+
+        exact_topk._candidates = spy
+        try:
+            check(score, k, absolute=absolute)
+        finally:
+            exact_topk._candidates = real
+    if on_sample and k > int(big.sum()):
+        assert seen[-1] == -math.inf  # no rank of the sample reaches below them
+    if not on_sample:
+        assert seen[0] < 10.0  # the sample saw none of the large entries
+
+
+# -- lowered scores (RegTop-k): computed only where they can be selected -------------
+def lowered_case(gen, n, dim, m, where, factor):
+    a = torch.randn(n, dim, generator=gen) * torch.exp(torch.randn(n, dim, generator=gen))
+    if where == "top":  # the largest |a|: candidates whose score drops (retries)
+        idx = torch.topk(a.abs().reshape(-1), m).indices.sort().values
+    else:
+        idx = torch.randperm(n * dim, generator=gen)[:m].sort().values
+    mag = a.reshape(-1)[idx].abs()
+    if factor == "zero":
+        val = torch.zeros(m)
+    elif factor == "same":  # equal to |a|: ties with the unlowered entries
+        val = mag.clone()
+    elif factor == "tiny":
+        val = mag * 1e-6
+    else:
+        val = mag * torch.rand(m, generator=gen)
+    return a, idx, val
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3), dim=st.integers(50, 3000),
+       k=st.integers(1, 300), frac=st.sampled_from([0.001, 0.05, 0.3, 1.0]),
+       where=st.sampled_from(["top", "random"]),
+       factor=st.sampled_from(["zero", "same", "tiny", "random"]),
+       sample=st.sampled_from([8, 64, 1 << 16]))  # 1 << 16: every entry sampled, t tight
+def test_property_lowered_equals_materialized(seed, n, dim, k, frac, where, factor, sample):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, dim - 1)  # (k = J returns every entry without a pass)
+    m = max(1, int(frac * n * dim))
+    a, idx, val = lowered_case(gen, n, dim, m, where, factor)
+    before = a.clone()
+    asked = []
+
+    def score(pos):
+        asked.append(None if pos is None else pos.clone())
+        return val if pos is None else val[pos]
+
+    with long_path(sample):
+        sel = rows_topk(a, k, absolute=True, lowered=exact_topk.Lowered(idx, score))
+    ref = a.abs()
+    ref.view(-1)[idx] = val
+    assert torch.equal(sel.flat_idx, reference(ref, k))
+    assert sel.counts.tolist() == [k] * n
+    assert torch.equal(a, before)
+    assert all(p is not None for p in asked)  # the lazy path ran, not the eager one
+    if where == "top":  # the largest |a| is a candidate in every final pass: scored
+        assert asked
+    for p in asked:  # positions into idx, each asked once per candidate pass
+        assert p.numel() == p.unique().numel() and 0 <= int(p.min()) and int(p.max()) < m
+
+
+def test_lowered_scores_only_the_entries_that_can_be_selected(monkeypatch):
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(2, 40_000, generator=gen)
+    small = torch.nonzero(a.abs().reshape(-1) < 0.5).squeeze(1)  # far below the top 50
+    asked = []
+
+    def score(pos):
+        asked.append(pos)
+        return a.reshape(-1)[small[pos]].abs() * 0.5
+
+    sel = rows_topk(a, 50, absolute=True, lowered=exact_topk.Lowered(small, score))
+    assert asked == []  # no lowered entry reached the threshold: none was scored
+    assert torch.equal(sel.flat_idx, reference(a.abs(), 50))
+    # the largest entries lowered to 0: only candidates are scored, not all 2 x 40k
+    top = torch.topk(a.abs().reshape(-1), 30).indices.sort().values
+    lowered = exact_topk.Lowered(top, lambda pos: torch.zeros(pos.numel()))
+    ref = a.abs()
+    ref.view(-1)[top] = 0.0
+    assert torch.equal(rows_topk(a, 50, absolute=True, lowered=lowered).flat_idx,
+                       reference(ref, 50))
+
+
+def test_lowered_below_the_threshold_forces_a_deeper_pass(monkeypatch):
+    """The first pass's candidates are exactly the largest |a|, all lowered
+    to 0: none is left above t, so the selection must look deeper (the top
+    k are entries that were not candidates at first)."""
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)  # SAMPLE > J: every entry sampled
+    seen = spy_thresholds(monkeypatch)
+    gen = torch.Generator().manual_seed(14)
+    a = torch.randn(1, 40_000, generator=gen)
+    top = torch.topk(a.abs().reshape(-1), 2000).indices.sort().values
+    lowered = exact_topk.Lowered(top, lambda pos: torch.zeros(pos.numel()))
+    ref = a.abs()
+    ref.view(-1)[top] = 0.0
+    for k in (1, 10, 300):
+        seen.clear()
+        got = rows_topk(a, k, absolute=True, lowered=lowered)
+        assert torch.equal(got.flat_idx, reference(ref, k)), k
+        assert len(seen) >= 2, k  # the first threshold left fewer than k
+
+
+def test_lowered_falls_back_when_not_a_lowering_or_unsorted(monkeypatch):
+    """An override above |a| at a candidate, or indices out of order in a
+    batch of rows: every override is computed and the result is still exact.
+    One row needs no order (its candidates are found by their own search)."""
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)
+    gen = torch.Generator().manual_seed(10)
+    a = torch.randn(1, 20_000, generator=gen)
+    top = torch.topk(a.abs().reshape(-1), 10).indices.sort().values
+    raised = a.reshape(-1)[top].abs() * 3.0
+    asked = []
+
+    def score(pos):
+        asked.append(pos)
+        return raised if pos is None else raised[pos]
+
+    got = rows_topk(a, 5, absolute=True, lowered=exact_topk.Lowered(top, score))
+    ref = a.abs()
+    ref.view(-1)[top] = raised
+    assert torch.equal(got.flat_idx, reference(ref, 5))
+    assert asked[-1] is None  # the eager path computed all of them
+    # one row, indices in descending order: the lazy path, exact
+    perm = top.flip(0)
+    lowered_vals = a.reshape(-1)[perm].abs() * torch.rand(10, generator=gen)
+    asked.clear()
+
+    def score_perm(pos):
+        asked.append(pos)
+        return lowered_vals if pos is None else lowered_vals[pos]
+
+    ref = a.abs()
+    ref.view(-1)[perm] = lowered_vals
+    got = rows_topk(a, 5, absolute=True, lowered=exact_topk.Lowered(perm, score_perm))
+    assert torch.equal(got.flat_idx, reference(ref, 5))
+    assert asked and all(p is not None for p in asked)
+    # two rows, out of order: the eager path (the per-row slices need order)
+    b = torch.randn(2, 20_000, generator=gen)
+    idx = torch.tensor([20_005, 7, 30_000, 3])
+    vals = b.reshape(-1)[idx].abs() * 0.5
+    asked.clear()
+
+    def score_b(pos):
+        asked.append(pos)
+        return vals if pos is None else vals[pos]
+
+    ref = b.abs()
+    ref.view(-1)[idx] = vals
+    got = rows_topk(b, 5, absolute=True, lowered=exact_topk.Lowered(idx, score_b))
+    assert torch.equal(got.flat_idx, reference(ref, 5))
+    assert asked == [None]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3), dim=st.integers(100, 4000),
+       s=st.sampled_from([0.001, 0.01, 0.1]), distortion=st.sampled_from(["reference", "paper"]),
+       prev_top=st.booleans(), sort_prev=st.booleans())
+def test_property_regtopk_lowered_path_equals_its_score(seed, n, dim, s, distortion, prev_top,
+                                                        sort_prev):
+    """RegTop-k on long rows (the lazy path) selects the stable-sort top-k of
+    its materialized score (``regularized_abs``), cancellations and unknown
+    feedback included; unsorted previous indices take the eager path."""
+    from regtopk_fl.compress import RegTopK
+    from regtopk_fl.compress.base import num_selected
+    from regtopk_fl.compress.regtopk import regularized_abs
+    from regtopk_fl.memory import SelectContext
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, dim, generator=gen) * torch.exp(torch.randn(n, dim, generator=gen))
+    m = int(torch.randint(1, n * dim // 4 + 2, (1,), generator=gen))
+    prev = (torch.topk(a.abs().reshape(-1), m).indices if prev_top
+            else torch.randperm(n * dim, generator=gen)[:m])
+    if sort_prev:
+        prev = prev.sort().values
+    fb_g = torch.randn(m, generator=gen)
+    fb_g[torch.rand(m, generator=gen) < 0.2] = 0.0  # cancellations: score 0 (reference)
+    fb_g[torch.rand(m, generator=gen) < 0.1] = float("nan")  # feedback unknown
+    ctx = SelectContext(prev, torch.randn(m, generator=gen), fb_g,
+                        torch.rand(m, generator=gen) + 0.01, torch.full((n,), 1.0 / n),
+                        tuple(range(n)), 1)
+    sp = RegTopK(s, mu=0.7, distortion=distortion)
+    k = num_selected(s, dim)
+    with long_path(16):
+        got = sp.select(a, ctx)
+    ref = reference(regularized_abs(a, ctx, sp.mu, distortion, sp.q), k)
+    assert torch.equal(got.flat_idx, ref)
+
+
+# -- the reused scratch buffer ---------------------------------------------------------
+def test_results_do_not_alias_the_scratch_buffer(monkeypatch):
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randn(1, 50_000, generator=gen), torch.randn(1, 80_000, generator=gen)
+    first = rows_topk(a, 700, absolute=True).flat_idx
+    kept = first.clone()
+    rows_topk(b, 3000, absolute=True)  # regrows and refills the buffer
+    rows_topk(b, 10, absolute=False)
+    assert torch.equal(first, kept)
+    assert torch.equal(first, reference(a.abs(), 700))
+
+
+def test_threads_selecting_at_once_are_exact(monkeypatch):
+    """Each thread has its own scratch buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)
+    gen = torch.Generator().manual_seed(13)
+    rows = [torch.randn(1, 60_000 + 997 * i, generator=gen) for i in range(6)]
+    ks = [5, 300, 2000, 40, 7000, 1]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda i: rows_topk(rows[i], ks[i], absolute=True).flat_idx,
+                            list(range(6)) * 3))
+    for j, g in enumerate(got):
+        i = j % 6
+        assert torch.equal(g, reference(rows[i].abs(), ks[i])), i
+
+
+def test_sample_stride_is_an_odd_prime_at_least_the_spacing(monkeypatch):
+    for sample in (16, 1 << 16):
+        monkeypatch.setattr(exact_topk, "SAMPLE", sample)
+        for dim in (1, sample - 1, sample, 2 * sample, 3 * sample + 5, 170 * sample + 9,
+                    11_173_962):
+            s = exact_topk.sample_stride(dim)
+            spacing = dim // sample
+            if spacing < 2:
+                assert s == 1
+                continue
+            assert s >= spacing and s % 2 == 1
+            assert all(s % d for d in range(3, math.isqrt(s) + 1))
+            assert not any(all(c % d for d in range(3, math.isqrt(c) + 1))
+                           for c in range(spacing | 1, s, 2))  # the smallest such
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("long", [False, True])
 def test_cuda_equals_cpu_reference(long, monkeypatch):
@@ -273,3 +617,14 @@ def test_cuda_equals_cpu_reference(long, monkeypatch):
     ref.view(-1)[top] = fix[1]
     got = rows_topk(a.cuda(), 30, absolute=True, fix=(fix[0].cuda(), fix[1].cuda()))
     assert torch.equal(got.flat_idx.cpu(), reference(ref, 30))
+    # RegTop-k's lowering on CUDA: every override computed at once (no lazy subsets)
+    asked = []
+
+    def score(pos):
+        asked.append(pos)
+        return fix[1].cuda() if pos is None else fix[1].cuda().index_select(0, pos)
+
+    got = rows_topk(a.cuda(), 30, absolute=True,
+                    lowered=exact_topk.Lowered(fix[0].cuda(), score))
+    assert torch.equal(got.flat_idx.cpu(), reference(ref, 30))
+    assert asked == [None]

@@ -16,28 +16,33 @@ global gradient on the entry:
 
 Every division is guarded: a zero denominator, NaN or Inf yields Delta = Q, so
 no NaN or Inf leaves the sparsifier. The extra cost over Top-k is O(k): only
-the previous mask's entries are rescaled, and they reach the exact selection
-as overrides of ``|a|`` (``rows_topk(a, k, absolute=True, fix=...)``), so
-RegTop-k runs Top-k's fused path without materializing its score.
+the previous mask's entries are rescaled, never above ``|a|`` (tanh <= 1),
+and they reach the exact selection as a lowering of ``|a|``
+(``rows_topk(a, k, absolute=True, lowered=...)``), which on CPU scores only
+the mask entries that can be selected; so RegTop-k runs Top-k's path without
+materializing its score.
 """
 import math
 
 import torch
 
 from .base import SparsifierError, check_positive, check_sparsity, exact_budget, num_selected
-from .exact_topk import rows_topk
+from .exact_topk import Lowered, rows_topk
 
 DISTORTIONS = ("reference", "paper")
 
 
-def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float):
+def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float, pos=None):
     """The regularized score on last round's mask only: ``(flat idx, score)``,
-    O(k). Every other entry's score is ``|a| * tanh(|1 + Q| / mu)``."""
-    idx = ctx.prev_flat
-    a_prev = a.view(-1)[idx]
-    contrib = ctx.fb_w * ctx.prev_sent
-    den = contrib if distortion == "reference" else ctx.fb_w * a_prev
-    delta = (ctx.fb_g - contrib) / den
+    O(k); ``pos`` (positions into the mask) restricts it to those entries.
+    Every other entry's score is ``|a| * tanh(|1 + Q| / mu)``."""
+    idx, sent, fb_g, fb_w = ctx.prev_flat, ctx.prev_sent, ctx.fb_g, ctx.fb_w
+    if pos is not None:
+        idx, sent, fb_g, fb_w = (x.index_select(0, pos) for x in (idx, sent, fb_g, fb_w))
+    a_prev = a.view(-1).index_select(0, idx)
+    contrib = fb_w * sent
+    den = contrib if distortion == "reference" else fb_w * a_prev
+    delta = (fb_g - contrib) / den
     ok = torch.isfinite(delta) & (den != 0)
     delta = torch.where(ok, delta, q)  # q in delta's dtype, as full_like would give
     return idx, a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
@@ -81,5 +86,8 @@ class RegTopK:
         k = num_selected(self.sparsity, a.shape[1])
         if off_mask_scale(self.mu, self.q) != 1.0:  # huge mu: every entry rescaled
             return rows_topk(self.score(a, ctx), k)
-        fix = prev_scores(a, ctx, self.mu, self.distortion, self.q) if ctx.prev_flat.numel() else None
-        return rows_topk(a, k, absolute=True, fix=fix)
+        if not ctx.prev_flat.numel():
+            return rows_topk(a, k, absolute=True)
+        # |a| * tanh(.) <= |a|: a lowering, computed where it can be selected
+        return rows_topk(a, k, absolute=True, lowered=Lowered(
+            ctx.prev_flat, lambda pos: prev_scores(a, ctx, self.mu, self.distortion, self.q, pos)[1]))

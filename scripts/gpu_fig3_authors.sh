@@ -98,6 +98,9 @@ for proto in ("paper", "authors"):
         except (OSError, ValueError) as e:
             print(f"| {proto} | {sp} | not measured ({type(e).__name__}) | | | | |")
             continue
+        if m.empty:  # stopped before round 0's evaluation was written
+            print(f"| {proto} | {sp} | 0 (no round recorded in {run_s} s) | | | | |")
+            continue
         done = int(m["round"].max())
         acc = m.dropna(subset=["accuracy"])
         acc = acc[acc["round"] > 0]

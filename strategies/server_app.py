@@ -52,7 +52,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                         verify=True)
     coord.start(range(int(cfg.num_workers)))
     net = network.settings(cfg)
-    rounds = int(cfg.rounds)
+    rounds, eval_every = int(cfg.rounds), int(cfg.eval_every)
     start, state = ckpt.load(recorder)
     if state is None:
         recorder.add(round_row(0, None, _evaluate(task, server, device), None, 0, 0, net))
@@ -60,7 +60,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                    f"{cfg.sparsifier.name} (flower)", initial=start - 1)
 
     def on_round(t: int, info: dict) -> None:
-        ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
+        ev = _evaluate(task, server, device) if evaluate_due(t, eval_every, rounds) else {}
         row = round_row(t, info["outcome"], ev, info["plan"], info["missing"],
                         info["replies"], net, info.get("sampled"))
         row["rejected"] += info.get("rejected_extra", 0)

@@ -160,12 +160,12 @@ class GlobalStep:
     def _gather(self) -> None:
         g, support = self._pending
         self._indices = torch.nonzero(self._union_mask(support)).flatten()  # torch.unique's
-        self._values = g[self._indices]
+        self._values = g.index_select(0, self._indices)
         self._pending = None
 
     def _union_mask(self, support) -> torch.Tensor:
         mask = torch.zeros(self.dim, dtype=torch.bool, device=support.device)
-        mask[support] = True
+        mask.index_fill_(0, support, True)
         return mask
 
     @property
@@ -435,18 +435,19 @@ class Downlink:
             kinds[key] = k
             order.append(k)
             bases.append(base)
+            if k == "delta":  # g is shared; the feedback values are read off it
+                if shared is None:
+                    shared = (self.step.nbytes(False), self.step.nbytes(True))
+                extra = FEEDBACK_META if fb is not None else 0
+                raw[key], coded[key] = shared[0] + extra, shared[1] + extra
+                continue
             fb_bytes = fb.nbytes() if fb is not None else 0  # with its values
             if k == "model":  # the whole model + the feedback values (as before)
                 raw[key] = coded[key] = model + fb_bytes
             elif k == "full":
                 raw[key] = coded[key] = full + fb_bytes
-            elif k == "patch":
+            else:  # a patch
                 raw[key], coded[key] = sizes[0] + fb_bytes, sizes[1] + fb_bytes
-            else:
-                if shared is None:
-                    shared = (self.step.nbytes(False), self.step.nbytes(True))
-                extra = FEEDBACK_META if fb is not None else 0
-                raw[key], coded[key] = shared[0] + extra, shared[1] + extra
         return Plan(kinds, raw, coded, order, bases)
 
     def confirm(self, worker: int, replica_round) -> None:
@@ -511,7 +512,7 @@ class Downlink:
             if touched is None:  # a dense g moves every entry
                 self.changed.fill_(round)
             else:
-                self.changed[touched.to(self.changed.device)] = round
+                self.changed.index_fill_(0, touched.to(self.changed.device), round)
         if digest is not None:
             self.digests[round] = digest
             for r in [r for r in self.digests if r and r < round - self.window]:

@@ -73,10 +73,10 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
     values, local = memory.commit(a, sel, rows)
     counts = sel.counts.tolist()
     dim = memory.dim
-    vals = torch.split(values, counts)
+    vals = values.split_with_sizes(counts)
     if local is None or not getattr(sparsifier, "sends_indices", True):
         return [Upload(v, None, dim) for v in vals]
-    return [Upload(v, i, dim) for v, i in zip(vals, torch.split(local, counts))]
+    return [Upload(v, i, dim) for v, i in zip(vals, local.split_with_sizes(counts))]
 
 
 # -- server side -------------------------------------------------------------
@@ -279,7 +279,7 @@ class FedServer:
         """5. g on each worker's entries (the whole g for a dense upload)."""
         sparse, idx, _, counts = packed
         g = out.grad
-        fb = iter(torch.split(g[idx], counts)) if sparse else iter(())
+        fb = iter(g.index_select(0, idx).split_with_sizes(counts)) if sparse else iter(())
         for r in ok:
             out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
 

@@ -123,7 +123,7 @@ def l2_norms(tensors) -> list:
     bitwise the same floats, tested on every CPU kernel path torch has
     here), else one by one."""
     if len(tensors) > 1 and len({t.numel() for t in tensors}) == 1 and tensors[0].numel():
-        rows = torch.stack([t.reshape(-1) for t in tensors]).to(torch.float64)
+        rows = torch.stack(tensors).reshape(len(tensors), -1).to(torch.float64)
         return torch.linalg.vector_norm(rows, dim=1).tolist()
     return [float(torch.linalg.vector_norm(t.to(torch.float64))) if t.numel() else 0.0
             for t in tensors]

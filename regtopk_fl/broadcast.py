@@ -159,14 +159,9 @@ class GlobalStep:
 
     def _gather(self) -> None:
         g, support = self._pending
-        self._indices = torch.nonzero(self._union_mask(support)).flatten()  # torch.unique's
+        self._indices = torch.unique(support) if support.numel() else support
         self._values = g.index_select(0, self._indices)
         self._pending = None
-
-    def _union_mask(self, support) -> torch.Tensor:
-        mask = torch.zeros(self.dim, dtype=torch.bool, device=support.device)
-        mask.index_fill_(0, support, True)
-        return mask
 
     @property
     def touched(self) -> torch.Tensor | None:
@@ -219,10 +214,14 @@ class GlobalStep:
             return (nbytes(self._values) + base,) * 2
         itemsize = (self._pending[0] if self._pending is not None else self._values).element_size()
         bitmap = (self.dim + 7) // 8
-        if self._pending is not None:
-            count = int(self._union_mask(self._pending[1]).sum())
-            if count < bitmap:  # the varints may be smaller: they need the indices
-                self._gather()
+        count = 0
+        if self._pending is not None and self._pending[1].numel() >= bitmap:
+            # the union may reach the bitmap's size: count it on a J-bit mask
+            support = self._pending[1]
+            mask = torch.zeros(self.dim, dtype=torch.bool, device=support.device)
+            count = int(mask.index_fill_(0, support, True).sum())
+        if self._pending is not None and count < bitmap:  # the varints may be smaller
+            self._gather()
         if self._pending is None:
             count = self._indices.numel()
             coded = coded_index_bytes(self._indices, self.dim)

@@ -5,7 +5,7 @@ unchanged, with the reruns shown").
 
     PYTHONPATH=<checkout A> python scripts/rerun_compare.py run OUT_A [--only NAME ...]
     PYTHONPATH=<checkout B> python scripts/rerun_compare.py run OUT_B
-    python scripts/rerun_compare.py compare OUT_A OUT_B
+    python scripts/rerun_compare.py compare OUT_A OUT_B [--new-keys KEY ...]
 
 ``run`` starts ``python -m regtopk_fl.launcher`` once per case (a fresh
 process each, as a user would; the launcher of the checkout on PYTHONPATH)
@@ -13,7 +13,8 @@ into ``OUT/<case>/`` (a sweep's jobs into ``OUT/<case>/<n>/``). ``compare``
 holds every run directory of A against B's: ``metrics.csv`` cell for cell
 apart from ``wall_s``, ``summary.json`` key for key apart from
 ``wall_time_s``, and ``model.pt``'s tensors with ``torch.equal``. It prints
-one line per run and exits with 1 when anything differs.
+one line per run and exits with 1 when anything differs. ``--new-keys``:
+summary keys that B may add (a new record, absent from A's older runs).
 
 Bitwise is the right test here: both sets run on the same machine with the
 same kernels (the same runtime, threads and CPU), only the code differs.
@@ -105,7 +106,7 @@ def _models_equal(a: Path, b: Path) -> bool:
     return True
 
 
-def compare(a: Path, b: Path) -> int:
+def compare(a: Path, b: Path, new_keys=()) -> int:
     bad = 0
     dirs = sorted(p.parent for p in a.rglob("metrics.csv"))
     if not dirs:
@@ -124,6 +125,9 @@ def compare(a: Path, b: Path) -> int:
                 what.append(f"metrics.csv differs ({len(ra)} vs {len(rb)} rows; first row "
                             f"{diff[0] if diff else min(len(ra), len(rb))})")
             sa, sb = _summary(d / "summary.json"), _summary(e / "summary.json")
+            for k in new_keys:
+                if k not in sa:
+                    sb.pop(k, None)
             keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
             if keys:
                 what.append(f"summary.json differs in {keys}")
@@ -145,8 +149,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
+    c.add_argument("--new-keys", nargs="*", default=())
     args = ap.parse_args(argv)
-    return run(args.out, args.only) if args.cmd == "run" else compare(args.a, args.b)
+    return run(args.out, args.only) if args.cmd == "run" else compare(args.a, args.b,
+                                                                       args.new_keys)
 
 
 if __name__ == "__main__":

@@ -517,8 +517,9 @@ class Downlink:
             for r in [r for r in self.digests if r and r < round - self.window]:
                 del self.digests[r]
         self._sizes = {}
-        for n in outcome.confirmed:
-            self.confirm(n, round - 1)
+        confirmed = [int(n) for n in outcome.confirmed]  # each as confirm(n, round - 1)
+        self.current.update(dict.fromkeys(confirmed, round - 1))
+        self.resync.difference_update(confirmed)
 
     def state_dict(self) -> dict:
         s = self.step

@@ -47,6 +47,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))  # also when imported by a test
 from _report import cpu_name, emit  # noqa: E402  (scripts/_report.py)
 
 LINREG = ["task=linreg", "num_workers=20", "sparsifier=regtopk", "sparsifier.sparsity=0.6",

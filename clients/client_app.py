@@ -50,7 +50,7 @@ from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.ray_cluster import ray_node_id
 
 from . import hostile  # faults.hostile: the reply as a hostile worker sends it (#11)
-from .cache import settings_and_build, settings_of
+from .cache import match_cpu_share, settings_and_build, settings_of
 from .node_state import load_memory, load_replica, opt_settings, save_memory, save_replica
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,16 @@ def handle_identify(msg: Message, context: Context, settings=None) -> Message:
     and the device it computes on (the server stops a run whose clients
     compute elsewhere than it expects: no silent CPU), and the round and
     digest of the model replica it holds, if any. Builds nothing: a client
-    that would fail to build its task on a missing GPU says so here."""
+    that would fail to build its task on a missing GPU says so here. It
+    also says how many torch threads it computes with (its Ray CPU share
+    under the simulation: clients/cache.py)."""
     cfg = settings_of(context, settings)
     replica = None
     if OmegaConf.select(cfg, "broadcast", default="gradient") == "gradient":
         replica = load_replica(context, cfg)
     return Message(wire.identity_content(int(context.node_config["partition-id"]),
-                                         device=compute_device(cfg.device), replica=replica),
-                   reply_to=msg)
+                                         device=compute_device(cfg.device), replica=replica,
+                                         threads=match_cpu_share()), reply_to=msg)
 
 
 def handle_checkpoint(msg: Message, context: Context, settings=None) -> Message:

@@ -33,7 +33,8 @@ Worker -> server
                    "replica-meta" {round, digest} of the model the upload was
                    computed on; under Ray, "placement" {ray-node-id}
   query.identify   "metrics" {partition-id}, "node-device" {device: the
-                   device it computes on, "cpu" or "cuda"} and, when it holds
+                   device it computes on, "cpu" or "cuda"; threads: its torch
+                   CPU threads} and, when it holds
                    a replica, "replica-meta" {round, digest} of it (the server
                    checks the claim against its digest table before patching it)
   query.checkpoint its memory (:func:`memory_content`)
@@ -263,13 +264,16 @@ def read_placement(content) -> str | None:
 
 # -- queries: identify, checkpoint, restore ----------------------------------------------
 def identity_content(partition: int, *, device: str | None = None,
-                     replica: Replica | None = None) -> RecordDict:
-    """A node's identify answer: its partition, the device it computes on and,
-    when it holds a replica, that replica's round and digest (claims the
-    server checks)."""
+                     replica: Replica | None = None, threads: int | None = None) -> RecordDict:
+    """A node's identify answer: its partition, the device it computes on
+    (and with how many torch CPU threads) and, when it holds a replica, that
+    replica's round and digest (claims the server checks)."""
     content = RecordDict({"metrics": MetricRecord({"partition-id": int(partition)})})
     if device is not None:
-        content["node-device"] = ConfigRecord({"device": str(device)})
+        node = {"device": str(device)}
+        if threads is not None:
+            node["threads"] = int(threads)
+        content["node-device"] = ConfigRecord(node)
     if replica is not None:
         content["replica-meta"] = ConfigRecord({"round": int(replica.round),
                                                 "digest": replica.digest()})
@@ -286,6 +290,13 @@ def read_device(content) -> str | None:
     if "node-device" not in content:
         return None
     return str(content["node-device"]["device"])
+
+
+def read_threads(content) -> int | None:
+    """The torch CPU threads a node says it computes with (None: it does not say)."""
+    if "node-device" not in content or "threads" not in content["node-device"]:
+        return None
+    return int(content["node-device"]["threads"])
 
 
 def read_replica_claim(content) -> tuple | None:

@@ -107,18 +107,26 @@ def nbytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-@dataclass
 class GlobalStep:
     """What the server did in one round, as broadcast: model_{round-1} ->
-    model_{round}. ``indices`` None means a dense g (dense uploads)."""
+    model_{round}. ``indices`` None means a dense g (dense uploads).
 
-    round: int
-    values: torch.Tensor  # g on the support, or the dense g
-    indices: torch.Tensor | None  # ascending int64 support
-    dim: int
-    stepped: bool = True  # False: no valid reply, the model did not move
-    buffers: torch.Tensor | None = None
-    digest: bytes | None = None  # of the server's model after the step
+    Made by :meth:`from_gradient`, a step gathers g's support (the distinct
+    indices, ascending) and its values only when something reads them: a
+    Flower message, a replica, a checkpoint. The in-process engine sends
+    nothing, so there only the byte counts are taken, from the support's size
+    (:meth:`nbytes`)."""
+
+    def __init__(self, round: int, values, indices, dim: int, stepped: bool = True,
+                 buffers=None, digest: bytes | None = None):
+        self.round, self.dim = int(round), int(dim)
+        self._values = values  # g on the support, or the dense g
+        self._indices = indices  # ascending int64 support (None: dense)
+        self.stepped = stepped  # False: no valid reply, the model did not move
+        self.buffers = buffers
+        self.digest = digest  # of the server's model after the step
+        self._pending = None  # (g, concatenated uploads' indices): gathered on first read
+        self._sizes = None  # (raw, coded) bytes of the shared part, once counted
 
     @classmethod
     def initial(cls, params: torch.Tensor, buffers=None, digest: bytes | None = None):
@@ -129,11 +137,36 @@ class GlobalStep:
     @classmethod
     def from_gradient(cls, round: int, g: torch.Tensor, support, stepped: bool, buffers,
                       digest=None):
-        """``support``: the accepted uploads' indices concatenated (None: dense)."""
-        if support is None:  # g is the round's own tensor and is never written again
+        """``support``: the accepted uploads' indices concatenated (None:
+        dense). ``g`` is the round's own tensor and is never written again."""
+        if support is None:
             return cls(round, g, None, g.numel(), stepped, buffers, digest)
-        idx = torch.unique(support.to(torch.int64)) if support.numel() else support.to(torch.int64)
-        return cls(round, g[idx], idx, g.numel(), stepped, buffers, digest)
+        step = cls(round, None, None, g.numel(), stepped, buffers, digest)
+        step._pending = (g, support.to(torch.int64))
+        return step
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        if self._pending is not None:
+            self._gather()
+        return self._indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self._pending is not None:
+            self._gather()
+        return self._values
+
+    def _gather(self) -> None:
+        g, support = self._pending
+        self._indices = torch.unique(support) if support.numel() else support
+        self._values = g.index_select(0, self._indices)
+        self._pending = None
+
+    @property
+    def touched(self) -> torch.Tensor | None:
+        """The entries g may be nonzero on (repeats allowed; None: every entry)."""
+        return self._pending[1] if self._pending is not None else self._indices
 
     def applied(self, opt: ServerSGD) -> None:
         """``opt.step`` with this g, the server's arithmetic on the server's g:
@@ -165,12 +198,37 @@ class GlobalStep:
         return self.values[pos]
 
     def nbytes(self, coded: bool) -> int:
-        """Bytes of the shared part of a delta message."""
-        n = nbytes(self.values) + nbytes(self.buffers) + HEADER + DIGEST
-        if self.indices is not None:
-            n += (coded_index_bytes(self.indices, self.dim) if coded
-                  else self.indices.numel() * index_itemsize(self.dim))
-        return n
+        """Bytes of the shared part of a delta message (counted once)."""
+        if self._sizes is None:
+            self._sizes = self._count_bytes()
+        return self._sizes[1 if coded else 0]
+
+    def _count_bytes(self) -> tuple:
+        """(raw, coded): values, buffers, header and digest, and the indices
+        raw (int32) or coded. Where the distinct indices are at least as many
+        as a J-bit bitmap has bytes, the coding is the bitmap whatever they
+        are (payload.coded_index_bytes_rows), so the count decides and
+        nothing is gathered."""
+        base = nbytes(self.buffers) + HEADER + DIGEST
+        if self._pending is None and self._indices is None:  # dense g
+            return (nbytes(self._values) + base,) * 2
+        itemsize = (self._pending[0] if self._pending is not None else self._values).element_size()
+        bitmap = (self.dim + 7) // 8
+        count = 0
+        if self._pending is not None and self._pending[1].numel() >= bitmap:
+            # the union may reach the bitmap's size: count it on a J-bit mask
+            support = self._pending[1]
+            mask = torch.zeros(self.dim, dtype=torch.bool, device=support.device)
+            count = int(mask.index_fill_(0, support, True).sum())
+        if self._pending is not None and count < bitmap:  # the varints may be smaller
+            self._gather()
+        if self._pending is None:
+            count = self._indices.numel()
+            coded = coded_index_bytes(self._indices, self.dim)
+        else:
+            coded = 1 + bitmap
+        base += count * itemsize
+        return base + count * index_itemsize(self.dim), base + coded
 
 
 def patch_nbytes(count: int, index_bytes: int, itemsize: int, buffer_bytes: int) -> int:
@@ -376,18 +434,19 @@ class Downlink:
             kinds[key] = k
             order.append(k)
             bases.append(base)
+            if k == "delta":  # g is shared; the feedback values are read off it
+                if shared is None:
+                    shared = (self.step.nbytes(False), self.step.nbytes(True))
+                extra = FEEDBACK_META if fb is not None else 0
+                raw[key], coded[key] = shared[0] + extra, shared[1] + extra
+                continue
             fb_bytes = fb.nbytes() if fb is not None else 0  # with its values
             if k == "model":  # the whole model + the feedback values (as before)
                 raw[key] = coded[key] = model + fb_bytes
             elif k == "full":
                 raw[key] = coded[key] = full + fb_bytes
-            elif k == "patch":
+            else:  # a patch
                 raw[key], coded[key] = sizes[0] + fb_bytes, sizes[1] + fb_bytes
-            else:
-                if shared is None:
-                    shared = (self.step.nbytes(False), self.step.nbytes(True))
-                extra = FEEDBACK_META if fb is not None else 0
-                raw[key], coded[key] = shared[0] + extra, shared[1] + extra
         return Plan(kinds, raw, coded, order, bases)
 
     def confirm(self, worker: int, replica_round) -> None:
@@ -448,17 +507,19 @@ class Downlink:
         self.step = GlobalStep.from_gradient(round, outcome.grad, support,
                                              bool(outcome.accepted), server.buffers, digest)
         if self.changed is not None and self.step.stepped:
-            if self.step.indices is None:  # a dense g moves every entry
+            touched = self.step.touched
+            if touched is None:  # a dense g moves every entry
                 self.changed.fill_(round)
             else:
-                self.changed[self.step.indices.to(self.changed.device)] = round
+                self.changed.index_fill_(0, touched.to(self.changed.device), round)
         if digest is not None:
             self.digests[round] = digest
             for r in [r for r in self.digests if r and r < round - self.window]:
                 del self.digests[r]
         self._sizes = {}
-        for n in outcome.confirmed:
-            self.confirm(n, round - 1)
+        confirmed = [int(n) for n in outcome.confirmed]  # each as confirm(n, round - 1)
+        self.current.update(dict.fromkeys(confirmed, round - 1))
+        self.resync.difference_update(confirmed)
 
     def state_dict(self) -> dict:
         s = self.step

@@ -56,7 +56,7 @@ class InProcessRun:
         n_all = (list(range(self.task.num_workers)) if self.participation is None
                  else self.participation.clients(t))  # #12: the sampled clients
         plan = self.coord.plan(n_all)  # only the sampled clients are sent anything
-        alive = [n for n in n_all if not faults.drops(self.fault_cfg, self.seed, n, t)]
+        alive = faults.survivors(self.fault_cfg, self.seed, n_all, t)
         replies = []
         if alive:
             total = float(sum(self.sizes[n] for n in alive))
@@ -75,8 +75,8 @@ class InProcessRun:
                 self.clients.scatter(alive, memory, t)
             for r in replies:  # computed on model_{t-1}, the replica every worker holds
                 r.replica_round = t - 1
-            replies = [corrupt(r) if faults.corrupts(self.fault_cfg, self.seed, r.worker, t) else r
-                       for r in replies]
+            nan = faults.corrupted(self.fault_cfg, self.seed, alive, t)
+            replies = [corrupt(r) if r.worker in nan else r for r in replies]
             # faults.hostile: upload and Byzantine attacks (the Flower runtime makes
             # them in the ClientApp and in strategies/hostile_grid.py)
             replies = hostile.tamper_round(self.fault_cfg, self.seed, t, replies, self.budget,

@@ -21,12 +21,31 @@ def _uniform(seed: int, worker: int, round: int, salt: str) -> float:
     return struct.unpack("<Q", h)[0] / 2**64
 
 
+def _prob(cfg, key: str) -> float:
+    return float(cfg.get(key, 0.0) or 0.0) if cfg else 0.0
+
+
 def drops(cfg, seed: int, worker: int, round: int) -> bool:
-    p = float(cfg.get("drop_prob", 0.0) or 0.0) if cfg else 0.0
+    p = _prob(cfg, "drop_prob")
     return (p > 0 and _uniform(seed, worker, round, "drop") < p) or hostile.absent(
         cfg, worker, round)
 
 
 def corrupts(cfg, seed: int, worker: int, round: int) -> bool:
-    p = float(cfg.get("nan_prob", 0.0) or 0.0) if cfg else 0.0
+    p = _prob(cfg, "nan_prob")
     return p > 0 and _uniform(seed, worker, round, "nan") < p
+
+
+def survivors(cfg, seed: int, workers, round: int) -> list:
+    """The workers that do not fail ``round`` (:func:`drops`): all of them,
+    without asking worker by worker, when no fault can drop one."""
+    if _prob(cfg, "drop_prob") <= 0 and not hostile.assigned(cfg):
+        return list(workers)
+    return [n for n in workers if not drops(cfg, seed, n, round)]
+
+
+def corrupted(cfg, seed: int, workers, round: int) -> set:
+    """The workers whose upload :func:`corrupts` in ``round``."""
+    if _prob(cfg, "nan_prob") <= 0:
+        return set()
+    return {n for n in workers if corrupts(cfg, seed, n, round)}

@@ -15,7 +15,7 @@ from .aggregate import Batch, Mean
 from .broadcast import FEEDBACK_META, Downlink, Plan
 from .memory import ErrorFeedbackMemory, restore_rows
 from .optim import ServerSGD  # noqa: F401  (re-exported: the server optimizer)
-from .payload import Upload, coded_index_bytes_rows, raw_bytes, validate_upload
+from .payload import Upload, coded_index_bytes_rows, index_itemsize, validate_upload
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
     values, local = memory.commit(a, sel, rows)
     counts = sel.counts.tolist()
     dim = memory.dim
-    vals = torch.split(values, counts)
+    vals = values.split_with_sizes(counts)
     if local is None or not getattr(sparsifier, "sends_indices", True):
         return [Upload(v, None, dim) for v in vals]
-    return [Upload(v, i, dim) for v, i in zip(vals, torch.split(local, counts))]
+    return [Upload(v, i, dim) for v, i in zip(vals, local.split_with_sizes(counts))]
 
 
 # -- server side -------------------------------------------------------------
@@ -183,6 +183,9 @@ class FedServer:
         if int(lo) < 0 or int(hi) >= dim:
             return False
         # strictly ascending within each upload (so no duplicates)
+        if len(set(counts)) == 1:  # equally long uploads: row by row, one comparison
+            rows = idx.view(len(counts), -1)
+            return bool((rows[:, 1:] > rows[:, :-1]).all())
         ok = idx[1:] > idx[:-1]
         bounds = [e - 1 for e in itertools.accumulate(counts[:-1]) if 0 < e < idx.numel()]
         if bounds:
@@ -276,20 +279,25 @@ class FedServer:
         """5. g on each worker's entries (the whole g for a dense upload)."""
         sparse, idx, _, counts = packed
         g = out.grad
-        fb = iter(torch.split(g[idx], counts)) if sparse else iter(())
+        fb = iter(g.index_select(0, idx).split_with_sizes(counts)) if sparse else iter(())
         for r in ok:
             out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
 
     def _count(self, out: RoundOutcome, ok, weights, packed) -> None:
         """6. What the accepted uploads sent and cost (coded: as they travel)."""
         sparse, idx, vals, counts = packed
-        out.sent = sum(r.upload.values.numel() for r in ok)
-        out.uplink_raw = sum(raw_bytes(r.upload) for r in ok)
-        out.uplink_each = {r.worker: raw_bytes(r.upload) for r in ok if r.upload.indices is None}
+        # from the sizes alone (values in the model's dtype, as validated):
+        # raw = entries x (index + value) bytes (payload.raw_bytes); the coded
+        # index bytes of all sparse uploads in one call
+        vsize, isize = self.params.element_size(), index_itemsize(self.dim)
+        dense = [r.upload.values.numel() for r in ok if r.upload.indices is None]
+        out.sent = sum(dense) + sum(counts)
+        out.uplink_raw = sum(dense) * vsize + sum(counts) * (isize + vsize)
+        out.uplink_each = {r.worker: r.upload.values.numel() * vsize for r in ok
+                           if r.upload.indices is None}
         if sparse:
-            vsize = vals.element_size()
-            for r, b in zip(sparse, coded_index_bytes_rows(idx, counts, self.dim)):
-                out.uplink_each[r.worker] = b + r.upload.values.numel() * vsize
+            for r, c, b in zip(sparse, counts, coded_index_bytes_rows(idx, counts, self.dim)):
+                out.uplink_each[r.worker] = b + c * vsize
         out.uplink_coded = sum(out.uplink_each.values())
         out.loss = sum(w * float(r.loss) for r, w in zip(ok, weights))
 

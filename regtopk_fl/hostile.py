@@ -114,6 +114,13 @@ def attack(fault_cfg, worker: int, round: int):
     return parse(h.get("attacks", "")).get(int(round))
 
 
+def assigned(fault_cfg) -> bool:
+    """A hostile worker is set (``faults.hostile.worker`` >= 0, with attacks)."""
+    h = fault_cfg.get("hostile") if fault_cfg else None
+    return bool(h and h.get("worker") is not None and int(h.get("worker")) >= 0
+                and h.get("attacks"))
+
+
 def absent(fault_cfg, worker: int, round: int) -> bool:
     return attack(fault_cfg, worker, round) == "absent"
 
@@ -202,6 +209,8 @@ def tamper_round(fault_cfg, seed: int, round: int, replies: list, budget=None,
     """The in-process side: ``replies`` (one round's, honest) with the hostile
     worker's replaced under its upload or Byzantine attack of this round."""
     out = list(replies)
+    if not assigned(fault_cfg):
+        return out
     for i, r in enumerate(replies):
         a = attack(fault_cfg, r.worker, round)
         if a in UPLOAD_ATTACKS:

@@ -193,9 +193,6 @@ def _main(cfg: DictConfig) -> None:
     from . import determinism
 
     determinism.apply(determinism.of(cfg))  # before anything touches CUDA
-    if cfg.get("threads"):
-        import torch
-        torch.set_num_threads(int(cfg.threads))
     from .runner import run_experiment
 
     try:

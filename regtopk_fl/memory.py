@@ -109,7 +109,7 @@ class ErrorFeedbackMemory:
                 pos = row_of_entry(self.prev_counts, self.prev_local.device)
                 self._flat = (self.prev_local + pos * self.dim, pos)
             flat, pos = self._flat
-            fb_w = self.fb_w[pos]
+            fb_w = self.fb_w.index_select(0, pos)
         else:
             local, counts, sent, fb_g = self._gather_rows(rows_l)
             pos = row_of_entry(counts, local.device)
@@ -125,8 +125,8 @@ class ErrorFeedbackMemory:
         if sel.dense:
             return self._commit_dense(a, sel, rows)
         flat_a = a.view(-1)
-        values = flat_a[sel.flat_idx]
-        flat_a[sel.flat_idx] = 0
+        values = flat_a.index_select(0, sel.flat_idx)
+        flat_a.index_fill_(0, sel.flat_idx, 0)
         pos = row_of_entry(sel.counts, a.device)
         local = sel.flat_idx - pos * self.dim
         nan = torch.full_like(values, float("nan"))
@@ -158,19 +158,20 @@ class ErrorFeedbackMemory:
     def set_feedback(self, fb_values: torch.Tensor, weights, rows=None) -> None:
         """Server feedback for the rows' last upload: the global gradient on
         each sent entry (aligned with ``prev_local``) and the weight ``w_n``."""
-        rows_l = list(range(self.num_rows)) if rows is None else list(rows)
         weights = torch.as_tensor(weights, dtype=self.eps.dtype, device=self.eps.device)
         if rows is None:
             if fb_values.shape != self.prev_sent.shape:
                 raise SparsifierError(
                     f"feedback length={fb_values.numel()}: expected {self.prev_sent.numel()}")
             self.fb_g = fb_values.to(self.eps.dtype).clone()
-        else:
-            local, counts, sent, _ = self._gather_rows(rows_l)
-            if fb_values.shape != sent.shape:
-                raise SparsifierError(
-                    f"feedback length={fb_values.numel()}: expected {sent.numel()}")
-            self._scatter_rows(rows_l, local, counts, sent, fb_values.to(self.eps.dtype))
+            self.fb_w.copy_(weights)
+            return
+        rows_l = list(rows)
+        local, counts, sent, _ = self._gather_rows(rows_l)
+        if fb_values.shape != sent.shape:
+            raise SparsifierError(
+                f"feedback length={fb_values.numel()}: expected {sent.numel()}")
+        self._scatter_rows(rows_l, local, counts, sent, fb_values.to(self.eps.dtype))
         self.fb_w[rows_l] = weights
 
     def feedback_from_global(self, g: torch.Tensor, weights, rows=None) -> None:

@@ -53,7 +53,15 @@ def varint_lengths(deltas: torch.Tensor) -> torch.Tensor:
 
 def coded_index_bytes_rows(idx: torch.Tensor, counts, dim: int) -> list:
     """Coded index bytes of several uploads at once: ``idx`` is their indices
-    concatenated (each ascending), ``counts`` their lengths."""
+    concatenated (each ascending), ``counts`` their lengths.
+
+    Every varint takes at least one byte, so an upload of at least as many
+    indices as the bitmap has bytes codes as the bitmap: when all of them do
+    (small J, dense enough uploads) the answer needs no pass over ``idx``."""
+    bitmap = (dim + 7) // 8
+    counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+    if counts and min(counts) >= bitmap:
+        return [1 + bitmap] * len(counts)
     idx = idx.to(torch.int64)
     if idx.numel() == 0:
         return [1 for _ in counts]
@@ -67,7 +75,6 @@ def coded_index_bytes_rows(idx: torch.Tensor, counts, dim: int) -> list:
     csum = torch.cumsum(varint_lengths(deltas), 0)
     csum = torch.cat([torch.zeros(1, dtype=torch.int64, device=csum.device), csum])
     varint = (csum[ends] - csum[starts]).tolist()
-    bitmap = (dim + 7) // 8
     return [1 + min(v, bitmap) for v in varint]
 
 

@@ -22,6 +22,25 @@ def ray_init_address(cfg) -> dict:
     return {} if address in (None, "") else {"address": str(address)}
 
 
+def ray_cpu_share() -> int | None:
+    """The CPUs Ray assigned to this process, floored (at least 1), when it
+    is a Ray worker with a CPU share (the simulation's ClientApp actors:
+    ``runtime.client_cpus``); None elsewhere (the driver, SuperNodes)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray where it is not running already
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        ctx = ray.get_runtime_context()
+        if ctx.worker.mode != ray.WORKER_MODE:
+            return None
+        cpus = ctx.get_assigned_resources().get("CPU")
+    except Exception:  # not inside a task/actor, or an old Ray
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
 def ray_node_id() -> str | None:
     """The Ray node this process runs on, when it is a Ray worker (the
     simulation's ClientApp actors); None elsewhere (SuperNodes, in-process)."""

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,8 +83,10 @@ def round_row(t: int, outcome, eval_metrics: dict, plan, missing: int, replies: 
     }
 
 
-def evaluate_due(task, t: int, cfg) -> bool:
-    return t == 0 or t % int(cfg.eval_every) == 0 or t == int(cfg.rounds)
+def evaluate_due(t: int, eval_every: int, rounds: int) -> bool:
+    """Round ``t`` is evaluated (``eval_every``, the first and the last round);
+    plain ints, read from the config once per run, not once per round."""
+    return t == 0 or t % eval_every == 0 or t == rounds
 
 
 class Progress:
@@ -133,13 +136,15 @@ def run_inprocess(cfg: DictConfig, task, sparsifier, recorder: RunRecorder,
     else:
         recorder.add(round_row(0, None, task.evaluate(run.server.params, run.server.buffers),
                                None, 0, 0, net))
-    bar = Progress(int(cfg.rounds), cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
-    for t in range(start, int(cfg.rounds) + 1):
+    rounds, eval_every = int(cfg.rounds), int(cfg.eval_every)
+    bar = Progress(rounds, cfg.progress, f"{cfg.sparsifier.name}", initial=start - 1)
+    for t in range(start, rounds + 1):
         watch = observer is not None and (t == 1 or t % obs_every == 0)
         if watch:
             observer.round = t
         r = run.round(t, observer if watch else None)
-        ev = task.evaluate(run.server.params, run.server.buffers) if evaluate_due(task, t, cfg) else {}
+        ev = (task.evaluate(run.server.params, run.server.buffers)
+              if evaluate_due(t, eval_every, rounds) else {})
         row = round_row(t, r["outcome"], ev, r["plan"], r["missing"], r["replies"], net,
                         r.get("sampled"))
         if not r["outcome"].accepted:
@@ -167,7 +172,27 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
     from . import determinism
 
     determinism.apply(determinism.of(cfg))  # before any CUDA work (cuBLAS reads its env once)
-    run_dir = Path(run_dir)
+    with torch_threads(OmegaConf.select(cfg, "threads", default=None)):
+        return _run_experiment(cfg, Path(run_dir), execute)
+
+
+@contextmanager
+def torch_threads(threads):
+    """``threads``: torch's intra-op CPU threads for the run (None: torch's
+    default), put back as they were when the run ends. Applied here, so every
+    entry point gets it: the launcher, ``flwr run``'s ServerApp, and the
+    benchmarks and tests that call :func:`run_experiment`."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if threads and torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
+def _run_experiment(cfg: DictConfig, run_dir: Path, execute) -> dict:
     fingerprint = config_fingerprint(cfg)
     if run_dir_status(run_dir, fingerprint) == "finished":
         log.warning("%s already holds this finished run; nothing to do", run_dir)

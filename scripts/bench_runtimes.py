@@ -1,12 +1,29 @@
 """Seconds per round of runtime=flower vs runtime=inprocess, same machine,
-same run, plus the wall time of the paper's linear regression (N=20, 2500
-rounds) in-process.
+same run, and the paper's linear regression in-process against its numpy
+floor (scripts/numpy_floor.py).
 
-    python scripts/bench_runtimes.py [--out results/bench_runtimes.md] [--quick]
+    python scripts/bench_runtimes.py [--repeat K] [--out results/bench_runtimes.md] [--quick]
     python scripts/bench_runtimes.py --scale 10 100 1000 [--m 10] [--out results/scale/flower_vs_n.md]
 
 Per-round time is the median of the differences of metrics.csv's wall_s,
 leaving out round 1 (start-up: Ray, actors, data loading).
+
+``--repeat K`` runs every case K times, interleaved (in-process, Flower,
+in-process, Flower, ...; the floor comparison likewise: the suite, the
+floor, the suite, ...), and prints the median and the spread (min-max) of
+each number over the K runs: of s/round, and of the Flower / in-process
+ratio and the suite / floor ratio, each taken pairwise (the runs next to
+each other). A single run is never a result on a shared machine.
+
+The floor comparison (issue #19): the paper's linear regression (N = 20,
+J = 100, 2500 rounds, RegTop-k S = 0.6, mu = 4, eval_every = 1, threads = 1),
+its ``summary.json`` ``wall_time_s`` against the rounds of the plain numpy
+implementation, one after the other in this process. numpy's BLAS is held
+to one thread as well (``OPENBLAS_NUM_THREADS=1`` unless set), like torch's.
+
+The table also says how many torch threads the Flower clients computed
+with (``summary.json`` ``client_threads``: their Ray CPU share) and the
+driver's CPU seconds per run (the server, and under Flower the Ray driver).
 
 ``--scale``: s/round of runtime=flower against the number of nodes N at a
 fixed number m of sampled clients per round (linear regression, RegTop-k
@@ -15,18 +32,28 @@ core at client_cpus=1), next to in-process at the same N and m.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import os
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the numpy floor's BLAS, before numpy loads
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))  # also when imported by a test
 from _report import cpu_name, emit  # noqa: E402  (scripts/_report.py)
+
+LINREG = ["task=linreg", "num_workers=20", "sparsifier=regtopk", "sparsifier.sparsity=0.6",
+          "sparsifier.mu=4", "eval_every=1"]
+FIG2 = LINREG + ["rounds=2500", "runtime=inprocess", "threads=1", "checkpoint.every=0"]
+FLOOR_TARGET = 1.5  # issue #19: wall_time_s <= 1.5x the numpy floor's
 
 
 def _cfg(overrides):
@@ -42,21 +69,59 @@ def per_round(run_dir: Path) -> float:
     return statistics.median(steps)
 
 
-def bench(cases, tmp: Path, flower_only_keys=()):
+def bench(cases, tmp: Path, flower_only_keys=(), repeat: int = 1):
+    """One row per (case, runtime, repetition); repetitions outermost, so
+    every case's runs are spread over the whole benchmark."""
     from regtopk_fl.runner import run_experiment
 
     rows = []
-    for name, overrides in cases:
-        for runtime in ("inprocess", "flower"):
-            ov = [o for o in overrides
-                  if runtime == "flower" or not o.startswith(tuple(flower_only_keys))]
-            t0 = time.perf_counter()
-            summary = run_experiment(_cfg([f"runtime={runtime}"] + ov), tmp / f"{name}-{runtime}")
-            total = time.perf_counter() - t0
-            rows.append({"case": name, "runtime": runtime, "rounds": summary["rounds"],
-                         "s_per_round": per_round(tmp / f"{name}-{runtime}"), "total_s": total})
-            print(rows[-1], flush=True)
+    for rep in range(repeat):
+        for name, overrides in cases:
+            for runtime in ("inprocess", "flower"):
+                ov = [o for o in overrides
+                      if runtime == "flower" or not o.startswith(tuple(flower_only_keys))]
+                run_dir = tmp / f"{name}-{runtime}-{rep}"
+                t0, c0 = time.perf_counter(), time.process_time()
+                summary = run_experiment(_cfg([f"runtime={runtime}"] + ov), run_dir)
+                total, cpu = time.perf_counter() - t0, time.process_time() - c0
+                rows.append({"case": name, "runtime": runtime, "rep": rep,
+                             "rounds": summary["rounds"], "s_per_round": per_round(run_dir),
+                             "total_s": total, "driver_cpu_s": cpu,
+                             "client_threads": summary.get("client_threads")})
+                print(rows[-1], flush=True)
     return rows
+
+
+def load_floor():
+    spec = importlib.util.spec_from_file_location("numpy_floor", ROOT / "scripts" / "numpy_floor.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def floor_pairs(tmp: Path, repeat: int) -> list:
+    """The suite's paper linear regression and the numpy floor, one after
+    the other, ``repeat`` times: [(suite wall_time_s, floor s, final gaps)]."""
+    from regtopk_fl.runner import build, run_experiment
+
+    floor = load_floor()
+    cfg = _cfg(FIG2)
+    task, sparsifier = build(cfg)
+    pairs = []
+    for rep in range(repeat):
+        summary = run_experiment(cfg, tmp / f"fig2-{rep}")
+        gaps, secs = floor.from_task(task, float(cfg.sparsifier.sparsity), float(cfg.sparsifier.mu),
+                                     float(cfg.lr), int(cfg.rounds))
+        pairs.append((summary["wall_time_s"], secs, summary["final"]["gap"], float(gaps[-1])))
+        print({"fig2 suite s": pairs[-1][0], "numpy floor s": secs}, flush=True)
+    return pairs
+
+
+def spread(values, fmt: str = "{:.4f}", unit: str = "") -> tuple:
+    """(median, 'min-max') as text."""
+    med = statistics.median(values)
+    return (fmt.format(med) + unit,
+            f"{fmt.format(min(values))}{unit}-{fmt.format(max(values))}{unit}")
 
 
 def _machine() -> str:
@@ -64,7 +129,9 @@ def _machine() -> str:
 
     cpu = cpu_name()
     return (f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}.")
+            f"{torch.get_num_threads()} threads in this process; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+            f"{time.strftime('%Y-%m-%d %H:%M')}.")
 
 
 def scale(ns, m: int, rounds: int, client_cpus: float, out) -> int:
@@ -87,58 +154,83 @@ def scale(ns, m: int, rounds: int, client_cpus: float, out) -> int:
     for r in rows:
         lines.append(f"| {r['case'].split(',')[0][2:]} | {r['runtime']} | {r['s_per_round']:.4f} | "
                      f"{r['total_s']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+    emit(lines, out)
     return 0
+
+
+def report(rows, pairs, repeat: int, argv_text: str) -> list:
+    lines = [f"# Runtime speed (`python scripts/bench_runtimes.py{argv_text}`)", "", _machine(),
+             "", f"Every case ran {repeat} time(s), interleaved (in-process, Flower, in-process, "
+             f"...): the median over the runs and their spread (min-max).", "",
+             "| case | runtime | s/round: median | min-max | whole run incl. start-up (s): median "
+             "| driver CPU s: median | Flower clients' torch threads |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    for case in cases:
+        for runtime in ("inprocess", "flower"):
+            mine = [r for r in rows if r["case"] == case and r["runtime"] == runtime]
+            med, rng = spread([r["s_per_round"] for r in mine])
+            threads = sorted({t for r in mine for t in (r["client_threads"] or [])})
+            lines.append(f"| {case} ({mine[0]['rounds']} rounds) | {runtime} | {med} | {rng} | "
+                         f"{statistics.median(r['total_s'] for r in mine):.1f} | "
+                         f"{statistics.median(r['driver_cpu_s'] for r in mine):.1f} | "
+                         f"{threads if runtime == 'flower' else '-'} |")
+    lines += ["", "| case | Flower / in-process per round: median | min-max | runs |",
+              "| --- | ---: | ---: | ---: |"]
+    for case in cases:
+        ratios = []
+        for rep in sorted({r["rep"] for r in rows}):
+            ip, fl = (next(r for r in rows if r["case"] == case and r["runtime"] == rt
+                           and r["rep"] == rep) for rt in ("inprocess", "flower"))
+            ratios.append(fl["s_per_round"] / ip["s_per_round"])
+        med, rng = spread(ratios, "{:.2f}", "x")
+        lines.append(f"| {case} | {med} | {rng} | {len(ratios)} |")
+    suite, floor = [p[0] for p in pairs], [p[1] for p in pairs]
+    ratios = [p[0] / p[1] for p in pairs]
+    med = statistics.median(ratios)
+    lines += ["", "## The in-process round against its numpy floor (issue #19)", "",
+              "The paper's linear regression (N = 20, J = 100, 2500 rounds, RegTop-k S = 0.6, "
+              "mu = 4, eval_every = 1, threads = 1): the run's `wall_time_s` against "
+              "`scripts/numpy_floor.py`'s rounds, one after the other, "
+              f"{len(pairs)} time(s).", "",
+              "| | median | min-max |", "| --- | ---: | ---: |",
+              "| in-process `wall_time_s` (s) | {} | {} |".format(*spread(suite, "{:.3f}")),
+              "| numpy floor (s) | {} | {} |".format(*spread(floor, "{:.3f}")),
+              "| in-process / floor (pairwise) | {} | {} |".format(*spread(ratios, "{:.2f}", "x")),
+              "", f"Final gap: in-process {pairs[0][2]:.3g}, floor {pairs[0][3]:.3g}. "
+              f"Target <= {FLOOR_TARGET}x: {'met' if med <= FLOOR_TARGET else 'not met'} "
+              f"(median {med:.2f}x)."]
+    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write a Markdown table here")
     ap.add_argument("--quick", action="store_true", help="linear regression only, few rounds")
+    ap.add_argument("--repeat", type=int, default=1, metavar="K",
+                    help="run every case K times, interleaved; print medians and spreads")
     ap.add_argument("--scale", type=int, nargs="+", default=None, metavar="N",
                     help="Flower s/round against these N at fixed --m")
     ap.add_argument("--m", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--client-cpus", type=float, default=1.0)
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat={args.repeat}: must be >= 1")
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     if args.scale:
         return scale(args.scale, args.m, args.rounds, args.client_cpus, args.out)
-    linreg = ["task=linreg", "num_workers=20", "sparsifier=regtopk", "sparsifier.sparsity=0.6",
-              "sparsifier.mu=4", "eval_every=1"]
-    cases = [("linreg N=20", linreg + ["rounds=30"])]
+    cases = [("linreg N=20", LINREG + ["rounds=30"])]
     if not args.quick:
         cases.append(("cifar10 ResNet-18 N=8", [
             "task=cifar10", "num_workers=8", "rounds=10", "sparsifier=regtopk",
             "sparsifier.sparsity=0.001", "sparsifier.mu=5", "eval_every=1000",
             "task.test_subset=100"]))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = bench(cases, Path(tmp))
-        from regtopk_fl.runner import run_experiment
-
-        fig2 = run_experiment(_cfg(linreg + ["rounds=2500", "runtime=inprocess"]), Path(tmp) / "fig2")
-    import torch
-
-    cpu = cpu_name()
-    lines = ["# Runtime speed (`python scripts/bench_runtimes.py`)", "",
-             f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}.", "",
-             "| case | runtime | s/round (median, rounds 2..) | whole run incl. start-up (s) |",
-             "| --- | --- | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['case']} ({r['rounds']} rounds) | {r['runtime']} | "
-                     f"{r['s_per_round']:.4f} | {r['total_s']:.1f} |")
-    for case in {r["case"] for r in rows}:
-        ip = next(r for r in rows if r["case"] == case and r["runtime"] == "inprocess")
-        fl = next(r for r in rows if r["case"] == case and r["runtime"] == "flower")
-        lines.append(f"\n{case}: Flower/in-process per round = {fl['s_per_round'] / ip['s_per_round']:.2f}x")
-    lines.append(f"\nPaper's linear regression (N=20, J=100, 2500 rounds, RegTop-k S=0.6), "
-                 f"in-process: {fig2['wall_time_s']:.2f} s (final gap {fig2['final']['gap']:.3g}).")
-    emit(lines, args.out)
+        rows = bench(cases, Path(tmp), repeat=args.repeat)
+        pairs = floor_pairs(Path(tmp), args.repeat)
+    argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    emit(report(rows, pairs, args.repeat, argv_text), args.out)
     return 0
 
 

@@ -52,7 +52,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                         verify=True)
     coord.start(range(int(cfg.num_workers)))
     net = network.settings(cfg)
-    rounds = int(cfg.rounds)
+    rounds, eval_every = int(cfg.rounds), int(cfg.eval_every)
     start, state = ckpt.load(recorder)
     if state is None:
         recorder.add(round_row(0, None, _evaluate(task, server, device), None, 0, 0, net))
@@ -60,7 +60,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                    f"{cfg.sparsifier.name} (flower)", initial=start - 1)
 
     def on_round(t: int, info: dict) -> None:
-        ev = _evaluate(task, server, device) if evaluate_due(task, t, cfg) else {}
+        ev = _evaluate(task, server, device) if evaluate_due(t, eval_every, rounds) else {}
         row = round_row(t, info["outcome"], ev, info["plan"], info["missing"],
                         info["replies"], net, info.get("sampled"))
         row["rejected"] += info.get("rejected_extra", 0)
@@ -80,6 +80,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                                  participation=participation_from_cfg(cfg, task.num_examples()),
                                  expect_device=expect_client_device,  # no silent CPU (#21)
                                  device_setting=_gpu_setting(cfg))
+    recorder.extras.append(lambda: {"client_threads": strategy.threads_in_use()})
     if state is not None:
         strategy.load_state_dict(state)
     if start <= rounds:

@@ -79,6 +79,7 @@ class SparseAggregation(Strategy):
         # Flower node id -> worker (partition id): bound once, every claim checked (#11)
         self.identity = identity or NodeBinding(num_nodes)
         self.ray_nodes: dict = {}  # Ray node id -> replies computed there (#12, under Ray)
+        self.client_threads: dict = {}  # node -> the torch threads it said it computes with
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
         self._round_info: dict = {}
         self._started = False
@@ -303,6 +304,7 @@ class SparseAggregation(Strategy):
                 try:
                     claims.append((node, wire.read_identity(msg.content)))
                     devices[node] = wire.read_device(msg.content)
+                    self.client_threads[node] = wire.read_threads(msg.content)
                 except Exception:  # noqa: BLE001 - an unreadable claim binds nothing
                     continue
                 try:
@@ -310,6 +312,7 @@ class SparseAggregation(Strategy):
                 except Exception as exc:  # noqa: BLE001 - believed nothing: as no replica
                     log.warning("node %s: unreadable replica claim: %s", node, exc)
                     replicas[node] = None
+        log.info("torch CPU threads of the nodes: %s", self.threads_in_use())
         claims = screen_devices(claims, devices, self.expect_device, self.device_setting,
                                 first_contact=not self._trained)
         for node, why in self.identity.resolve(claims).items():
@@ -320,6 +323,12 @@ class SparseAggregation(Strategy):
                 worker = self.identity.partition_of(node)
                 said = self.coord.downlink.claim(worker, *(claim or (None, None)))
                 log.info("node %s (worker %s): %s", node, worker, said)
+
+    def threads_in_use(self) -> list:
+        """The distinct torch CPU thread counts the nodes said they compute
+        with (for summary.json: a client with more threads than its CPU
+        share oversubscribes the machine)."""
+        return sorted({t for t in self.client_threads.values() if t is not None})
 
     def _restore_memories(self, grid: Grid, nodes: list) -> None:
         memories, self._restore = self._restore, None

@@ -486,3 +486,29 @@ def test_wire_patch_and_identify_claim_round_trip():
     bad["replica-meta"] = ConfigRecord({"round": 4, "digest": "not bytes"})
     with pytest.raises(TypeError):
         wire.read_replica_claim(bad)
+
+
+@pytest.mark.parametrize("dim, n, k", [(100, 20, 60), (100, 3, 2), (20000, 8, 50), (50, 2, 0)])
+def test_global_step_counts_its_bytes_from_the_support(dim, n, k):
+    """A step made from the round's g and the uploads' concatenated indices
+    counts its bytes as the gathered step would (distinct indices, their
+    coding) and gathers the union and g on it (torch.unique's, ascending)
+    only when read. Where the distinct indices fill at least the bitmap's
+    bytes (J = 100, N*k = 1200), the count alone decides: nothing gathered."""
+    from regtopk_fl.broadcast import DIGEST, HEADER
+
+    gen = torch.Generator().manual_seed(dim + n + k)
+    support = torch.cat([_random_upload(gen, dim, k).indices for _ in range(n)])
+    g = torch.zeros(dim, dtype=torch.float64)
+    g[support] = torch.randn(support.numel(), generator=gen, dtype=torch.float64)
+    step = GlobalStep.from_gradient(4, g, support, True, None, b"d" * 16)
+    union = torch.unique(support)
+    raw = HEADER + DIGEST + union.numel() * (8 + 4)
+    coded = HEADER + DIGEST + union.numel() * 8 + coded_index_bytes(union, dim)
+    assert (step.nbytes(False), step.nbytes(True)) == (raw, coded)
+    bitmap_decides = union.numel() >= (dim + 7) // 8
+    assert (step._indices is None) == bitmap_decides  # not gathered to be counted
+    assert torch.equal(step.indices, union) and torch.equal(step.values, g[union])
+    assert torch.equal(step.touched, union)
+    # what travels is what was counted
+    assert step.nbytes(True) == _wire(step).nbytes(True)

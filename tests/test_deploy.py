@@ -246,6 +246,48 @@ def test_node_config_data_path_overrides_task_path(make_cfg):
     assert "data_path" not in lin.task
 
 
+def test_client_builds_once_per_config(make_cfg):
+    """A client's message of a known config reuses what it built (the key is
+    the plain settings and the node's path overrides); another config builds
+    its own."""
+    from clients.cache import settings_and_build
+
+    def ctx(node=None):
+        return Context(run_id=1, node_id=1, node_config={"partition-id": 0, **(node or {})},
+                       state=RecordDict(), run_config={})
+
+    plain = lambda cfg: OmegaConf.to_container(cfg, resolve=True)  # noqa: E731
+    one = plain(make_cfg(["task=linreg", "num_workers=3"]))
+    first = settings_and_build(ctx(), one)
+    assert settings_and_build(ctx(), plain(make_cfg(["task=linreg", "num_workers=3"]))) is first
+    other = settings_and_build(ctx(), plain(make_cfg(["task=linreg", "num_workers=4"])))
+    assert other is not first and other[1].num_workers == 4
+    node = settings_and_build(ctx({"data-path": "/node/d"}), one)  # a node's own paths
+    assert settings_and_build(ctx({"data-path": "/node/d"}), one) is node
+    assert settings_and_build(ctx(), one) is not node
+
+
+def test_state_file_mapping_is_kept_until_the_file_is_replaced(tmp_path):
+    """A client keeps its mapping of a state file between messages (its
+    pages stay mapped), and maps the file again once another process has
+    replaced it (a new inode: what it holds is no longer the file)."""
+    from clients import state_files
+
+    base = tmp_path / "run-1-partition-0.pt"
+    state_files.save(base, {"eps": torch.arange(1 << 16, dtype=torch.float32)}, {"r": 1})
+    first = state_files.load(base)["eps"]
+    again = state_files.load(base)["eps"]
+    assert again.data_ptr() == first.data_ptr()
+    first += 1  # shared: the file holds it, and the next load sees it
+    assert float(state_files.load(base)["eps"][0]) == 1.0
+    raw = tmp_path / "run-1-partition-0.pt.eps.raw"
+    replaced = tmp_path / "replaced.raw"  # another actor writes a new file in its place
+    torch.full((1 << 16,), 7.0).numpy().tofile(replaced)
+    os.replace(replaced, raw)
+    now = state_files.load(base)["eps"]
+    assert now.data_ptr() != first.data_ptr() and float(now[5]) == 7.0
+
+
 def test_restarted_node_with_state_dir_resumes_exactly(make_cfg, task_identity, tmp_path):
     """Node 1 loses its Context (a killed + restarted SuperNode) before rounds
     3 and 5; with a state dir the run is bit-identical to the uninterrupted one."""

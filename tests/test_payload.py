@@ -103,6 +103,19 @@ def test_coded_index_bytes_rows_hand():
     assert coded_index_bytes_rows(idx, [2, 0, 2], 1000) == [3, 1, 4]
 
 
+def test_coded_rows_at_the_bitmap_boundary():
+    # J = 80: a bitmap of 10 bytes. 9 adjacent indices code as 9 one-byte
+    # varints (+ tag); 10 as the bitmap, which the count alone decides
+    dim = 80
+    for k, want in ((9, 1 + 9), (10, 1 + 10), (11, 1 + 10), (80, 1 + 10)):
+        idx = torch.arange(k)
+        assert coded_index_bytes(idx, dim) == want == len(encode_indices(idx, dim))
+        assert coded_index_bytes_rows(torch.cat([idx, idx]), [k, k], dim) == [want, want]
+    # one short row among long ones: each row still its own size
+    assert coded_index_bytes_rows(torch.cat([torch.arange(12), torch.arange(3)]),
+                                  [12, 3], dim) == [11, 4]
+
+
 @st.composite
 def index_sets(draw):
     dim = draw(st.sampled_from([1, 7, 8, 9, 64, 200, 1000, 5000, 2**20, 2**31 + 5]))

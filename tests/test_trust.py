@@ -11,7 +11,8 @@ from regtopk_fl.fedround import Coordinator, FedServer, Reply, apply_feedback, w
 from regtopk_fl.memory import ErrorFeedbackMemory
 from regtopk_fl.payload import Upload
 from regtopk_fl.tasks.linreg import LinRegTask
-from regtopk_fl.trust import Guard, TrustPolicy, capped_shares, lower_median
+from regtopk_fl.trust import (Guard, TrustPolicy, capped_shares, l2_norms, lower_median,
+                              upload_norm)
 from strategies.identity import NodeBinding, load_node_keys, screen_claims
 
 
@@ -30,6 +31,24 @@ def _server(policy=None, sizes=(10, 10, 10, 10), dim=6, rule=None, budget=None):
 
 
 # -- norm guard -----------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [[60] * 20, [3, 60, 0, 7], [1], [], [0, 0]])
+def test_norms_of_the_round_in_one_reduction(sizes):
+    """The guard's norms, one stacked reduction for equally long uploads: the
+    same numbers as upload_norm's one by one (bitwise on this suite's CPUs;
+    asserted to 1e-15, as a batched against a per-upload path)."""
+    gen = torch.Generator().manual_seed(len(sizes))
+    replies = [_reply(i, (torch.randn(m, generator=gen, dtype=torch.float64)
+                          * 10.0 ** torch.randint(-8, 8, (m,), generator=gen)).tolist(),
+                      list(range(m)), dim=max(m, 1)) for i, m in enumerate(sizes)]
+    got = l2_norms([r.upload.values for r in replies])
+    want = [upload_norm(r) for r in replies]
+    assert len(got) == len(want) and all(isinstance(x, float) for x in got)
+    assert all(abs(a - b) <= 1e-15 * b for a, b in zip(got, want))
+    bufs = [torch.randn(2, 3, generator=gen) for _ in range(4)]  # buffers of any shape
+    assert all(abs(a - float(torch.linalg.vector_norm(b.double()))) <= 1e-12
+               for a, b in zip(l2_norms(bufs), bufs))
+
+
 def test_huge_upload_is_rejected_and_the_rest_aggregated():
     s = _server()
     out = s.step([_reply(0, [1.0, 2.0], [0, 1]), _reply(1, [1.0, 1.0], [0, 2]),

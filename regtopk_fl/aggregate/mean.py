@@ -23,6 +23,10 @@ class Mean(Rule):
         sparse, idx, vals, counts = batch.packed
         if sparse:
             by_worker = dict(zip((r.worker for r in batch.replies), batch.weights))
-            wrep = torch.tensor([by_worker[r.worker] for r in sparse], dtype=g.dtype,
-                                device=g.device)[row_of_entry(counts, g.device)]
-            g.index_add_(0, idx, vals * wrep)
+            w = torch.tensor([by_worker[r.worker] for r in sparse], dtype=g.dtype,
+                             device=g.device)
+            if len(set(counts)) == 1:  # equally long uploads: w_n broadcast over its row
+                contrib = (vals.view(len(counts), -1) * w[:, None]).view(-1)
+            else:  # w_n repeated for each of its entries
+                contrib = vals * w[row_of_entry(counts, g.device)]
+            g.index_add_(0, idx, contrib)

@@ -1,0 +1,58 @@
+"""scripts/bench_runtimes.py's report: medians and spreads over repeated,
+interleaved runs, the Flower / in-process ratio and the suite / floor ratio
+taken pairwise (timing itself is the script's job, never a test's)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_runtimes.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_runtimes", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(case, runtime, rep, s):
+    return {"case": case, "runtime": runtime, "rep": rep, "rounds": 10, "s_per_round": s,
+            "total_s": 10 * s, "driver_cpu_s": s,
+            "client_threads": [1] if runtime == "flower" else None}
+
+
+def _cells(text, first):
+    line = next(x for x in text.splitlines() if x.startswith(f"| {first}"))
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_report_gives_medians_spreads_and_pairwise_ratios(bench):
+    ip, fl = [1.0, 2.0, 1.5], [1.1, 2.4, 3.0]  # pairwise ratios 1.1, 1.2, 2.0
+    rows = [r for k in range(3) for r in (_row("resnet", "inprocess", k, ip[k]),
+                                          _row("resnet", "flower", k, fl[k]))]
+    pairs = [(0.9, 0.3, 1e-12, 1e-12), (1.2, 0.3, 1e-12, 1e-12), (0.6, 0.4, 1e-12, 1e-12)]
+    text = "\n".join(bench.report(rows, pairs, 3, " --repeat 3"))
+    assert "--repeat 3" in text
+    cells = _cells(text, "resnet (10 rounds) | inprocess")
+    assert cells[2:4] == ["1.5000", "1.0000-2.0000"]
+    assert _cells(text, "resnet (10 rounds) | flower")[2:4] == ["2.4000", "1.1000-3.0000"]
+    assert _cells(text, "resnet (10 rounds) | flower")[-1] == "[1]"
+    # the median of the pairwise ratios, not the ratio of the medians (1.6)
+    assert _cells(text, "resnet |")[1:4] == ["1.20x", "1.10x-2.00x", "3"]
+    assert _cells(text, "in-process / floor")[1:3] == ["3.00x", "1.50x-4.00x"]
+    assert "not met (median 3.00x)" in text
+
+
+def test_floor_target_met_is_said(bench):
+    rows = [_row("linreg", "inprocess", 0, 0.001), _row("linreg", "flower", 0, 0.2)]
+    text = "\n".join(bench.report(rows, [(0.3, 0.25, 1e-12, 1e-12)], 1, ""))
+    assert "Target <= 1.5x: met (median 1.20x)" in text
+
+
+def test_repeat_must_be_positive(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--repeat", "0"])

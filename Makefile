@@ -92,6 +92,7 @@ gpu-smoke: $(STAMP)
 	$(BIN)/python -c "import json, sys; r = json.load(open('$(GPU_SMOKE)/out/gpu_summary.json')); \
 	bad = [k for k, v in r.items() if 'error' in v or 'skipped' in v or 'stopped' in v]; \
 	bad += [] if r['inprocess']['floor']['equal_batches'] else ['batched path not taken']; \
+	bad += [] if r['flower'].get('tick') and r['many'].get('tick_s_per_round') else ['no tick twin']; \
 	sys.exit(f'gpu-smoke: steps failed or skipped: {bad}' if bad or len(r) != 4 else 0)"
 
 clean:

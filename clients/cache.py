@@ -79,7 +79,7 @@ def settings_and_build(context, settings=None):
     if key not in _CACHE:
         cfg = settings_of(context, settings)
         apply_node_config(cfg, node)
-        determinism.apply(determinism.of(cfg))  # before the task touches CUDA
+        determinism.apply_cfg(cfg)  # before the task touches CUDA
         match_cpu_share()  # before the task's first parallel op
         task, sparsifier = build(cfg)
         _CACHE.clear()  # one experiment per process at a time

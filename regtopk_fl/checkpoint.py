@@ -61,7 +61,7 @@ def config_fingerprint(cfg) -> str:
     if isinstance(keep.get("runtime"), dict):
         keep["runtime"] = {k: (0.0 if k == "client_gpus" else v)  # its old default, any share
                            for k, v in keep["runtime"].items()
-                           if k not in ("ray_address", "state_dir")}
+                           if k not in ("ray_address", "state_dir", "prompt_delivery")}
     if keep.get("participation") == _EVERYONE:
         del keep["participation"]
     # the Fig. 3 switches (#18) at their defaults compute what ran before them
@@ -73,6 +73,10 @@ def config_fingerprint(cfg) -> str:
     # #21's switches at their defaults compute what ran before they existed
     if keep.get("deterministic") is False:
         del keep["deterministic"]
+    # tf32=false: on the CPU what always ran; on CUDA true fp32 where torch's
+    # default had been TF32 convolutions (a GPU run from before resumes in fp32)
+    if keep.get("tf32") is False:
+        del keep["tf32"]
     if isinstance(keep.get("task"), dict) and keep["task"].get("batched") == "auto":
         keep["task"] = {k: v for k, v in keep["task"].items() if k != "batched"}
     _as_before(keep)

@@ -192,7 +192,7 @@ def _main(cfg: DictConfig) -> None:
         return
     from . import determinism
 
-    determinism.apply(determinism.of(cfg))  # before anything touches CUDA
+    determinism.apply_cfg(cfg)  # before anything touches CUDA
     from .runner import run_experiment
 
     try:

@@ -171,7 +171,7 @@ def run_experiment(cfg: DictConfig, run_dir, execute=None) -> dict:
     checkpoint resumes (see checkpoint.py)."""
     from . import determinism
 
-    determinism.apply(determinism.of(cfg))  # before any CUDA work (cuBLAS reads its env once)
+    determinism.apply_cfg(cfg)  # before any CUDA work (cuBLAS reads its env once)
     with torch_threads(OmegaConf.select(cfg, "threads", default=None)):
         return _run_experiment(cfg, Path(run_dir), execute)
 

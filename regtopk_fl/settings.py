@@ -183,6 +183,7 @@ def validate(cfg: DictConfig) -> None:
     validate_trust(cfg, n, runtime)
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
     _bool(cfg, "deterministic")
+    _bool(cfg, "tf32")
     _choice(cfg, "broadcast", MODES)
     for key in ("network.uplink_mbps", "network.downlink_mbps"):
         _num(cfg, key, 0, lo_open=True, required=False, allowed="must be null or a number > 0")
@@ -207,6 +208,7 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "runtime.wait_for_nodes_s", 0, required=False, allowed="must be >= 0")
         _num(cfg, "runtime.poll_interval_s", 0, lo_open=True, required=False,
              allowed="must be > 0")
+        _bool(cfg, "runtime.prompt_delivery", default=True)
         sd = _get(cfg, "runtime.state_dir")
         if sd is not None and (not isinstance(sd, str) or not sd.strip()):
             _fail("runtime.state_dir", sd, "must be auto, null or a directory path")

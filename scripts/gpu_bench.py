@@ -97,6 +97,10 @@ def render(r: dict) -> str:
                   f"{_fmt(fl.get('sequential_ms'), ' ms')}). Gradients of the {ip.get('workers')} "
                   f"workers alone: loop {_fmt(fl.get('grad_loop_ms'), ' ms')}, batched "
                   f"{_fmt(fl.get('grad_batched_ms'), ' ms')}"
+                  + (f" (all fp32; with TF32, `tf32=true`: floor {_fmt(fl.get('batch_tf32_ms'), ' ms')},"
+                     f" loop {_fmt(fl.get('grad_loop_tf32_ms'), ' ms')},"
+                     f" batched {_fmt(fl.get('grad_batched_tf32_ms'), ' ms')})"
+                     if fl.get("grad_batched_tf32_ms") else "")
                   + ("." if fl.get("equal_batches", True) else
                      " (unequal batches: the batched runs fell back to the loop)."), "",
                   "`-det`: deterministic=true (the Flower runs' twins); without: torch's defaults.",
@@ -123,6 +127,12 @@ def render(r: dict) -> str:
                 f"{_fmt(row.get('maxrel_loop'))} / {_fmt(row.get('maxrel_batched'))} | "
                 f"{row.get('bitwise')} | {_fmt(row.get('client_gpus'))} | "
                 f"{row.get('peak_per_client', NO_GPU)} |")
+        for sp, row in fl.get("tick", {}).items():
+            lines.append(f"\n{sp} with Flower's own 0.1 s message tick "
+                         f"(`runtime.prompt_delivery=false`): {_fmt(row.get('s_per_round'))} "
+                         f"s/round; final model bitwise equal to the prompt run's: "
+                         f"{row.get('bitwise_vs_prompt')} (max rel. diff "
+                         f"{_fmt(row.get('maxrel_vs_prompt'))})")
         for sp, row in fl.get("runs", {}).items():
             if row.get("client_gpus_rule"):
                 lines.append(f"\n{sp}: {row['client_gpus_rule']}")
@@ -135,7 +145,10 @@ def render(r: dict) -> str:
                   f"**{_fmt(many.get('s_per_round'))} s/round** (in-process: "
                   f"{_fmt(many.get('inprocess_s_per_round'))}); client_gpus "
                   f"{_fmt(many.get('client_gpus'))}; peak per client "
-                  f"{many.get('peak_per_client', NO_GPU)}.", ""]
+                  f"{many.get('peak_per_client', NO_GPU)}."
+                  + (f" With Flower's own 0.1 s message tick (`runtime.prompt_delivery=false`): "
+                     f"{_fmt(many.get('tick_s_per_round'))} s/round."
+                     if many.get("tick_s_per_round") else ""), ""]
     errs = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and v.get("error")}
     for k, v in errs.items():
         lines.append(f"**{k} failed**: {v}")
@@ -306,6 +319,9 @@ def floor(a) -> dict:
 
     from regtopk_fl.tasks.models import resnet18
 
+    from regtopk_fl import determinism
+
+    determinism.apply(False)  # what the in-process runs below compute with (tf32=false: fp32)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n_img = 20 * a.workers
@@ -345,6 +361,15 @@ def floor(a) -> dict:
         ws = list(range(a.workers))
         out["grad_loop_ms" if mode == "false" else "grad_batched_ms"] = timed(
             lambda: task.gradients(rows, b, ws, 1, 0), reps)
+        if dev.type == "cuda":  # what TF32 (tf32=true, torch's cuDNN default) would give
+            determinism.apply(False, tf32=True)
+            try:
+                out[f"grad_{'loop' if mode == 'false' else 'batched'}_tf32_ms"] = timed(
+                    lambda: task.gradients(rows, b, ws, 1, 0), reps)
+                if mode == "true":
+                    out["batch_tf32_ms"] = timed(lambda: fwd_bwd(x, y), reps)
+            finally:
+                determinism.apply(False)
     out = {k: round(v, 3) for k, v in out.items()}
     # a partition smaller than a batch makes unequal batches: the batched path
     # then falls back to the loop (tasks/images.py)
@@ -409,6 +434,16 @@ def step_flower(a) -> None:
         runs[sp] = row
         print(sp, row, flush=True)
         record(a.out, "flower", {"runs": runs})
+    # the same first run with Flower's own 0.1 s message tick
+    # (runtime.prompt_delivery=false, simulation/delivery.py)
+    sp = a.sparsifiers[0]
+    row = _run(compose(fig3(a, sp, "flower") + ["runtime.prompt_delivery=false"]),
+               a.runs / f"flower-{sp}-tick")
+    ag = agreement(a.runs / f"flower-{sp}-tick", a.runs / f"flower-{sp}")
+    tick = {"s_per_round": row["s_per_round"], "bitwise_vs_prompt": ag["bitwise"],
+            "maxrel_vs_prompt": ag["maxrel"]}
+    print(f"{sp} with Flower's tick", tick, flush=True)
+    record(a.out, "flower", {"tick": {sp: tick}})
 
 
 def step_many(a) -> None:
@@ -430,6 +465,9 @@ def step_many(a) -> None:
     record(a.out, "many", info)
     ip = _run(compose(base + ["runtime=inprocess"]), a.runs / "many-inprocess")
     record(a.out, "many", {"inprocess_s_per_round": ip["s_per_round"]})
+    tick = _run(compose(base + ["runtime=flower", "runtime.prompt_delivery=false"]),
+                a.runs / "many-flower-tick")
+    record(a.out, "many", {"tick_s_per_round": tick["s_per_round"]})
 
 
 def main(argv=None) -> int:

@@ -79,8 +79,8 @@ step() {
 
 step env 90 20
 step inprocess 150 60
-step flower 200 90
-step many 120 60
+step flower 240 90
+step many 150 60
 echo "== total ${SECONDS} s"
 cat "$OUT/gpu_summary.md" 2>/dev/null
 date

@@ -4,14 +4,18 @@
 #   1. scripts/gpu_checks.sh         issue #21: Flower clients on the GPU beside
 #                                    the in-process engine (BUDGET_S, default 330 s)
 #   2. the CUDA selection tests      exact top-k on CUDA (tests/test_selection.py,
-#                                    its CUDA cases; capped at 45 s)
-#   3. scripts/gpu_fig3_authors.sh   issue #18: the paper's Fig. 3 settings against
-#                                    the authors' code's, matched time (CAP_S, 130 s)
-# Needs .gpu/ from `make gpu-bundle` (carried). At most 8 files come back from
+#                                    its CUDA cases; capped at 45 s; CUDA_TESTS=0 skips)
+#   3. scripts/gpu_grad_check.py     issue #21: the batched worker gradients against
+#                                    the loop, per worker, and the top-k entries that differ
+#   4. scripts/gpu_fig3_authors.sh   issue #18: the paper's Fig. 3 settings against
+#                                    the authors' code's, matched time (CAP_S, 130 s;
+#                                    CAP_S=0 skips it)
+# Needs .gpu/ from `make gpu-bundle` (carried). At most 8 files should come back from
 # $OUT, so the per-run folders travel as two tarballs:
 #   run.log gpu_summary.json gpu_summary.md      (1)
 #   cuda_tests.log                               (2)
-#   fig3_authors_gpu.md fig3_authors_gpu.log     (3)
+#   grad_check.log                               (3)
+#   fig3_authors_gpu.md fig3_authors_gpu.log     (4)
 #   gpu_runs.tgz authors_runs.tgz                the runs' metrics.csv / summary.json
 #
 #   device: BUDGET_S=330 CAP_S=130 bash scripts/gpu_session.sh      (timeout_s=600)
@@ -28,17 +32,29 @@ export OUT RUNS PY BUDGET_S SITE=/tmp/regtopk-site
 bash scripts/gpu_checks.sh                                   # unpacks the bundle into $SITE
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
 
-echo "== CUDA selection tests (at ${SECONDS} s)" | tee "$OUT/cuda_tests.log"
-timeout -k 5 45 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_selection.py \
-    >>"$OUT/cuda_tests.log" 2>&1
-echo "rc $? at ${SECONDS} s" >>"$OUT/cuda_tests.log"
-tail -3 "$OUT/cuda_tests.log"
+if [ "${CUDA_TESTS:-1}" = 1 ]; then
+    echo "== CUDA selection tests (at ${SECONDS} s)" | tee "$OUT/cuda_tests.log"
+    timeout -k 5 45 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_selection.py \
+        >>"$OUT/cuda_tests.log" 2>&1
+    echo "rc $? at ${SECONDS} s" >>"$OUT/cuda_tests.log"
+    tail -3 "$OUT/cuda_tests.log"
+fi
 
-AUTH=/tmp/regtopk_authors
-OUT=$AUTH DATA=$PWD/.gpu/cifar10-small.tar.gz TEST_SUBSET=2000 CAP_S=$CAP_S \
-    bash scripts/gpu_fig3_authors.sh
-cp "$AUTH/fig3_authors_gpu.md" "$AUTH/fig3_authors_gpu.log" "$OUT/" 2>/dev/null
-tar -czf "$OUT/authors_runs.tgz" -C "$AUTH" --exclude='*.pt' . 2>/dev/null
+echo "== batched vs loop gradients, per worker (at ${SECONDS} s)" | tee "$OUT/grad_check.log"
+for tf32 in 0 1; do  # fp32 (the default), then TF32 (tf32=true)
+    TF32=$tf32 timeout -k 5 60 $PY scripts/gpu_grad_check.py "$PWD/.gpu/cifar10-small.tar.gz" \
+        >>"$OUT/grad_check.log" 2>&1
+    echo "rc $? at ${SECONDS} s" >>"$OUT/grad_check.log"
+done
+tail -4 "$OUT/grad_check.log"
+
+if [ "$CAP_S" -gt 0 ]; then
+    AUTH=/tmp/regtopk_authors
+    OUT=$AUTH DATA=$PWD/.gpu/cifar10-small.tar.gz TEST_SUBSET=2000 CAP_S=$CAP_S \
+        bash scripts/gpu_fig3_authors.sh
+    cp "$AUTH/fig3_authors_gpu.md" "$AUTH/fig3_authors_gpu.log" "$OUT/" 2>/dev/null
+    tar -czf "$OUT/authors_runs.tgz" -C "$AUTH" --exclude='*.pt' . 2>/dev/null
+fi
 tar -czf "$OUT/gpu_runs.tgz" -C "$RUNS" --exclude='*.pt' . 2>/dev/null
 echo "== gpu_session total ${SECONDS} s"
 ls -la "$OUT"

@@ -4,6 +4,7 @@ place that builds both apps, so neither app folder imports the other.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +24,8 @@ from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
 from regtopk_fl.device import resolve_device  # noqa: E402
 from regtopk_fl.gpu_share import client_share  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
+
+from .delivery import prompt_delivery  # noqa: E402
 
 
 # how often the ServerApp looks for the clients' replies (Flower's default 0.1 s
@@ -74,9 +77,11 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
             tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(
                 prefix="regtopk-fl-state-", dir=shm)
             settings["runtime"]["state_inplace"] = True  # scratch: clients/state_files.py
+    prompt = bool(OmegaConf.select(cfg, "runtime.prompt_delivery", default=True))
     try:
-        flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
-                            num_supernodes=int(cfg.num_workers), backend_config=backend)
+        with prompt_delivery() if prompt else contextlib.nullcontext():
+            flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
+                                num_supernodes=int(cfg.num_workers), backend_config=backend)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

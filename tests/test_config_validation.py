@@ -37,6 +37,8 @@ BAD = [  # (overrides, key named in the message)
     (["checkpoint.seconds=0"], "checkpoint.seconds=0"),
     (["device=tpu"], "device='tpu'"),
     (["deterministic=maybe"], "deterministic='maybe'"),
+    (["tf32=yes"], "tf32='yes'"),
+    (["runtime=flower", "runtime.prompt_delivery=3"], "runtime.prompt_delivery=3"),
     (["broadcast=models"], "broadcast='models'"),
     (["runtime=flower", "runtime.state_dir=''"], "runtime.state_dir=''"),
     (["network.uplink_mbps=0"], "network.uplink_mbps=0"),

@@ -27,11 +27,22 @@ def test_apply_sets_and_resets():
     determinism.apply(True)
     st = determinism.state()
     assert st == {"deterministic_algorithms": True, "cudnn_deterministic": True,
-                  "cudnn_benchmark": False, "cublas_workspace_config": ":4096:8"}
+                  "cudnn_benchmark": False, "cudnn_tf32": False, "matmul_tf32": False,
+                  "cublas_workspace_config": ":4096:8"}
     assert torch.is_deterministic_algorithms_warn_only_enabled()  # adaptive_avg_pool2d (docstring)
     determinism.apply(False)
     st = determinism.state()
     assert not st["deterministic_algorithms"] and not st["cudnn_deterministic"]
+    assert not st["cudnn_tf32"] and not st["matmul_tf32"]  # fp32, unlike torch's cuDNN default
+
+
+def test_tf32_on_request_and_off_again(make_cfg):
+    determinism.apply_cfg(make_cfg(["tf32=true"]))
+    st = determinism.state()
+    assert st["cudnn_tf32"] and st["matmul_tf32"] and not st["deterministic_algorithms"]
+    determinism.apply_cfg(make_cfg([]))
+    st = determinism.state()
+    assert not st["cudnn_tf32"] and not st["matmul_tf32"]
 
 
 def test_a_client_applies_it(make_cfg):
@@ -40,12 +51,14 @@ def test_a_client_applies_it(make_cfg):
 
     from clients.cache import _CACHE, settings_and_build
 
-    cfg = make_cfg(["task=linreg", "num_workers=2", "deterministic=true", "runtime=flower"])
+    cfg = make_cfg(["task=linreg", "num_workers=2", "deterministic=true", "runtime=flower",
+                    "tf32=true"])
     ctx = SimpleNamespace(run_config={}, node_config={"partition-id": 0})
     determinism.apply(False)
     _CACHE.clear()
     settings_and_build(ctx, OmegaConf.to_container(cfg, resolve=True))
     assert determinism.state()["deterministic_algorithms"]
+    assert determinism.state()["cudnn_tf32"]
     _CACHE.clear()
 
 
@@ -80,8 +93,11 @@ def test_new_switches_at_their_defaults_keep_old_fingerprints(make_cfg):
     old = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(old):
         del old["deterministic"]
+        del old["tf32"]
         del old.task["batched"]
         old.runtime.client_gpus = 0.0
     assert config_fingerprint(cfg) == config_fingerprint(old)
     on = make_cfg(["task=tiny_image", "runtime=flower", "deterministic=true"])
     assert config_fingerprint(on) != config_fingerprint(cfg)  # a different run
+    tf32 = make_cfg(["task=tiny_image", "runtime=flower", "tf32=true"])
+    assert config_fingerprint(tf32) != config_fingerprint(cfg)

@@ -1,0 +1,90 @@
+"""Hand a pushed message to the simulated clients when it is pushed, not on
+Flower's next 0.1 s tick.
+
+Flower 1.41's Simulation Runtime moves the ServerApp's messages from its
+LinkState to the workers that run the ClientApps in one thread,
+``vce_api.add_messages_to_queue``: it asks the state for one message per node,
+then sleeps 0.1 s, forever. Every message thus waits up to 0.1 s before a client
+sees it, and a node with two messages waits a tick for the second. On a GPU a
+Fig. 3 round computes in about 40 ms, so that tick, not the work, set Flower's
+round time (0.20 s a round at N = 8 and at N = 64 alike, results/README.md).
+
+``prompt_delivery()`` swaps that thread's function, for the duration of one
+``flwr.simulation.run_simulation`` call, for one that
+
+1. wakes as soon as the state stores a message for a client (the state's
+   ``store_message_ins`` is wrapped to set an event), or after 0.1 s as before;
+2. asks every node for its next message, as Flower's does;
+3. asks again at once while a pass found any, so a second message to one node
+   is not a tick late.
+
+Which client gets which message, and what the messages hold, is unchanged;
+only the wait goes. The swap is made only where the function is the one this
+was written against (``flwr==1.41.0``, the same four arguments); anywhere else
+Flower's own runs (one debug line). The Simulation Runtime that ``flwr run``
+starts (its own ``flwr-simulation`` process) is not reached by this and keeps
+its tick.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+
+IDLE_S = 0.1  # Flower's tick: how long the thread sleeps when nothing was pushed
+FLWR_VERSION = "1.41.0"
+_ARGS = ["state", "queue", "nodes_mapping", "f_stop"]
+
+log = logging.getLogger(__name__)
+
+
+def add_messages_when_pushed(state, queue, nodes_mapping, f_stop) -> None:
+    """``vce_api.add_messages_to_queue`` that wakes on a push (steps 1-3 above)."""
+    pushed = threading.Event()
+    store = state.store_message_ins
+
+    def store_and_wake(*args, **kwargs):
+        out = store(*args, **kwargs)
+        pushed.set()
+        return out
+
+    state.store_message_ins = store_and_wake  # this state object only
+    try:
+        while not f_stop.is_set():
+            pushed.clear()  # before the pass: a push during it is seen next time
+            found = False
+            for node_id in list(nodes_mapping.keys()):  # (2)
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+                    found = True
+            if not found:  # (3) ask again at once while there were messages
+                pushed.wait(IDLE_S)  # (1)
+    finally:
+        del state.store_message_ins  # the class's method again
+
+
+def _swappable(vce_api) -> bool:
+    import flwr
+
+    fn = getattr(vce_api, "add_messages_to_queue", None)
+    return (getattr(flwr, "__version__", None) == FLWR_VERSION and fn is not None
+            and list(inspect.signature(fn).parameters) == _ARGS)
+
+
+@contextlib.contextmanager
+def prompt_delivery():
+    """Within the block, the Simulation Runtime delivers messages when pushed."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if not _swappable(vce_api):
+        log.debug("prompt_delivery: Flower's message thread is not the one of flwr %s; "
+                  "messages wait for its tick", FLWR_VERSION)
+        yield False
+        return
+    original = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = add_messages_when_pushed
+    try:
+        yield True
+    finally:
+        vce_api.add_messages_to_queue = original

@@ -628,3 +628,41 @@ def test_cuda_equals_cpu_reference(long, monkeypatch):
                     lowered=exact_topk.Lowered(fix[0].cuda(), score))
     assert torch.equal(got.flat_idx.cpu(), reference(ref, 30))
     assert asked == [None]
+
+
+# -- the band below the sample's hi-th value (step 3) --------------------------------
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3000), data=st.data(),
+       kind=st.sampled_from(["normal", "ties"]))
+def test_kth_below_any_hi_is_the_kth_largest(seed, n, data, kind):
+    """Whatever ``hi`` is (above every entry, below every entry, on a tie, so
+    that k or more lie above it: the fallback), the k-th largest comes out."""
+    vals = make_row(kind, 1, n, torch.Generator().manual_seed(seed))[0]
+    k = data.draw(st.integers(1, n))
+    pick = data.draw(st.sampled_from(["entry", "above_all", "below_all", "none"]))
+    hi = {"entry": float(vals[data.draw(st.integers(0, n - 1))]), "above_all": math.inf,
+          "below_all": -math.inf, "none": None}[pick]
+    want = torch.sort(vals, descending=True).values[k - 1]
+    assert float(exact_topk._kth_below(vals, k, hi)) == float(want)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "layers"])
+@pytest.mark.parametrize("absolute", [True, False])
+def test_band_taken_at_large_expected_counts_and_exact(kind, absolute, monkeypatch):
+    """Rows where the sample expects hundreds of top-k entries (as S = 0.01 at
+    J = 11M): the selection takes the band (spied), and equals the stable
+    sort's; with ties at the k-th value ("ties") too."""
+    taken, real = [], exact_topk._kth_below
+
+    def spy(vals, k, hi):
+        taken.append(hi is not None and int((vals >= hi).sum()) < k)
+        return real(vals, k, hi)
+
+    monkeypatch.setattr(exact_topk, "_kth_below", spy)
+    score = make_row(kind, 2, 1 << 16, torch.Generator().manual_seed(7))
+    with long_path(1 << 14):
+        for k in (200, 655, 3000):
+            taken.clear()
+            check(score, k, absolute=absolute)
+            if kind != "ties":  # few distinct values: the candidates may be exactly k
+                assert taken and all(taken)

@@ -16,8 +16,14 @@ row lies far below it, so for a long row (J >= ``SMALL_J``):
    reused between calls), and only there are scores computed and compared
    with ``t``.
 3. **Exact top-k on the candidates** (score >= t, in index order): the k-th
-   largest candidate (a partial ``topk`` of the smaller side), every
-   candidate above it, and the lowest-indexed ones equal to it. If fewer
+   largest candidate, every candidate above it, and the lowest-indexed ones
+   equal to it. Where the sample expects many top-k entries (e > ~25, S >=
+   0.001 at J = 11M), its hi-th largest value, hi = e - ``MARGIN_SD`` *
+   sqrt(e) - 4, probably has fewer than k candidates above it; then the k-th
+   largest is found in the band below it (a partial ``topk`` of the smaller
+   side of about a quarter of the candidates at S = 0.01, where selecting
+   among all 128k candidates cost ~0.6 passes). A wrong guess (k or more
+   above hi) only costs the selection over all candidates. If fewer
    than k candidates survive, ``t`` was too high: step 1 retries with a rank
    ``RETRY_DEPTH`` = 8 times deeper, then with ``t = -inf`` (every entry a
    candidate). The result never depends on the sample, only the cost does.
@@ -240,14 +246,29 @@ def _kth_largest(vals, k: int):
     return torch.topk(vals, k, sorted=False).values.min()
 
 
-def _top_positions(vals, k: int):
+def _kth_below(vals, k: int, hi: float | None):
+    """The k-th largest entry of ``vals`` (1 <= k <= numel), found among the
+    entries below ``hi`` when fewer than k are >= ``hi``: the k-th largest is
+    then the (k - above)-th largest of that band, a smaller selection. Any
+    ``hi`` gives the same value; a poor one only costs the full selection."""
+    if hi is not None:
+        upper = vals >= hi
+        above = int(upper.sum())
+        if above < k:
+            band = vals.index_select(0, torch.nonzero(~upper).squeeze(1))
+            return _kth_largest(band, k - above)
+    return _kth_largest(vals, k)
+
+
+def _top_positions(vals, k: int, hi: float | None = None):
     """Ascending positions of the k largest entries of a 1-D tensor, ties at
     the k-th value going to the lowest positions (1 <= k <= numel).
 
-    Every entry >= the k-th largest value; where ties at that value make
-    more than k, the last ``extra`` ties are dropped (the count is known
-    from ``nonzero``, which synchronizes anyway)."""
-    kth = _kth_largest(vals, k)
+    Every entry >= the k-th largest value (:func:`_kth_below`, ``hi`` a value
+    that probably has fewer than k entries above it); where ties at that
+    value make more than k, the last ``extra`` ties are dropped (the count
+    is known from ``nonzero``, which synchronizes anyway)."""
+    kth = _kth_below(vals, k, hi)
     pos = torch.nonzero(vals >= kth).squeeze(1)
     extra = pos.numel() - k
     if extra:
@@ -286,9 +307,16 @@ def _row_topk(row, k: int, absolute: bool, low=None):
     m = sample.numel()
     expect = k * m / dim
     rank = min(m, math.ceil(expect + MARGIN_SD * math.sqrt(expect) + 4.0))
+    # the same margin on the other side: probably fewer than k entries above
+    # the sample's hi_rank-th largest value (the band's top, step 3)
+    hi_rank = math.floor(expect - MARGIN_SD * math.sqrt(expect) - 4.0)
     while True:
+        hi = None
         if rank >= m:
             t = -math.inf  # every entry is a candidate: exact whatever the sample
+        elif hi_rank >= 1:  # the rank-th and the hi_rank-th largest of the sample
+            top = torch.topk(sample, rank, sorted=True).values
+            t, hi = top[rank - 1].item(), top[hi_rank - 1].item()
         else:  # the rank-th largest of the sample
             t = _kth_largest(sample, rank).item()
         local, vals = _candidates(row, t, absolute, _block_size(rank / m))
@@ -298,7 +326,7 @@ def _row_topk(row, k: int, absolute: bool, low=None):
         if count >= k or t == -math.inf:
             if local.numel() == k:
                 return local
-            return local.index_select(0, _top_positions(vals, k))
+            return local.index_select(0, _top_positions(vals, k, hi))
         rank = min(m, rank * RETRY_DEPTH)  # t was above the k-th value
 
 

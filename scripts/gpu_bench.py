@@ -264,6 +264,21 @@ class GpuMemory:
         return out
 
 
+def median_ms(fn, reps: int, sync, warmup: int = 2) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn`` after ``warmup`` calls,
+    each timed up to ``sync()`` (the device's queue drained)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(ts)
+
+
 def _cuda(device: str) -> bool:
     import torch
 
@@ -330,16 +345,7 @@ def floor(a) -> dict:
     y = torch.randint(0, 10, (n_img,), device=dev)
 
     def timed(fn, reps):
-        for _ in range(2):
-            fn()
-        sync()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(ts)
+        return median_ms(fn, reps, sync)
 
     def fwd_bwd(xs, ys):
         model.zero_grad(set_to_none=True)

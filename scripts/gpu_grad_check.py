@@ -11,13 +11,13 @@ environment turns TF32 on (cuDNN convolutions and matmuls, torch's default for
 cuDNN) for the whole check. It also times both paths (median of 10 after 3 warm-ups).
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 sys.path.insert(0, "tests")
+sys.path.insert(0, "scripts")
 from conftest import compose_cfg  # noqa: E402
+from gpu_bench import median_ms  # noqa: E402
 from regtopk_fl import determinism  # noqa: E402
 from regtopk_fl.runner import build  # noqa: E402
 
@@ -50,16 +50,7 @@ for rnd in (1, 2):
 
 def timed(fn, reps=10):
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(ts)
+    return median_ms(fn, reps, sync, warmup=3)
 
 
 rows = p.unsqueeze(0).expand(8, -1)

@@ -66,6 +66,26 @@ def processes_of(tag: str) -> list:
     return pids
 
 
+def tear_down(cluster, ray_tmp: Path, wait_s: float = 30.0) -> list:
+    """Shut ``cluster`` down (if it started), wait up to ``wait_s`` for its
+    processes to exit (Ray workers exit once their raylet is gone), SIGKILL
+    the ones left (this cluster's own, found by its private temp dir) and
+    remove the dir. Returns the PIDs that were still running."""
+    if cluster is not None:
+        cluster.shutdown()
+    deadline = time.monotonic() + wait_s
+    while processes_of(str(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_of(str(ray_tmp))
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return left
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "results/runs/cluster_test")
@@ -122,19 +142,8 @@ def main(argv=None) -> int:
         print(f"cluster run: {time.perf_counter() - t1:.0f} s", flush=True)
         check("clients ran on both nodes", set(used) == set(nodes), f"replies per node {used}")
     finally:
-        if cluster is not None:
-            cluster.shutdown()
-        deadline = time.monotonic() + 30  # Ray workers exit once their raylet is gone
-        while processes_of(str(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = processes_of(str(ray_tmp))
+        left = tear_down(cluster, ray_tmp)
         check("no cluster process left running", not left, f"left: {left}" if left else "")
-        for pid in left:  # this cluster's own processes, found by its private temp dir
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     diff = differences(args.out / "cluster", args.out / "local_ray")
     check("cluster run == local-Ray run (metrics.csv w/o wall_s, model.pt)", diff == [],
           "; ".join(diff))

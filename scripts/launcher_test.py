@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from cluster_test import tear_down  # noqa: E402  (the same loopback cluster's teardown)
 SWEEP = ["task=linreg", "num_workers=4", "rounds=200", "sparsifier=topk,regtopk",
          "sparsifier.sparsity=0.5", "seed=0,1,2,3", "threads=1", "checkpoint.every=0",
          "progress=false", "+hydra.callbacks.job_host._target_=regtopk_fl.job_host.RecordJobHost"]
@@ -64,18 +65,6 @@ def by_setting(sweep_dir: Path) -> dict:
 
     df = collect(sweep_dir)
     return {(r.sparsifier, int(r.seed)): (r.status, Path(r.job_dir)) for r in df.itertuples()}
-
-
-def processes_of(tag: str) -> list:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and d.name != str(os.getpid()):
-            try:
-                if tag in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 def main(argv=None) -> int:
@@ -137,19 +126,8 @@ def main(argv=None) -> int:
         per_node = {n[:8]: sum(h["ray_node_id"] == n for h in hosts) for n in sorted(nodes)}
         check("ray launcher: jobs ran on both nodes", used == nodes, f"jobs per node {per_node}")
     finally:
-        if cluster is not None:
-            cluster.shutdown()
-        deadline = time.monotonic() + 30
-        while processes_of(str(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = processes_of(str(ray_tmp))
+        left = tear_down(cluster, ray_tmp)
         check("no cluster process left running", not left, f"left: {left}" if left else "")
-        for pid in left:  # this cluster's own processes, found by its private temp dir
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     if not args.skip_submitit:
         secs = sweep(args.out / "submitit", ["hydra/launcher=submitit_local",

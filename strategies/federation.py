@@ -34,7 +34,9 @@ class FederationMismatch(RuntimeError):
 def is_simulation(grid) -> bool:
     """Whether ``grid`` (or the grid a wrapper such as PollingGrid holds) is the
     Simulation Runtime's."""
-    return isinstance(getattr(grid, "_grid", grid), InMemoryGrid)
+    from .grid_wrapper import innermost
+
+    return isinstance(innermost(grid), InMemoryGrid)
 
 
 def settled_node_count(grid, wait_s: float = 60.0, settle_s: float = 2.0,

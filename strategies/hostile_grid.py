@@ -22,6 +22,8 @@ from flwr.serverapp import Grid
 from protocol import wire
 from regtopk_fl import hostile
 
+from .grid_wrapper import WrappedGrid
+
 log = logging.getLogger(__name__)
 
 
@@ -33,37 +35,11 @@ def needed(fault_cfg) -> bool:
     return any(a in hostile.BYZANTINE for a in hostile.parse(h.get("attacks", "")).values())
 
 
-class HostileGrid(Grid):
+class HostileGrid(WrappedGrid):
     def __init__(self, grid: Grid, fault_cfg, seed: int, dim: int, num_workers: int):
-        self._grid = grid
+        super().__init__(grid)
         self.fault_cfg, self.seed = fault_cfg, int(seed)
         self.dim, self.num_workers = int(dim), int(num_workers)
-
-    # -- delegated ---------------------------------------------------------------
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
 
     # -- the adversary -------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *,

@@ -16,37 +16,13 @@ from typing import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from .grid_wrapper import WrappedGrid
 
-class PollingGrid(Grid):
+
+class PollingGrid(WrappedGrid):
     def __init__(self, grid: Grid, poll_s: float = 0.2):
-        self._grid = grid
+        super().__init__(grid)
         self.poll_s = max(0.01, float(poll_s))
-
-    # -- delegated ---------------------------------------------------------------
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # NodeInfo with each node's public key (Grid's default drops it)
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def __getattr__(self, name):  # anything else a grid offers (get_nodes, close, ...)
-        return getattr(self._grid, name)
 
     # -- the faster loop -----------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *,

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -128,11 +129,16 @@ def test_only_the_simulation_grid_is_checked():
     minutes and extra nodes are refused by identity: no check there."""
     from flwr.superlink.grid import InMemoryGrid
 
+    from strategies.hostile_grid import HostileGrid
     from strategies.polling_grid import PollingGrid
 
     sim = InMemoryGrid.__new__(InMemoryGrid)
     assert is_simulation(sim) and is_simulation(PollingGrid(sim))
+    assert is_simulation(HostileGrid(PollingGrid(sim), {}, 0, 1, 1))  # wrappers of wrappers
     assert not is_simulation(_Registering(3)) and not is_simulation(PollingGrid(_Registering(3)))
+    fake = types.SimpleNamespace(get_node_ids=lambda: [4, 5], close=lambda: "closed")
+    grid = HostileGrid(fake, {}, 0, 1, 1)  # everything but send_and_receive delegated
+    assert list(grid.get_node_ids()) == [4, 5] and grid.close() == "closed"
 
 
 def test_deployment_goes_on_with_another_node_count():

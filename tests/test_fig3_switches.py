@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import open_dict
 
-from conftest import compose_cfg
+from conftest import ARCHIVE, compose_cfg, needs_archive
 from regtopk_fl.checkpoint import config_fingerprint
 from regtopk_fl.runner import build, run_experiment
 from regtopk_fl.settings import ConfigError, from_run_config, to_run_config, validate
@@ -18,17 +18,7 @@ from regtopk_fl.tasks import images as I
 from regtopk_fl.tasks import models as M
 from regtopk_fl.tasks.images import ImageTask, TinyImageTask
 
-ARCHIVE = D.resolve_path(D.DEFAULT_DATA_PATH)
-needs_archive = pytest.mark.skipif(not ARCHIVE.is_file(),
-                                   reason=f"offline CIFAR-10 archive missing: {ARCHIVE}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from regtopk_fl.paths import resolve_path
+from conftest import ARCHIVE, needs_archive
 from regtopk_fl.tasks import data as D
 from regtopk_fl.tasks import models as M
 from regtopk_fl.tasks.images import ImageTask, TinyImageTask, make_tiny_images
 
-ARCHIVE = resolve_path(D.DEFAULT_DATA_PATH)
-needs_archive = pytest.mark.skipif(not ARCHIVE.is_file(),
-                                   reason=f"offline CIFAR-10 archive missing: {ARCHIVE}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on 2 shared cores: one intra-op thread is ~30x faster
-    # than two fighting for busy cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # -- models ------------------------------------------------------------------------

@@ -462,6 +462,21 @@ def test_lowered_below_the_threshold_forces_a_deeper_pass(monkeypatch):
         assert len(seen) >= 2, k  # the first threshold left fewer than k
 
 
+def _select_overridden(score, idx, vals, k):
+    """rows_topk of |score| with ``vals`` lazily at ``idx``: whether it equals
+    the stable sort of the overridden score, and which positions it asked for."""
+    asked = []
+
+    def at(pos):
+        asked.append(pos)
+        return vals if pos is None else vals[pos]
+
+    got = rows_topk(score, k, absolute=True, lowered=exact_topk.Lowered(idx, at))
+    ref = score.abs()
+    ref.view(-1)[idx] = vals
+    return torch.equal(got.flat_idx, reference(ref, k)), asked
+
+
 def test_lowered_falls_back_when_not_a_lowering_or_unsorted(monkeypatch):
     """An override above |a| at a candidate, or indices out of order in a
     batch of rows: every override is computed and the result is still exact.
@@ -470,46 +485,20 @@ def test_lowered_falls_back_when_not_a_lowering_or_unsorted(monkeypatch):
     gen = torch.Generator().manual_seed(10)
     a = torch.randn(1, 20_000, generator=gen)
     top = torch.topk(a.abs().reshape(-1), 10).indices.sort().values
-    raised = a.reshape(-1)[top].abs() * 3.0
-    asked = []
-
-    def score(pos):
-        asked.append(pos)
-        return raised if pos is None else raised[pos]
-
-    got = rows_topk(a, 5, absolute=True, lowered=exact_topk.Lowered(top, score))
-    ref = a.abs()
-    ref.view(-1)[top] = raised
-    assert torch.equal(got.flat_idx, reference(ref, 5))
+    exact, asked = _select_overridden(a, top, a.reshape(-1)[top].abs() * 3.0, 5)
+    assert exact
     assert asked[-1] is None  # the eager path computed all of them
     # one row, indices in descending order: the lazy path, exact
     perm = top.flip(0)
-    lowered_vals = a.reshape(-1)[perm].abs() * torch.rand(10, generator=gen)
-    asked.clear()
-
-    def score_perm(pos):
-        asked.append(pos)
-        return lowered_vals if pos is None else lowered_vals[pos]
-
-    ref = a.abs()
-    ref.view(-1)[perm] = lowered_vals
-    got = rows_topk(a, 5, absolute=True, lowered=exact_topk.Lowered(perm, score_perm))
-    assert torch.equal(got.flat_idx, reference(ref, 5))
+    exact, asked = _select_overridden(
+        a, perm, a.reshape(-1)[perm].abs() * torch.rand(10, generator=gen), 5)
+    assert exact
     assert asked and all(p is not None for p in asked)
     # two rows, out of order: the eager path (the per-row slices need order)
     b = torch.randn(2, 20_000, generator=gen)
     idx = torch.tensor([20_005, 7, 30_000, 3])
-    vals = b.reshape(-1)[idx].abs() * 0.5
-    asked.clear()
-
-    def score_b(pos):
-        asked.append(pos)
-        return vals if pos is None else vals[pos]
-
-    ref = b.abs()
-    ref.view(-1)[idx] = vals
-    got = rows_topk(b, 5, absolute=True, lowered=exact_topk.Lowered(idx, score_b))
-    assert torch.equal(got.flat_idx, reference(ref, 5))
+    exact, asked = _select_overridden(b, idx, b.reshape(-1)[idx].abs() * 0.5, 5)
+    assert exact
     assert asked == [None]
 
 

@@ -38,7 +38,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the numpy floor's BLAS, be
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -93,10 +92,9 @@ def bench(cases, tmp: Path, flower_only_keys=(), repeat: int = 1):
 
 
 def load_floor():
-    spec = importlib.util.spec_from_file_location("numpy_floor", ROOT / "scripts" / "numpy_floor.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import numpy_floor  # scripts/ is on sys.path (above)
+
+    return numpy_floor
 
 
 def floor_pairs(tmp: Path, repeat: int) -> list:

@@ -1,4 +1,5 @@
 import contextlib
+import importlib.util
 import os
 
 os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
@@ -9,7 +10,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from regtopk_fl.paths import resolve_path  # noqa: E402
+from regtopk_fl.paths import PROJECT_ROOT, resolve_path  # noqa: E402
 from regtopk_fl.settings import CONF_DIR  # noqa: E402
 from regtopk_fl.tasks.data import DEFAULT_DATA_PATH  # noqa: E402
 
@@ -26,6 +27,14 @@ def compose_cfg(overrides=()):
     with open_dict(cfg):
         cfg.progress = False
     return cfg
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture

@@ -3,20 +3,14 @@ interleaved runs, the Flower / in-process ratio and the suite / floor ratio
 taken pairwise (timing itself is the script's job, never a test's)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_runtimes.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_runtimes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_runtimes")
 
 
 def _row(case, runtime, rep, s):

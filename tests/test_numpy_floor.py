@@ -5,23 +5,17 @@ and torch's mat-vec and norm kernels sum in different orders)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from regtopk_fl.runner import build, run_experiment
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "numpy_floor.py"
 
 
 @pytest.fixture(scope="module")
 def floor():
-    spec = importlib.util.spec_from_file_location("numpy_floor", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("numpy_floor")
 
 
 @pytest.mark.parametrize("sp, s", [("regtopk", 0.6), ("topk", 0.5)])

@@ -22,7 +22,8 @@ row lies far below it, so for a long row (J >= ``SMALL_J``):
    sqrt(e) - 4, probably has fewer than k candidates above it; then the k-th
    largest is found in the band below it (a partial ``topk`` of the smaller
    side of about a quarter of the candidates at S = 0.01, where selecting
-   among all 128k candidates cost ~0.6 passes). A wrong guess (k or more
+   among all 128k candidates cost 0.6-0.8 passes; ``scripts/profile_exact_topk.py``
+   times each step). A wrong guess (k or more
    above hi) only costs the selection over all candidates. If fewer
    than k candidates survive, ``t`` was too high: step 1 retries with a rank
    ``RETRY_DEPTH`` = 8 times deeper, then with ``t = -inf`` (every entry a

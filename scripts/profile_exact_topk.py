@@ -1,0 +1,93 @@
+"""Where one exact top-k selection spends its time: each step of
+``regtopk_fl/compress/exact_topk.py``'s long-row path, timed alone on the
+benchmark's gradient (``bench_sparsifiers.make_data``), in milliseconds and in
+one-pass floors (``torch.mul(g, 2, out=buf)``), with the counts that set them
+(blocks reached, candidates, the band's size).
+
+    PYTHONPATH=. python scripts/profile_exact_topk.py [--sparsity 0.01] [--dim 11173962] [--threads 2]
+
+The steps overlap what the selection does, not its exact sequence (a step is
+timed on its own, with warm caches), so the rows do not add up to
+``rows_topk``'s time, which is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_sparsifiers import make_data  # noqa: E402
+from regtopk_fl.compress import exact_topk as E  # noqa: E402
+
+
+def ms(fn, reps: int = 15) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(ts)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparsity", type=float, default=0.01)
+    ap.add_argument("--dim", type=int, default=11_173_962)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    _, acc, _, _, _ = make_data(a.dim, a.sparsity, "cpu")
+    row, dim = acc[0], a.dim
+    k = max(1, round(a.sparsity * dim))
+    buf = torch.empty_like(row)
+    floor = ms(lambda: torch.mul(row, 2, out=buf))
+
+    stride = E.sample_stride(dim)
+    sample = row[::stride].abs()
+    m = sample.numel()
+    expect = k * m / dim
+    rank = min(m, math.ceil(expect + E.MARGIN_SD * math.sqrt(expect) + 4.0))
+    hi_rank = math.floor(expect - E.MARGIN_SD * math.sqrt(expect) - 4.0)
+    top = torch.topk(sample, rank, sorted=True).values
+    t = float(top[rank - 1])
+    hi = float(top[hi_rank - 1]) if hi_rank >= 1 else None
+    block = E._block_size(rank / m)
+    body = row[:dim // block * block].view(-1, block)
+    reach = (body.amax(1) >= t) | (body.amin(1) <= -t)
+    hit = torch.nonzero(reach).squeeze(1)
+    blk = torch.empty(hit.numel() * block)
+    torch.index_select(body, 0, hit, out=blk.view(-1, block))
+    blk.abs_()
+    mask = blk >= t
+    pos = torch.nonzero(mask).squeeze(1)
+    vals = blk.index_select(0, pos)
+    band = int((vals < hi).sum()) if hi is not None else None
+
+    steps = {
+        "sample and its threshold": lambda: torch.topk(row[::stride].abs(), rank, sorted=True),
+        f"block bounds (amax + amin, C = {block})": lambda: (body.amax(1) >= t) | (body.amin(1) <= -t),
+        "copy the reached blocks": lambda: torch.index_select(body, 0, hit, out=blk.view(-1, block)),
+        "compare with t": lambda: torch.ge(blk, t, out=mask),
+        "nonzero over the copied entries": lambda: torch.nonzero(mask),
+        "k-th largest of all candidates": lambda: E._kth_largest(vals, k),
+        "k-th largest via the band": lambda: E._kth_below(vals, k, hi),
+        "rows_topk (the whole selection)": lambda: E.rows_topk(acc, k, absolute=True),
+    }
+    print(f"J = {dim:,}, S = {a.sparsity}, k = {k:,}, {a.threads} threads; floor {floor:.2f} ms; "
+          f"blocks reached {hit.numel() / reach.numel():.1%} of J, candidates {pos.numel():,} "
+          f"({pos.numel() / k:.2f} k), band {band if band is None else f'{band:,}'}")
+    for name, fn in steps.items():
+        t_ms = ms(fn)
+        print(f"{name:40s} {t_ms:7.2f} ms  {t_ms / floor:5.2f} passes")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,17 +17,19 @@ row lies far below it, so for a long row (J >= ``SMALL_J``):
    with ``t``.
 3. **Exact top-k on the candidates** (score >= t, in index order): the k-th
    largest candidate, every candidate above it, and the lowest-indexed ones
-   equal to it. Where the sample expects many top-k entries (e > ~25, S >=
-   0.001 at J = 11M), its hi-th largest value, hi = e - ``MARGIN_SD`` *
+   equal to it. On CPU, where the sample expects many top-k entries (e > ~25,
+   S >= 0.001 at J = 11M), its hi-th largest value, hi = e - ``MARGIN_SD`` *
    sqrt(e) - 4, probably has fewer than k candidates above it; then the k-th
    largest is found in the band below it (a partial ``topk`` of the smaller
    side of about a quarter of the candidates at S = 0.01, where selecting
-   among all 128k candidates cost 0.6-0.8 passes; ``scripts/profile_exact_topk.py``
-   times each step). A wrong guess (k or more
-   above hi) only costs the selection over all candidates. If fewer
-   than k candidates survive, ``t`` was too high: step 1 retries with a rank
-   ``RETRY_DEPTH`` = 8 times deeper, then with ``t = -inf`` (every entry a
-   candidate). The result never depends on the sample, only the cost does.
+   among all 128k candidates cost 0.6-0.8 passes;
+   ``scripts/profile_exact_topk.py`` times each step). A wrong guess (k or
+   more above hi) only costs the selection over all candidates. Not on CUDA:
+   there the band's count is one more host sync, and that path was measured
+   without it. If fewer than k candidates survive, ``t`` was too high: step 1
+   retries with a rank ``RETRY_DEPTH`` = 8 times deeper, then with
+   ``t = -inf`` (every entry a candidate). The result never depends on the
+   sample, only the cost does.
 
 **Why the margin holds at small k.** The rank-r threshold leaves fewer than
 k candidates exactly when the sample holds r or more of the row's k - 1
@@ -315,7 +317,7 @@ def _row_topk(row, k: int, absolute: bool, low=None):
         hi = None
         if rank >= m:
             t = -math.inf  # every entry is a candidate: exact whatever the sample
-        elif hi_rank >= 1:  # the rank-th and the hi_rank-th largest of the sample
+        elif hi_rank >= 1 and row.device.type == "cpu":  # the rank-th and hi_rank-th largest
             top = torch.topk(sample, rank, sorted=True).values
             t, hi = top[rank - 1].item(), top[hi_rank - 1].item()
         else:  # the rank-th largest of the sample

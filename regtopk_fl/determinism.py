@@ -23,8 +23,9 @@ matmuls may compute in TF32, a 10-bit mantissa. On an H200 at Fig. 3's settings
 TF32 made the batched and the per-worker gradients differ by 5-7 % in norm
 (fp32: at most 0.5 %), and their top-k masks in about 400 of 11,174 entries per
 worker (fp32: 0 to 44); it made the batched gradients 1.4-1.7x faster and the
-loop up to 1.5x (results/README.md, "Flower clients on the GPU"). Exact by default, fast on request. The CPU has no
-TF32: the switch changes nothing there.
+loop up to 1.5x (results/README.md, "Flower clients on the GPU"). Exact by
+default, fast on request. The CPU has no TF32: the switch changes nothing
+there.
 """
 from __future__ import annotations
 

@@ -367,11 +367,13 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None,
     flat positions, and ``lowered`` (a :class:`Lowered`) does the same
     lazily for overrides that never exceed ``|score|`` (RegTop-k's rescaled
     entries): on CPU, with ``absolute`` and long rows, only the overrides at
-    entries with ``|score| >= t`` are computed. Otherwise all are, and with
-    ``absolute`` and overrides >= 0 they are written into ``score`` for the
-    selection and the original entries put back bitwise before returning
-    (also on error): O(k), where a rescaled copy of the score would cost a
-    pass over J. Otherwise the score is materialized. ``|score|`` is never
+    entries with ``|score| >= t`` are computed. Otherwise all are; a short
+    row's score is then materialized (J < ``SMALL_J``: a copy costs less
+    than the calls that avoid it), and for a long row with ``absolute`` and
+    overrides >= 0 they are written into ``score`` for the selection and the
+    original entries put back bitwise before returning (also on error):
+    O(k), where a rescaled copy of the score would cost a pass over J.
+    Otherwise the score is materialized. ``|score|`` is never
     materialized for long rows, and ``score`` is unchanged on return. Works
     on any device.
     """
@@ -387,6 +389,10 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None,
             if flat is not None:
                 return Selection(flat, counts)
         fix = (lowered.idx, lowered.score(None))  # every override at once
+    if dim < SMALL_J:  # one vectorized pass; a short score is cheap to materialize
+        score = _materialize(score, absolute, fix)
+        keep = exact_mask(score, k)
+        return Selection(torch.nonzero(keep.reshape(-1)).squeeze(1), counts)
     if fix is not None and fix[0].numel():
         idx, val = fix[0].to(torch.int64), fix[1].to(score.dtype)
         if absolute and bool((val >= 0).all()):
@@ -400,8 +406,5 @@ def rows_topk(score: torch.Tensor, k: int, *, absolute: bool = False, fix=None,
             finally:
                 flat.index_copy_(0, idx, saved)
         score, absolute = _materialize(score, absolute, (idx, val)), False
-    if dim < SMALL_J:
-        keep = exact_mask(score.abs() if absolute else score, k)
-        return Selection(torch.nonzero(keep.reshape(-1)).squeeze(1), counts)
     parts = [_row_topk(score[r], k, absolute) + r * dim for r in range(n)]
     return Selection(parts[0] if n == 1 else torch.cat(parts), counts)

@@ -20,6 +20,8 @@ J = 100, 2500 rounds, RegTop-k S = 0.6, mu = 4, eval_every = 1, threads = 1),
 its ``summary.json`` ``wall_time_s`` against the rounds of the plain numpy
 implementation, one after the other in this process. numpy's BLAS is held
 to one thread as well (``OPENBLAS_NUM_THREADS=1`` unless set), like torch's.
+Next to them, the floor's loop on torch tensors (its torch twin): the
+per-call cost of torch itself on [20, 100] arrays.
 
 The table also says how many torch threads the Flower clients computed
 with (``summary.json`` ``client_threads``: their Ray CPU share) and the
@@ -98,20 +100,26 @@ def load_floor():
 
 
 def floor_pairs(tmp: Path, repeat: int) -> list:
-    """The suite's paper linear regression and the numpy floor, one after
-    the other, ``repeat`` times: [(suite wall_time_s, floor s, final gaps)]."""
-    from regtopk_fl.runner import build, run_experiment
+    """The suite's paper linear regression, the numpy floor and its torch
+    twin, one after the other, ``repeat`` times: [(suite wall_time_s, numpy
+    floor s, suite final gap, floor final gap, torch twin s)]."""
+    from regtopk_fl.runner import build, run_experiment, torch_threads
 
     floor = load_floor()
     cfg = _cfg(FIG2)
     task, sparsifier = build(cfg)
+    args = (float(cfg.sparsifier.sparsity), float(cfg.sparsifier.mu), float(cfg.lr),
+            int(cfg.rounds))
     pairs = []
     for rep in range(repeat):
         summary = run_experiment(cfg, tmp / f"fig2-{rep}")
-        gaps, secs = floor.from_task(task, float(cfg.sparsifier.sparsity), float(cfg.sparsifier.mu),
-                                     float(cfg.lr), int(cfg.rounds))
-        pairs.append((summary["wall_time_s"], secs, summary["final"]["gap"], float(gaps[-1])))
-        print({"fig2 suite s": pairs[-1][0], "numpy floor s": secs}, flush=True)
+        gaps, secs = floor.from_task(task, *args)
+        with torch_threads(int(cfg.threads)):  # the suite's run computes with as many
+            _, torch_secs = floor.from_task(task, *args, backend="torch")
+        pairs.append((summary["wall_time_s"], secs, summary["final"]["gap"], float(gaps[-1]),
+                      torch_secs))
+        print({"fig2 suite s": pairs[-1][0], "numpy floor s": secs, "torch twin s": torch_secs},
+              flush=True)
     return pairs
 
 
@@ -183,7 +191,7 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
             ratios.append(fl["s_per_round"] / ip["s_per_round"])
         med, rng = spread(ratios, "{:.2f}", "x")
         lines.append(f"| {case} | {med} | {rng} | {len(ratios)} |")
-    suite, floor = [p[0] for p in pairs], [p[1] for p in pairs]
+    suite, floor, twin = ([p[i] for p in pairs] for i in (0, 1, 4))
     ratios = [p[0] / p[1] for p in pairs]
     med = statistics.median(ratios)
     lines += ["", "## The in-process round against its numpy floor (issue #19)", "",
@@ -194,7 +202,15 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
               "| | median | min-max |", "| --- | ---: | ---: |",
               "| in-process `wall_time_s` (s) | {} | {} |".format(*spread(suite, "{:.3f}")),
               "| numpy floor (s) | {} | {} |".format(*spread(floor, "{:.3f}")),
+              "| torch twin of the floor (s) | {} | {} |".format(*spread(twin, "{:.3f}")),
               "| in-process / floor (pairwise) | {} | {} |".format(*spread(ratios, "{:.2f}", "x")),
+              "| in-process / torch twin (pairwise) | {} | {} |".format(
+                  *spread([p[0] / p[4] for p in pairs], "{:.2f}", "x")),
+              "| torch twin / floor (pairwise) | {} | {} |".format(
+                  *spread([p[4] / p[1] for p in pairs], "{:.2f}", "x")),
+              "", "The torch twin is the floor's loop on torch tensors, one thread "
+              "(`numpy_floor.py --backend torch`): what torch's calls cost on arrays "
+              "this small, below which no engine in torch goes.",
               "", f"Final gap: in-process {pairs[0][2]:.3g}, floor {pairs[0][3]:.3g}. "
               f"Target <= {FLOOR_TARGET}x: {'met' if med <= FLOOR_TARGET else 'not met'} "
               f"(median {med:.2f}x)."]

@@ -15,8 +15,16 @@ suite's default; the authors' ``LinearRegression.py``):
 
 It reads the task's data (LinRegTask: the same seeded Gram matrices) and
 nothing else of the suite. No trust checks, no byte counts, no checkpoints:
-what is left is the algorithm. ``python scripts/numpy_floor.py`` prints its
-wall time and final gap.
+what is left is the algorithm.
+
+The same loop also runs on torch tensors (``backend="torch"``: the same
+calls, one per step, with torch's sort and ``index_add_`` for numpy's
+``argsort`` and ``add.at``). That twin measures what torch itself costs per
+call on arrays this small, which no engine written in torch can go below;
+``bench_runtimes.py`` reports the suite against both.
+
+``python scripts/numpy_floor.py [--backend torch]`` prints the wall time and
+the final gap.
 """
 from __future__ import annotations
 
@@ -28,43 +36,107 @@ from pathlib import Path
 import numpy as np
 
 
+class _Numpy:
+    """The calls of the loop that numpy and torch spell differently."""
+
+    tanh, where, isfinite = np.tanh, np.where, np.isfinite
+
+    @staticmethod
+    def zeros(shape, like):
+        return np.zeros(shape, dtype=like.dtype)
+
+    @staticmethod
+    def top_rows(score, k):  # ascending indices of each row's k largest, lowest index on ties
+        return np.sort(np.argsort(-score, axis=1, kind="stable")[:, :k], axis=1)
+
+    @staticmethod
+    def scatter_add(g, idx, vals):
+        np.add.at(g, idx, vals)
+
+    @staticmethod
+    def norm(x) -> float:
+        return float(np.linalg.norm(x))
+
+    @staticmethod
+    def arange(n):
+        return np.arange(n)
+
+
+def _torch_ops():
+    import torch
+
+    class _Torch:
+        tanh, where, isfinite = torch.tanh, torch.where, torch.isfinite
+
+        @staticmethod
+        def zeros(shape, like):
+            return torch.zeros(shape, dtype=like.dtype)
+
+        @staticmethod
+        def top_rows(score, k):  # a stable descending sort keeps ties in index order
+            top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+            return torch.sort(top, dim=1).values
+
+        @staticmethod
+        def scatter_add(g, idx, vals):
+            g.index_add_(0, idx, vals)
+
+        @staticmethod
+        def norm(x) -> float:
+            return float(torch.linalg.vector_norm(x))
+
+        @staticmethod
+        def arange(n):
+            return torch.arange(n)
+
+    return _Torch
+
+
 def run(gram, z, inv_m, w0, w_star, sparsity: float, mu: float, lr: float, rounds: int,
-        weights=None) -> tuple:
+        weights=None, xp=_Numpy) -> tuple:
     """(gap per round [rounds + 1], seconds for the rounds); ``mu`` None is
-    plain Top-k (the score is |a| everywhere)."""
+    plain Top-k (the score is |a| everywhere). The arrays are numpy's, or
+    torch's with ``xp=_torch_ops()``."""
     n, j = z.shape
     k = max(1, int(round(sparsity * j)))
-    w_n = (1.0 / inv_m) / (1.0 / inv_m).sum() if weights is None else np.asarray(weights)
-    w, eps = w0.copy(), np.zeros((n, j))
-    rows = np.arange(n)[:, None]
+    w_n = (1.0 / inv_m) / (1.0 / inv_m).sum() if weights is None else weights
+    w, eps = w0.copy() if xp is _Numpy else w0.clone(), xp.zeros((n, j), z)
+    rows = xp.arange(n)[:, None]
+    gram2 = gram.reshape(-1, j)
     mask = None  # [n, k] last round's indices
-    gaps = [float(np.linalg.norm(w - w_star))]
+    gaps = [xp.norm(w - w_star)]
     t0 = time.perf_counter()
     for _ in range(rounds):
-        g_loc = 2.0 * inv_m[:, None] * ((gram.reshape(-1, j) @ w).reshape(n, j) - z)  # 1
+        g_loc = 2.0 * inv_m[:, None] * ((gram2 @ w).reshape(n, j) - z)  # 1
         a = eps + g_loc  # 2
-        score = np.abs(a)  # 3
+        score = abs(a)  # 3
         if mask is not None and mu is not None:  # mu None: plain Top-k
             contrib = w_n[:, None] * sent
-            with np.errstate(divide="ignore", invalid="ignore"):
-                delta = (g[mask] - contrib) / contrib
-            delta = np.where(np.isfinite(delta) & (contrib != 0), delta, 1e8)
-            score[rows, mask] = np.abs(a[rows, mask]) * np.tanh(np.abs(1.0 + delta) / mu)
-        mask = np.sort(np.argsort(-score, axis=1, kind="stable")[:, :k], axis=1)  # 4
+            delta = (g[mask] - contrib) / contrib  # 0 / 0 and x / 0 are caught below
+            delta = xp.where(xp.isfinite(delta) & (contrib != 0), delta, 1e8)
+            score[rows, mask] = abs(a[rows, mask]) * xp.tanh(abs(1.0 + delta) / mu)
+        mask = xp.top_rows(score, k)  # 4
         sent = a[rows, mask]  # 5
         eps = a
         eps[rows, mask] = 0.0
-        g = np.zeros(j)  # 6
-        np.add.at(g, mask.ravel(), (w_n[:, None] * sent).ravel())
+        g = xp.zeros(j, z)  # 6
+        xp.scatter_add(g, mask.reshape(-1), (w_n[:, None] * sent).reshape(-1))
         w -= lr * g
-        gaps.append(float(np.linalg.norm(w - w_star)))
+        gaps.append(xp.norm(w - w_star))
     return np.array(gaps), time.perf_counter() - t0
 
 
-def from_task(task, sparsity: float, mu: float, lr: float, rounds: int) -> tuple:
-    """:func:`run` on a LinRegTask's data."""
-    return run(task.gram.numpy(), task.z.numpy(), task.inv_m.numpy(), task.init_params().numpy(),
-               task.w_star.numpy(), sparsity, mu, lr, rounds)
+def from_task(task, sparsity: float, mu: float, lr: float, rounds: int,
+              backend: str = "numpy") -> tuple:
+    """:func:`run` on a LinRegTask's data, with numpy or torch arrays."""
+    if backend == "torch":
+        return run(task.gram, task.z, task.inv_m, task.init_params(), task.w_star, sparsity,
+                   mu, lr, rounds, xp=_torch_ops())
+    if backend != "numpy":
+        raise ValueError(f"backend={backend!r}: must be 'numpy' or 'torch'")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return run(task.gram.numpy(), task.z.numpy(), task.inv_m.numpy(),
+                   task.init_params().numpy(), task.w_star.numpy(), sparsity, mu, lr, rounds)
 
 
 def main(argv=None) -> int:
@@ -72,13 +144,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2500)
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--mu", type=float, default=4.0)
+    ap.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from regtopk_fl.tasks.linreg import LinRegTask
 
+    if args.backend == "torch":
+        import torch
+        torch.set_num_threads(1)
     gaps, secs = from_task(LinRegTask(num_workers=20, dim=100), args.sparsity, args.mu, 0.01,
-                           args.rounds)
-    print(f"numpy floor: {args.rounds} rounds in {secs:.2f} s, final gap {gaps[-1]:.3g}")
+                           args.rounds, args.backend)
+    print(f"{args.backend} floor: {args.rounds} rounds in {secs:.2f} s, final gap {gaps[-1]:.3g}")
     return 0
 
 

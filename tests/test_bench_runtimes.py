@@ -28,7 +28,8 @@ def test_report_gives_medians_spreads_and_pairwise_ratios(bench):
     ip, fl = [1.0, 2.0, 1.5], [1.1, 2.4, 3.0]  # pairwise ratios 1.1, 1.2, 2.0
     rows = [r for k in range(3) for r in (_row("resnet", "inprocess", k, ip[k]),
                                           _row("resnet", "flower", k, fl[k]))]
-    pairs = [(0.9, 0.3, 1e-12, 1e-12), (1.2, 0.3, 1e-12, 1e-12), (0.6, 0.4, 1e-12, 1e-12)]
+    pairs = [(0.9, 0.3, 1e-12, 1e-12, 0.6), (1.2, 0.3, 1e-12, 1e-12, 0.6),
+             (0.6, 0.4, 1e-12, 1e-12, 0.8)]
     text = "\n".join(bench.report(rows, pairs, 3, " --repeat 3"))
     assert "--repeat 3" in text
     cells = _cells(text, "resnet (10 rounds) | inprocess")
@@ -38,12 +39,14 @@ def test_report_gives_medians_spreads_and_pairwise_ratios(bench):
     # the median of the pairwise ratios, not the ratio of the medians (1.6)
     assert _cells(text, "resnet |")[1:4] == ["1.20x", "1.10x-2.00x", "3"]
     assert _cells(text, "in-process / floor")[1:3] == ["3.00x", "1.50x-4.00x"]
+    assert _cells(text, "in-process / torch twin")[1:3] == ["1.50x", "0.75x-2.00x"]
+    assert _cells(text, "torch twin / floor")[1:3] == ["2.00x", "2.00x-2.00x"]
     assert "not met (median 3.00x)" in text
 
 
 def test_floor_target_met_is_said(bench):
     rows = [_row("linreg", "inprocess", 0, 0.001), _row("linreg", "flower", 0, 0.2)]
-    text = "\n".join(bench.report(rows, [(0.3, 0.25, 1e-12, 1e-12)], 1, ""))
+    text = "\n".join(bench.report(rows, [(0.3, 0.25, 1e-12, 1e-12, 0.5)], 1, ""))
     assert "Target <= 1.5x: met (median 1.20x)" in text
 
 

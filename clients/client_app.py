@@ -35,6 +35,7 @@ residual, as for a rejected one.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
@@ -151,8 +152,23 @@ def usable_feedback(fb, content: RecordDict, memory: ErrorFeedbackMemory, pid: i
     return fb
 
 
+class PhaseClock:
+    """Seconds between marks: ``mark(phase)`` ends a phase begun at the last
+    mark (or at creation). What the client reports in "client-timing"."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 def handle_train(msg: Message, context: Context, settings=None) -> Message:
+    clock = PhaseClock()  # where a message's time goes (wire.TIMING_PHASES)
     cfg, task, sparsifier, device = settings_and_build(context, settings)
+    clock.mark("build")
     pid = int(context.node_config["partition-id"])
     t, _ = wire.read_train(msg.content)
     if faults.drops(cfg.faults, cfg.seed, pid, t):
@@ -164,18 +180,24 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
         save_replica(context, None, cfg)
         return Message(Error(code=wire.REPLICA_STALE, reason=f"worker {pid} round {t}: {exc}"),
                        reply_to=msg)
+    clock.mark("model")  # the replica brought to the server's model
     memory = load_memory(context, task, device, cfg)
     fb = read_feedback(msg.content, device, step, memory)
     fb = usable_feedback(fb, msg.content, memory, pid, t)
+    clock.mark("memory")
     reply = worker_round(task, memory, sparsifier, params.to(device),
                          None if buffers is None else buffers.to(device), [fb], [pid], t,
                          int(cfg.local_steps), float(cfg.local_lr), weights=[1.0])[0]
+    clock.mark("compute")  # the model to the device, gradient, memory, selection
     save_memory(context, memory, last_round=t, cfg=cfg)
     if replica is not None:
         save_replica(context, replica, cfg)
+    clock.mark("save")
     if faults.corrupts(cfg.faults, cfg.seed, pid, t):  # corrupted in transit
         reply.upload.values = torch.full_like(reply.upload.values, float("nan"))
     content = wire.reply_content(reply, replica)
+    clock.mark("encode")
+    content["client-timing"] = wire.timing_record(clock.seconds)
     budget = sparsifier.budget(task.dim) if hasattr(sparsifier, "budget") else None
     content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim,
                              budget)  # #11, #17

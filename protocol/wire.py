@@ -31,7 +31,10 @@ Worker -> server
                    buffers?}, "metrics" {partition-id, num-examples, loss,
                    sent, uplink-bytes} and, under broadcast=gradient,
                    "replica-meta" {round, digest} of the model the upload was
-                   computed on; under Ray, "placement" {ray-node-id}
+                   computed on; under Ray, "placement" {ray-node-id};
+                   "client-timing" {build, model, memory, compute, save,
+                   encode: seconds the ClientApp spent on each phase of the
+                   message} (its own word: recorded, never counted)
   query.identify   "metrics" {partition-id}, "node-device" {device: the
                    device it computes on, "cpu" or "cuda"; threads: its torch
                    CPU threads} and, when it holds
@@ -41,6 +44,8 @@ Worker -> server
   errors           :data:`FAULT_DROPPED`, :data:`WRONG_WORKER`, :data:`REPLICA_STALE`
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -251,6 +256,31 @@ def replace_upload(content, reply: Reply) -> RecordDict:
     out["metrics"] = MetricRecord(metrics)
     out["upload"] = ArrayRecord(upload)
     return out
+
+
+TIMING_PHASES = ("build", "model", "memory", "compute", "save", "encode")
+
+
+def timing_record(seconds: dict) -> MetricRecord:
+    """How long the ClientApp spent on each phase of a train message."""
+    return MetricRecord({p: float(seconds[p]) for p in TIMING_PHASES if p in seconds})
+
+
+def read_timing(content) -> dict | None:
+    """A reply's phase times ({phase: seconds}), or None when it has none or
+    they are not plausible (a missing or unknown phase, a value that is not
+    a finite number >= 0). A client's own word: it is recorded, never
+    counted in anything the server decides."""
+    if "client-timing" not in content:
+        return None
+    try:
+        rec = content["client-timing"]
+        if set(rec.keys()) != set(TIMING_PHASES):
+            return None
+        out = {p: float(rec[p]) for p in TIMING_PHASES}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return out if all(math.isfinite(v) and v >= 0 for v in out.values()) else None
 
 
 def placement_record(ray_node: str) -> ConfigRecord:

@@ -4,7 +4,9 @@
   (:class:`CsvFiles`, the ``tracker=csv`` sink, always one of the sinks);
 * ``summary.json``: the run's identity and final numbers, written atomically,
   with ``status`` "running" while it goes and "finished" at the end;
-* ``model.pt``: the final model.
+* ``model.pt``: the final model;
+* ``client_timing.csv`` (Flower runs): where each train message's time went
+  in its ClientApp (:class:`ClientTiming`).
 
 The rows also go to the sinks that ``tracker`` adds (regtopk_fl/trackers/:
 TensorBoard, MLflow). A sink has four methods, all called in the process
@@ -101,6 +103,55 @@ class CsvFiles:
         pass
 
 
+class ClientTiming:
+    """A sink for Flower runs: ``client_timing.csv``, one row per train
+    reply, the seconds its ClientApp said it spent on each phase
+    (protocol/wire.py TIMING_PHASES, and their sum ``handle``), and
+    ``summary.json`` ``client_timing_s``: the median of each over the run.
+    What is left of a round's wall time beyond its clients' is Flower's and
+    Ray's (messages, the ClientApp's start, the server's own work). Rows of
+    this attempt only: a resumed run starts the file again."""
+
+    name = "client_timing"
+
+    def __init__(self, phases):
+        self.phases = tuple(phases)
+        self.rows: list = []
+
+    def record(self, round: int, timing) -> None:
+        """This round's ``[(worker, {phase: seconds})]``, in worker order."""
+        for worker, sec in sorted(timing, key=lambda x: (x[0] is None, x[0] or 0)):
+            self.rows.append([round, worker, *(sec[p] for p in self.phases),
+                              sum(sec.values())])
+
+    def summary(self) -> dict:
+        if not self.rows:
+            return {}
+        import statistics
+
+        cols = [*self.phases, "handle"]
+        return {"client_timing_s": {c: statistics.median(r[2 + i] for r in self.rows)
+                                    for i, c in enumerate(cols)}}
+
+    def open(self, recorder) -> None:
+        self.recorder = recorder
+        recorder.extras.append(self.summary)
+
+    def add(self, row: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["round", "worker", *(f"{p}_s" for p in self.phases), "handle_s"])
+        w.writerows([_cell(v) for v in r] for r in self.rows)
+        atomic_write_text(self.recorder.dir / "client_timing.csv", buf.getvalue())
+
+    def close(self, summary: dict) -> None:
+        pass  # the recorder flushed before
+
+
 class RunRecorder:
     """Collects per-round rows, writes summary.json and model.pt, and hands
     the rows to its sinks: :class:`CsvFiles` always (metrics.csv), then the
@@ -136,6 +187,11 @@ class RunRecorder:
             sink.add(row)
         if time.perf_counter() - self._last_flush > self.flush_every_s:
             self.flush()
+
+    def attach(self, sink) -> None:
+        """One more sink, after the recorder was made (a runtime's own)."""
+        self.sinks.append(sink)
+        sink.open(self)
 
     def restore(self, rows: list, offset_s: float) -> None:
         """A checkpoint's rows and wall time (checkpoint.py); the sinks get

@@ -24,8 +24,12 @@ Next to them, the floor's loop on torch tensors (its torch twin): the
 per-call cost of torch itself on [20, 100] arrays.
 
 The table also says how many torch threads the Flower clients computed
-with (``summary.json`` ``client_threads``: their Ray CPU share) and the
-driver's CPU seconds per run (the server, and under Flower the Ray driver).
+with (``summary.json`` ``client_threads``: their Ray CPU share), the
+driver's CPU seconds per run (the server, and under Flower the Ray driver),
+and how long a client's train message took in its ClientApp: the compute
+phase (the model to the device, gradient, memory, selection) and the rest
+(the replica, the state files, decoding and encoding), from
+``client_timing.csv``'s medians.
 
 ``--scale``: s/round of runtime=flower against the number of nodes N at a
 fixed number m of sampled clients per round (linear regression, RegTop-k
@@ -88,7 +92,8 @@ def bench(cases, tmp: Path, flower_only_keys=(), repeat: int = 1):
                 rows.append({"case": name, "runtime": runtime, "rep": rep,
                              "rounds": summary["rounds"], "s_per_round": per_round(run_dir),
                              "total_s": total, "driver_cpu_s": cpu,
-                             "client_threads": summary.get("client_threads")})
+                             "client_threads": summary.get("client_threads"),
+                             "client_timing_s": summary.get("client_timing_s")})
                 print(rows[-1], flush=True)
     return rows
 
@@ -164,13 +169,25 @@ def scale(ns, m: int, rounds: int, client_cpus: float, out) -> int:
     return 0
 
 
+def _client_ms(rows) -> str:
+    """Medians over the runs of the ClientApps' median message: the compute
+    phase and the rest of the handling (summary.json ``client_timing_s``)."""
+    timing = [r["client_timing_s"] for r in rows if r.get("client_timing_s")]
+    if not timing:
+        return "-"
+    compute = statistics.median(t["compute"] for t in timing)
+    rest = statistics.median(t["handle"] - t["compute"] for t in timing)
+    return f"{1e3 * compute:.1f} / {1e3 * rest:.1f}"
+
+
 def report(rows, pairs, repeat: int, argv_text: str) -> list:
     lines = [f"# Runtime speed (`python scripts/bench_runtimes.py{argv_text}`)", "", _machine(),
              "", f"Every case ran {repeat} time(s), interleaved (in-process, Flower, in-process, "
              f"...): the median over the runs and their spread (min-max).", "",
              "| case | runtime | s/round: median | min-max | whole run incl. start-up (s): median "
-             "| driver CPU s: median | Flower clients' torch threads |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| driver CPU s: median | Flower clients' torch threads "
+             "| a client's message: compute / the rest (ms) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     for case in cases:
         for runtime in ("inprocess", "flower"):
@@ -180,7 +197,7 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
             lines.append(f"| {case} ({mine[0]['rounds']} rounds) | {runtime} | {med} | {rng} | "
                          f"{statistics.median(r['total_s'] for r in mine):.1f} | "
                          f"{statistics.median(r['driver_cpu_s'] for r in mine):.1f} | "
-                         f"{threads if runtime == 'flower' else '-'} |")
+                         f"{threads if runtime == 'flower' else '-'} | {_client_ms(mine)} |")
     lines += ["", "| case | Flower / in-process per round: median | min-max | runs |",
               "| --- | ---: | ---: | ---: |"]
     for case in cases:

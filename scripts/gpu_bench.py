@@ -136,6 +136,10 @@ def render(r: dict) -> str:
         for sp, row in fl.get("runs", {}).items():
             if row.get("client_gpus_rule"):
                 lines.append(f"\n{sp}: {row['client_gpus_rule']}")
+        for sp, row in fl.get("runs", {}).items():
+            if row.get("client_timing_s"):  # where a client's message went (client_timing.csv)
+                lines.append(f"\n{sp}, a Flower client's train message (medians, ms): " + ", ".join(
+                    f"{k} {1e3 * v:.1f}" for k, v in row["client_timing_s"].items()))
         lines.append("")
     many = r.get("many", {})
     if many and "skipped" not in many:
@@ -306,7 +310,8 @@ def _run(cfg, run_dir: Path) -> dict:
             "total_s": round(time.perf_counter() - t0, 2), "rounds": summary["rounds"],
             "client_gpus": summary.get("client_gpus"),
             "client_gpus_rule": summary.get("client_gpus_rule"),
-            "client_gpu_bytes": summary.get("client_gpu_bytes")}
+            "client_gpu_bytes": summary.get("client_gpu_bytes"),
+            "client_timing_s": summary.get("client_timing_s")}
 
 
 # -- steps ------------------------------------------------------------------------------------

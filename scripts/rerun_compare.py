@@ -11,8 +11,8 @@ unchanged, with the reruns shown").
 process each, as a user would; the launcher of the checkout on PYTHONPATH)
 into ``OUT/<case>/`` (a sweep's jobs into ``OUT/<case>/<n>/``). ``compare``
 holds every run directory of A against B's: ``metrics.csv`` cell for cell
-apart from ``wall_s``, ``summary.json`` key for key apart from
-``wall_time_s``, and ``model.pt``'s tensors with ``torch.equal``. It prints
+apart from ``wall_s``, ``summary.json`` key for key apart from the
+clocks (``wall_time_s``, ``client_timing_s``), and ``model.pt``'s tensors with ``torch.equal``. It prints
 one line per run and exits with 1 when anything differs. ``--new-keys``:
 summary keys that B may add (a new record, absent from A's older runs).
 
@@ -81,6 +81,9 @@ def run(out: Path, only) -> int:
     return 0
 
 
+CLOCKS = ("wall_time_s", "client_timing_s")  # summary keys that time, never equal twice
+
+
 def _rows(path: Path) -> list:
     with open(path) as fh:
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(fh)]
@@ -88,7 +91,8 @@ def _rows(path: Path) -> list:
 
 def _summary(path: Path) -> dict:
     s = json.loads(path.read_text())
-    s.pop("wall_time_s", None)
+    for clock in CLOCKS:
+        s.pop(clock, None)
     return s
 
 

@@ -22,9 +22,11 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context  # noqa: E4
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from protocol import wire  # noqa: E402
 from regtopk_fl import network, trust  # noqa: E402
 from regtopk_fl.fedround import Coordinator, FedServer  # noqa: E402
 from regtopk_fl.participation import from_cfg as participation_from_cfg  # noqa: E402
+from regtopk_fl.results import ClientTiming  # noqa: E402
 from regtopk_fl.runner import Progress, evaluate_due, round_row  # noqa: E402
 
 from . import hostile_grid  # noqa: E402
@@ -59,7 +61,11 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
     bar = Progress(rounds, bool(OmegaConf.select(cfg, "progress", default=False)),
                    f"{cfg.sparsifier.name} (flower)", initial=start - 1)
 
+    timing = ClientTiming(wire.TIMING_PHASES)  # client_timing.csv
+    recorder.attach(timing)
+
     def on_round(t: int, info: dict) -> None:
+        timing.record(t, info.get("client_timing", ()))
         ev = _evaluate(task, server, device) if evaluate_due(t, eval_every, rounds) else {}
         row = round_row(t, info["outcome"], ev, info["plan"], info["missing"],
                         info["replies"], net, info.get("sampled"))

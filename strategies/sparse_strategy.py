@@ -176,7 +176,7 @@ class SparseAggregation(Strategy):
         server_round = self._t(server_round)
         server = self.coord.server
         replies = list(replies)
-        decoded, rejected, failed, undecodable = [], {}, 0, 0
+        decoded, rejected, failed, undecodable, timing = [], {}, 0, 0, []
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -199,6 +199,9 @@ class SparseAggregation(Strategy):
             ray_node = wire.read_placement(msg.content)  # #12: which Ray node computed it
             if ray_node is not None:
                 self.ray_nodes[ray_node] = self.ray_nodes.get(ray_node, 0) + 1
+            phases = wire.read_timing(msg.content)  # recorded only (client_timing.csv)
+            if phases is not None:
+                timing.append((self.node_worker.get(msg.metadata.src_node_id), phases))
             decoded.append((msg.metadata.src_node_id, reply.worker, reply))
         good, distrusted, unbound = screen_claims(self.identity, decoded, server_round)
         rejected.update(distrusted)
@@ -215,7 +218,7 @@ class SparseAggregation(Strategy):
         info = {"outcome": outcome, "plan": self._round_info.get("plan"),
                 "missing": failed + no_reply + max(0, sampled - nodes), "sampled": sampled,
                 "replies": len(good) + len(rejected) + undecodable,
-                "rejected_extra": undecodable}
+                "rejected_extra": undecodable, "client_timing": timing}
         if self.on_round is not None:
             self.on_round(server_round, info)
         metrics = MetricRecord({"sent": int(outcome.sent), "uplink-bytes": int(outcome.uplink_raw),

@@ -16,7 +16,9 @@ def bench():
 def _row(case, runtime, rep, s):
     return {"case": case, "runtime": runtime, "rep": rep, "rounds": 10, "s_per_round": s,
             "total_s": 10 * s, "driver_cpu_s": s,
-            "client_threads": [1] if runtime == "flower" else None}
+            "client_threads": [1] if runtime == "flower" else None,
+            "client_timing_s": {"compute": s / 4, "handle": s / 2} if runtime == "flower"
+            else None}
 
 
 def _cells(text, first):
@@ -35,7 +37,8 @@ def test_report_gives_medians_spreads_and_pairwise_ratios(bench):
     cells = _cells(text, "resnet (10 rounds) | inprocess")
     assert cells[2:4] == ["1.5000", "1.0000-2.0000"]
     assert _cells(text, "resnet (10 rounds) | flower")[2:4] == ["2.4000", "1.1000-3.0000"]
-    assert _cells(text, "resnet (10 rounds) | flower")[-1] == "[1]"
+    assert _cells(text, "resnet (10 rounds) | flower")[-2:] == ["[1]", "600.0 / 600.0"]
+    assert _cells(text, "resnet (10 rounds) | inprocess")[-1] == "-"
     # the median of the pairwise ratios, not the ratio of the medians (1.6)
     assert _cells(text, "resnet |")[1:4] == ["1.20x", "1.10x-2.00x", "3"]
     assert _cells(text, "in-process / floor")[1:3] == ["3.00x", "1.50x-4.00x"]

@@ -512,3 +512,20 @@ def test_global_step_counts_its_bytes_from_the_support(dim, n, k):
     assert torch.equal(step.touched, union)
     # what travels is what was counted
     assert step.nbytes(True) == _wire(step).nbytes(True)
+
+
+def test_client_timing_is_read_only_when_plausible():
+    from flwr.app import RecordDict
+
+    from protocol import wire
+
+    sec = {p: 0.001 * (i + 1) for i, p in enumerate(wire.TIMING_PHASES)}
+    content = RecordDict({"client-timing": wire.timing_record(sec)})
+    assert wire.read_timing(content) == pytest.approx(sec)
+    assert wire.read_timing(RecordDict({})) is None  # an older client: none
+    for bad in ({**sec, "compute": float("nan")}, {**sec, "save": -1.0},
+                {p: v for p, v in sec.items() if p != "model"}):
+        assert wire.read_timing(RecordDict({"client-timing": wire.timing_record(bad)})) is None
+    extra = wire.timing_record(sec)
+    extra["gossip"] = 1.0  # a phase the protocol does not know
+    assert wire.read_timing(RecordDict({"client-timing": extra})) is None

@@ -41,6 +41,25 @@ def _both(make_cfg, tmp_path, overrides):
     return out["inprocess"], out["flower"]
 
 
+def _check_client_timing(run_dir, rounds: int, workers: int) -> None:
+    """client_timing.csv: a row per train reply, phases >= 0 that add up to
+    ``handle_s``; summary.json's medians name every phase."""
+    import json
+
+    from protocol import wire
+
+    with open(run_dir / "client_timing.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(r["round"]), int(r["worker"])) for r in rows] == [
+        (t, n) for t in range(1, rounds + 1) for n in range(workers)]
+    for r in rows:
+        phases = [float(r[f"{p}_s"]) for p in wire.TIMING_PHASES]
+        assert min(phases) >= 0 and float(r["compute_s"]) > 0
+        assert float(r["handle_s"]) == pytest.approx(sum(phases))
+    medians = json.loads((run_dir / "summary.json").read_text())["client_timing_s"]
+    assert set(medians) == {*wire.TIMING_PHASES, "handle"}
+
+
 COUNTS = ("uplink_bytes", "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes",
           "resyncs", "patches", "sent", "replies", "missing", "rejected")
 
@@ -65,6 +84,8 @@ def test_linreg_flower_equals_inprocess(make_cfg, tmp_path, broadcast):
     assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])
     assert all(int(r["rejected"]) == 0 and int(r["resyncs"]) == 0 and int(r["patches"]) == 0
                for r in r_fl)
+    _check_client_timing(fl, 30, 4)
+    assert not (ip / "client_timing.csv").exists()  # no ClientApps in-process
     models = 4 * 100 * 8  # four float64 models of J = 100
     if broadcast == "model":  # the model every round, feedback values from round 2 on
         assert int(r_ip[2]["downlink_bytes"]) > int(r_ip[1]["downlink_bytes"]) == models

@@ -180,15 +180,15 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
         save_replica(context, None, cfg)
         return Message(Error(code=wire.REPLICA_STALE, reason=f"worker {pid} round {t}: {exc}"),
                        reply_to=msg)
-    clock.mark("model")  # the replica brought to the server's model
+    params, buffers = params.to(device), None if buffers is None else buffers.to(device)
+    clock.mark("model")  # the replica brought to the server's model, on the device
     memory = load_memory(context, task, device, cfg)
     fb = read_feedback(msg.content, device, step, memory)
     fb = usable_feedback(fb, msg.content, memory, pid, t)
     clock.mark("memory")
-    reply = worker_round(task, memory, sparsifier, params.to(device),
-                         None if buffers is None else buffers.to(device), [fb], [pid], t,
+    reply = worker_round(task, memory, sparsifier, params, buffers, [fb], [pid], t,
                          int(cfg.local_steps), float(cfg.local_lr), weights=[1.0])[0]
-    clock.mark("compute")  # the model to the device, gradient, memory, selection
+    clock.mark("compute")  # gradient, error feedback, selection
     save_memory(context, memory, last_round=t, cfg=cfg)
     if replica is not None:
         save_replica(context, replica, cfg)

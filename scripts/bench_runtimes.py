@@ -27,8 +27,8 @@ The table also says how many torch threads the Flower clients computed
 with (``summary.json`` ``client_threads``: their Ray CPU share), the
 driver's CPU seconds per run (the server, and under Flower the Ray driver),
 and how long a client's train message took in its ClientApp: the compute
-phase (the model to the device, gradient, memory, selection) and the rest
-(the replica, the state files, decoding and encoding), from
+phase (gradient, error feedback, selection) and the rest (the replica and
+its copy to the device, the state files, decoding and encoding), from
 ``client_timing.csv``'s medians.
 
 ``--scale``: s/round of runtime=flower against the number of nodes N at a

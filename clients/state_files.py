@@ -8,7 +8,10 @@ Context would carry it to and from the actor with every message. Here each
 J-sized tensor (the residual, the replica's parameters and momentum) is a raw
 file mapped *shared*: a round updates it where it lies (``eps += g``, the
 optimizer step) instead of reading and writing 45 MB per tensor for
-ResNet-18. The small rest goes into ``<base>.pt``.
+ResNet-18. The small rest goes into ``<base>.meta``: a JSON header and the
+small tensors' bytes (:func:`pack`), read and written in tens of
+microseconds, where ``torch.save`` / ``torch.load`` of the same dict cost
+0.12 / 0.29 ms, twice each per message (the memory and the replica).
 
 Not crash-safe, by design: the directory is the run's scratch space, removed
 at the end; a resumed run restores the memories from its checkpoint and
@@ -17,6 +20,7 @@ writes (clients/client_app.py).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +36,50 @@ _MAPPED: dict = {}
 
 def _raw(base: Path, key: str) -> Path:
     return base.with_name(f"{base.name}.{key}.raw")
+
+
+def _meta(base: Path) -> Path:
+    return base.with_name(f"{base.name}.meta")
+
+
+def pack(small: dict) -> bytes:
+    """``small`` as bytes: an 8-byte header length, a JSON header (each key's
+    plain value, or a tensor's dtype, shape, offset and size, or a mapped
+    tensor's ``("mapped", shape, dtype)``), then the tensors' bytes."""
+    head, blobs, offset = {}, [], 0
+    for key, value in small.items():
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            head[key] = {"tensor": [str(t.dtype).split(".")[-1], list(value.shape), offset,
+                                    len(raw)]}
+            blobs.append(raw)
+            offset += len(raw)
+        elif isinstance(value, tuple) and len(value) == 3 and value[0] == "mapped":
+            head[key] = {"mapped": [list(value[1]), value[2]]}
+        else:
+            head[key] = {"value": value}
+    text = json.dumps(head).encode()
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def unpack(data: bytes) -> dict:
+    """What :func:`pack` packed (tensors in memory of their own)."""
+    n = int.from_bytes(data[:8], "little")
+    head, start = json.loads(data[8:8 + n]), 8 + n
+    out = {}
+    for key, item in head.items():
+        if "tensor" in item:
+            dtype, shape, offset, size = item["tensor"]
+            dtype = getattr(torch, dtype)
+            flat = (torch.frombuffer(bytearray(data[start + offset:start + offset + size]),
+                                     dtype=dtype) if size else torch.empty(0, dtype=dtype))
+            out[key] = flat.reshape(shape)
+        elif "mapped" in item:
+            out[key] = ("mapped", tuple(item["mapped"][0]), item["mapped"][1])
+        else:
+            out[key] = item["value"]
+    return out
 
 
 def _map(path: Path, numel: int, dtype) -> torch.Tensor:
@@ -60,7 +108,7 @@ def _map(path: Path, numel: int, dtype) -> torch.Tensor:
 def save(base: Path, state: dict, extra: dict | None = None) -> None:
     """Big tensors into their mapped files (a no-op for a tensor that already
     is that mapping; a GPU tensor is copied into its mapping of the same
-    size), the rest (on the CPU) and ``extra`` into ``<base>.pt``."""
+    size), the rest and ``extra`` into ``<base>.meta`` (:func:`pack`)."""
     small = dict(extra or {})
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.numel() >= BIG:
@@ -76,16 +124,17 @@ def save(base: Path, state: dict, extra: dict | None = None) -> None:
                 _map(path, value.numel(), value.dtype).copy_(value.detach().reshape(-1).cpu())
             small[key] = ("mapped", tuple(value.shape), str(value.dtype).split(".")[-1])
         else:
-            small[key] = value.cpu() if isinstance(value, torch.Tensor) else value
-    atomic_write(base.with_suffix(".pt"), lambda fh: torch.save(small, fh), "wb")
+            small[key] = value
+    data = pack(small)
+    atomic_write(_meta(base), lambda fh: fh.write(data), "wb")
 
 
 def load(base: Path) -> dict | None:
     """The state saved at ``base`` (big tensors as shared mappings), or None."""
-    meta = base.with_suffix(".pt")
-    if not meta.exists():
+    try:
+        small = unpack(_meta(base).read_bytes())
+    except FileNotFoundError:
         return None
-    small = torch.load(meta, map_location="cpu", weights_only=True)
     out = {}
     for key, value in small.items():
         if isinstance(value, tuple) and len(value) == 3 and value[0] == "mapped":
@@ -100,7 +149,7 @@ def load(base: Path) -> dict | None:
 
 
 def remove(base: Path) -> None:
-    for path in [base.with_suffix(".pt"), *base.parent.glob(f"{base.name}.*.raw")]:
+    for path in [_meta(base), *base.parent.glob(f"{base.name}.*.raw")]:
         _MAPPED.pop(str(path), None)
         if path.exists():
             path.unlink()

@@ -288,6 +288,34 @@ def test_state_file_mapping_is_kept_until_the_file_is_replaced(tmp_path):
     assert now.data_ptr() != first.data_ptr() and float(now[5]) == 7.0
 
 
+def test_state_meta_packs_every_kind_it_holds_exactly():
+    """The small part of a state file (clients/state_files.py pack/unpack):
+    tensors of every dtype and shape come back bitwise, writable and in
+    memory of their own; plain values and mapped-tensor records as they were."""
+    from clients import state_files
+
+    small = {"f32": torch.randn(3, 4), "f64": torch.randn(7, dtype=torch.float64),
+             "i64": torch.arange(-5, 5), "i32": torch.tensor([1, 2], dtype=torch.int32),
+             "bool": torch.tensor([True, False, True]), "bf16": torch.randn(5).bfloat16(),
+             "scalar": torch.tensor(2.5), "empty": torch.zeros(0, dtype=torch.int64),
+             "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
+             "none": None, "round": 7, "lr": 0.01, "name": "x", "tags": [1, 2],
+             "big": ("mapped", (1, 100), "float32")}
+    data = state_files.pack(small)
+    back = state_files.unpack(data)
+    assert back.keys() == small.keys()
+    for key, value in small.items():
+        if isinstance(value, torch.Tensor):
+            got = back[key]
+            assert got.dtype == value.dtype and got.shape == value.shape, key
+            assert got.view(-1).view(torch.uint8).tolist() == \
+                value.reshape(-1).view(torch.uint8).tolist(), key  # bitwise, NaN and -0.0 too
+        else:
+            assert back[key] == value, key
+    back["f64"][0] = 123.0  # its own memory: writable, and the bytes are not touched
+    assert state_files.unpack(data)["f64"][0] == small["f64"][0]
+
+
 def test_restarted_node_with_state_dir_resumes_exactly(make_cfg, task_identity, tmp_path):
     """Node 1 loses its Context (a killed + restarted SuperNode) before rounds
     3 and 5; with a state dir the run is bit-identical to the uninterrupted one."""

@@ -51,7 +51,7 @@ from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.ray_cluster import ray_node_id
 
 from . import hostile  # faults.hostile: the reply as a hostile worker sends it (#11)
-from .cache import match_cpu_share, settings_and_build, settings_of
+from .cache import match_cpu_share, message_settings, settings_and_build, settings_of
 from .node_state import load_memory, load_replica, opt_settings, save_memory, save_replica
 
 log = logging.getLogger(__name__)
@@ -168,10 +168,11 @@ class PhaseClock:
 def handle_train(msg: Message, context: Context, settings=None) -> Message:
     clock = PhaseClock()  # where a message's time goes (wire.TIMING_PHASES)
     cfg, task, sparsifier, device = settings_and_build(context, settings)
+    run = message_settings(cfg)
     clock.mark("build")
     pid = int(context.node_config["partition-id"])
     t, _ = wire.read_train(msg.content)
-    if faults.drops(cfg.faults, cfg.seed, pid, t):
+    if faults.drops(run.faults, run.seed, pid, t):
         return Message(Error(code=wire.FAULT_DROPPED, reason=f"injected failure "
                              f"(faults.drop_prob) of worker {pid} in round {t}"), reply_to=msg)
     try:
@@ -187,19 +188,19 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     fb = usable_feedback(fb, msg.content, memory, pid, t)
     clock.mark("memory")
     reply = worker_round(task, memory, sparsifier, params, buffers, [fb], [pid], t,
-                         int(cfg.local_steps), float(cfg.local_lr), weights=[1.0])[0]
+                         run.local_steps, run.local_lr, weights=[1.0])[0]
     clock.mark("compute")  # gradient, error feedback, selection
     save_memory(context, memory, last_round=t, cfg=cfg)
     if replica is not None:
         save_replica(context, replica, cfg)
     clock.mark("save")
-    if faults.corrupts(cfg.faults, cfg.seed, pid, t):  # corrupted in transit
+    if faults.corrupts(run.faults, run.seed, pid, t):  # corrupted in transit
         reply.upload.values = torch.full_like(reply.upload.values, float("nan"))
     content = wire.reply_content(reply, replica)
     clock.mark("encode")
     content["client-timing"] = wire.timing_record(clock.seconds)
     budget = sparsifier.budget(task.dim) if hasattr(sparsifier, "budget") else None
-    content = hostile.tamper(cfg.faults, pid, t, content, int(cfg.num_workers), task.dim,
+    content = hostile.tamper(run.faults, pid, t, content, run.num_workers, task.dim,
                              budget)  # #11, #17
     node = ray_node_id()  # #12: which Ray node ran this client (cluster placement)
     if node is not None:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
-from omegaconf import OmegaConf
 
 from protocol import wire
 from regtopk_fl.broadcast import Replica
@@ -30,6 +29,7 @@ from regtopk_fl.memory import ErrorFeedbackMemory
 from regtopk_fl.results import atomic_write
 
 from . import state_files
+from .cache import message_settings
 
 MEMORY_KEY = "ef-memory"
 META_KEY = "ef-meta"  # {"last-round": round of the upload the memory holds}
@@ -48,7 +48,7 @@ def state_file(context: Context, what: str = "", cfg=None) -> Path | None:
     ships a node's Context to and from its ClientApp each time)."""
     node_config = context.node_config or {}
     state_dir = node_config.get("state-dir") or (
-        None if cfg is None else OmegaConf.select(cfg, "runtime.state_dir", default=None))
+        None if cfg is None else message_settings(cfg).state_dir)
     if not state_dir or state_dir == "auto":
         return None
     pid = int(node_config["partition-id"])
@@ -60,11 +60,11 @@ def _inplace(context: Context, cfg) -> bool:
     """The simulation's scratch state dir (clients/state_files.py), not a
     SuperNode's ``state-dir`` (which keeps atomic whole-file writes)."""
     return (cfg is not None and not (context.node_config or {}).get("state-dir")
-            and bool(OmegaConf.select(cfg, "runtime.state_inplace", default=False)))
+            and message_settings(cfg).state_inplace)
 
 
 def opt_settings(cfg) -> tuple:
-    return float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
+    return message_settings(cfg).opt
 
 
 def load_replica(context: Context, cfg) -> Replica | None:

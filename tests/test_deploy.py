@@ -288,6 +288,27 @@ def test_state_file_mapping_is_kept_until_the_file_is_replaced(tmp_path):
     assert now.data_ptr() != first.data_ptr() and float(now[5]) == 7.0
 
 
+def test_message_settings_are_read_once_per_config(make_cfg):
+    """What a client reads on every message comes from the config once, as
+    plain values, and is dropped with the config."""
+    import gc
+
+    from clients import cache
+
+    cfg = make_cfg(["task=linreg", "num_workers=3", "lr=0.5", "faults.drop_prob=0.25",
+                    "runtime=flower", "runtime.state_dir=/dev/shm/x",
+                    "+runtime.state_inplace=true"])
+    got = cache.message_settings(cfg)
+    assert cache.message_settings(cfg) is got
+    assert got.opt == (0.5, 0.0, 0.0) and got.num_workers == 3 and got.state_inplace
+    assert got.state_dir == "/dev/shm/x" and got.faults["drop_prob"] == 0.25
+    assert isinstance(got.faults, dict)  # plain: no OmegaConf lookups per message
+    key = id(cfg)
+    del cfg
+    gc.collect()
+    assert key not in cache._PLAIN
+
+
 def test_state_meta_packs_every_kind_it_holds_exactly():
     """The small part of a state file (clients/state_files.py pack/unpack):
     tensors of every dtype and shape come back bitwise, writable and in

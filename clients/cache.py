@@ -96,11 +96,13 @@ class MessageSettings:
     state_dir: str | None  # runtime.state_dir (None: context.state)
     state_inplace: bool  # runtime.state_inplace: the simulation's mapped files
     opt: tuple  # (lr, momentum, weight_decay) of the server optimizer
+    # what a train message reads besides (None where a partial config, as
+    # some tests build for the state functions alone, leaves them out)
     faults: dict  # the faults group, plain
-    seed: int
-    local_steps: int
-    local_lr: float
-    num_workers: int
+    seed: int | None
+    local_steps: int | None
+    local_lr: float | None
+    num_workers: int | None
 
 
 _PLAIN: dict = {}  # id(cfg) -> MessageSettings, dropped with the cfg
@@ -113,12 +115,16 @@ def message_settings(cfg) -> MessageSettings:
     not change after its first message (the cached configs never do)."""
     got = _PLAIN.get(id(cfg))
     if got is None:
+        def opt(key, kind):
+            value = OmegaConf.select(cfg, key, default=None)
+            return None if value is None else kind(value)
+
         got = _PLAIN[id(cfg)] = MessageSettings(
             state_dir=OmegaConf.select(cfg, "runtime.state_dir", default=None),
             state_inplace=bool(OmegaConf.select(cfg, "runtime.state_inplace", default=False)),
             opt=(float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)),
             faults=OmegaConf.to_container(cfg.faults, resolve=True) if "faults" in cfg else {},
-            seed=int(cfg.seed), local_steps=int(cfg.local_steps), local_lr=float(cfg.local_lr),
-            num_workers=int(cfg.num_workers))
+            seed=opt("seed", int), local_steps=opt("local_steps", int),
+            local_lr=opt("local_lr", float), num_workers=opt("num_workers", int))
         weakref.finalize(cfg, _PLAIN.pop, id(cfg), None)
     return got

@@ -32,75 +32,45 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 
-class _Numpy:
-    """The calls of the loop that numpy and torch spell differently."""
-
-    tanh, where, isfinite = np.tanh, np.where, np.isfinite
-
-    @staticmethod
-    def zeros(shape, like):
-        return np.zeros(shape, dtype=like.dtype)
-
-    @staticmethod
-    def top_rows(score, k):  # ascending indices of each row's k largest, lowest index on ties
-        return np.sort(np.argsort(-score, axis=1, kind="stable")[:, :k], axis=1)
-
-    @staticmethod
-    def scatter_add(g, idx, vals):
-        np.add.at(g, idx, vals)
-
-    @staticmethod
-    def norm(x) -> float:
-        return float(np.linalg.norm(x))
-
-    @staticmethod
-    def arange(n):
-        return np.arange(n)
+def numpy_ops() -> SimpleNamespace:
+    """The calls of the loop that numpy and torch spell differently: numpy's."""
+    return SimpleNamespace(
+        tanh=np.tanh, where=np.where, isfinite=np.isfinite, arange=np.arange, copy=np.copy,
+        zeros=lambda shape, like: np.zeros(shape, dtype=like.dtype),
+        # ascending indices of each row's k largest, the lowest index on ties
+        top_rows=lambda score, k: np.sort(np.argsort(-score, axis=1, kind="stable")[:, :k],
+                                          axis=1),
+        scatter_add=np.add.at, norm=lambda x: float(np.linalg.norm(x)))
 
 
-def _torch_ops():
+def torch_ops() -> SimpleNamespace:
+    """The same calls in torch (a stable descending sort keeps ties in index order)."""
     import torch
 
-    class _Torch:
-        tanh, where, isfinite = torch.tanh, torch.where, torch.isfinite
-
-        @staticmethod
-        def zeros(shape, like):
-            return torch.zeros(shape, dtype=like.dtype)
-
-        @staticmethod
-        def top_rows(score, k):  # a stable descending sort keeps ties in index order
-            top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
-            return torch.sort(top, dim=1).values
-
-        @staticmethod
-        def scatter_add(g, idx, vals):
-            g.index_add_(0, idx, vals)
-
-        @staticmethod
-        def norm(x) -> float:
-            return float(torch.linalg.vector_norm(x))
-
-        @staticmethod
-        def arange(n):
-            return torch.arange(n)
-
-    return _Torch
+    return SimpleNamespace(
+        tanh=torch.tanh, where=torch.where, isfinite=torch.isfinite, arange=torch.arange,
+        copy=torch.clone, zeros=lambda shape, like: torch.zeros(shape, dtype=like.dtype),
+        top_rows=lambda score, k: torch.sort(torch.sort(
+            score, dim=1, descending=True, stable=True).indices[:, :k], dim=1).values,
+        scatter_add=lambda g, idx, vals: g.index_add_(0, idx, vals),
+        norm=lambda x: float(torch.linalg.vector_norm(x)))
 
 
 def run(gram, z, inv_m, w0, w_star, sparsity: float, mu: float, lr: float, rounds: int,
-        weights=None, xp=_Numpy) -> tuple:
+        weights=None, xp=None) -> tuple:
     """(gap per round [rounds + 1], seconds for the rounds); ``mu`` None is
     plain Top-k (the score is |a| everywhere). The arrays are numpy's, or
-    torch's with ``xp=_torch_ops()``."""
+    torch's with ``xp=torch_ops()``."""
+    xp = xp or numpy_ops()
     n, j = z.shape
     k = max(1, int(round(sparsity * j)))
     w_n = (1.0 / inv_m) / (1.0 / inv_m).sum() if weights is None else weights
-    w, eps = w0.copy() if xp is _Numpy else w0.clone(), xp.zeros((n, j), z)
+    w, eps = xp.copy(w0), xp.zeros((n, j), z)
     rows = xp.arange(n)[:, None]
     gram2 = gram.reshape(-1, j)
     mask = None  # [n, k] last round's indices
@@ -131,7 +101,7 @@ def from_task(task, sparsity: float, mu: float, lr: float, rounds: int,
     """:func:`run` on a LinRegTask's data, with numpy or torch arrays."""
     if backend == "torch":
         return run(task.gram, task.z, task.inv_m, task.init_params(), task.w_star, sparsity,
-                   mu, lr, rounds, xp=_torch_ops())
+                   mu, lr, rounds, xp=torch_ops())
     if backend != "numpy":
         raise ValueError(f"backend={backend!r}: must be 'numpy' or 'torch'")
     with np.errstate(divide="ignore", invalid="ignore"):

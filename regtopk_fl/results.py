@@ -29,6 +29,7 @@ import math
 import os
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 COLUMNS = ["round", "loss", "gap", "accuracy", "test_loss", "uplink_bytes",
@@ -109,44 +110,52 @@ class ClientTiming:
     (protocol/wire.py TIMING_PHASES, and their sum ``handle``), and
     ``summary.json`` ``client_timing_s``: the median of each over the run.
     What is left of a round's wall time beyond its clients' is Flower's and
-    Ray's (messages, the ClientApp's start, the server's own work). Rows of
-    this attempt only: a resumed run starts the file again."""
+    Ray's (messages, the ClientApp's start, the server's own work).
+
+    The file grows by appending at each flush (a run of many clients has as
+    many rows a round, so it is never rewritten whole); the medians keep one
+    float per phase and message. Rows of this attempt only: a resumed run
+    starts the file again."""
 
     name = "client_timing"
 
     def __init__(self, phases):
         self.phases = tuple(phases)
-        self.rows: list = []
+        self.seconds = {p: array("d") for p in (*self.phases, "handle")}
+        self._pending: list = []
 
     def record(self, round: int, timing) -> None:
         """This round's ``[(worker, {phase: seconds})]``, in worker order."""
         for worker, sec in sorted(timing, key=lambda x: (x[0] is None, x[0] or 0)):
-            self.rows.append([round, worker, *(sec[p] for p in self.phases),
-                              sum(sec.values())])
+            values = [sec[p] for p in self.phases]
+            values.append(sum(values))
+            for p, v in zip(self.seconds, values):
+                self.seconds[p].append(v)
+            self._pending.append([round, worker, *values])
 
     def summary(self) -> dict:
-        if not self.rows:
+        if not self.seconds["handle"]:
             return {}
         import statistics
 
-        cols = [*self.phases, "handle"]
-        return {"client_timing_s": {c: statistics.median(r[2 + i] for r in self.rows)
-                                    for i, c in enumerate(cols)}}
+        return {"client_timing_s": {p: statistics.median(v) for p, v in self.seconds.items()}}
 
     def open(self, recorder) -> None:
-        self.recorder = recorder
+        self.path = recorder.dir / "client_timing.csv"
+        atomic_write_text(self.path, ",".join(
+            ["round", "worker", *(f"{p}_s" for p in self.phases), "handle_s"]) + "\n")
         recorder.extras.append(self.summary)
 
     def add(self, row: dict) -> None:
         pass
 
     def flush(self) -> None:
-        import io
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["round", "worker", *(f"{p}_s" for p in self.phases), "handle_s"])
-        w.writerows([_cell(v) for v in r] for r in self.rows)
-        atomic_write_text(self.recorder.dir / "client_timing.csv", buf.getvalue())
+        if not self._pending:
+            return
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh, lineterminator="\n").writerows(
+                [_cell(v) for v in r] for r in self._pending)
+        self._pending = []
 
     def close(self, summary: dict) -> None:
         pass  # the recorder flushed before

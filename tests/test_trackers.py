@@ -366,3 +366,25 @@ def test_launcher_stops_in_one_line(tmp_path, args, named, code):
     assert len(lines) == 1 and named in lines[0], proc.stderr
     assert lines[0].startswith("regtopk-fl: error: ")
     assert not run_dir.exists() and not (tmp_path / "sweep").exists()
+
+
+def test_client_timing_appends_rows_and_gives_medians(tmp_path):
+    """client_timing.csv grows by appending at each flush (never rewritten
+    whole), its rows in worker order with ``handle_s`` their sum; the
+    summary's medians are over every message."""
+    import csv as _csv
+
+    from regtopk_fl.results import ClientTiming, RunRecorder
+
+    rec = RunRecorder(tmp_path, {"task": "t"})
+    timing = ClientTiming(("a", "b"))
+    rec.attach(timing)
+    timing.record(1, [(1, {"a": 0.5, "b": 1.0}), (0, {"a": 0.25, "b": 0.25})])
+    rec.flush()
+    timing.record(2, [(0, {"a": 1.0, "b": 2.0})])
+    summary = rec.close("finished")
+    with open(tmp_path / "client_timing.csv") as fh:
+        rows = list(_csv.DictReader(fh))
+    assert [(r["round"], r["worker"], r["handle_s"]) for r in rows] == [
+        ("1", "0", "0.5"), ("1", "1", "1.5"), ("2", "0", "3.0")]
+    assert summary["client_timing_s"] == {"a": 0.5, "b": 1.0, "handle": 1.5}

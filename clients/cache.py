@@ -119,12 +119,13 @@ def message_settings(cfg) -> MessageSettings:
             value = OmegaConf.select(cfg, key, default=None)
             return None if value is None else kind(value)
 
-        got = _PLAIN[id(cfg)] = MessageSettings(
+        got = MessageSettings(
             state_dir=OmegaConf.select(cfg, "runtime.state_dir", default=None),
             state_inplace=bool(OmegaConf.select(cfg, "runtime.state_inplace", default=False)),
             opt=(float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)),
             faults=OmegaConf.to_container(cfg.faults, resolve=True) if "faults" in cfg else {},
             seed=opt("seed", int), local_steps=opt("local_steps", int),
             local_lr=opt("local_lr", float), num_workers=opt("num_workers", int))
-        weakref.finalize(cfg, _PLAIN.pop, id(cfg), None)
+        weakref.finalize(cfg, _PLAIN.pop, id(cfg), None)  # before it is kept
+        _PLAIN[id(cfg)] = got
     return got

@@ -154,12 +154,16 @@ def usable_feedback(fb, content: RecordDict, memory: ErrorFeedbackMemory, pid: i
 
 class PhaseClock:
     """Seconds between marks: ``mark(phase)`` ends a phase begun at the last
-    mark (or at creation). What the client reports in "client-timing"."""
+    mark (or at creation). What the client reports in "client-timing". On
+    CUDA each mark waits for the queued work first, so a phase's kernels
+    count in that phase, not in the next one that syncs."""
 
     def __init__(self):
-        self.seconds, self._last = {}, time.perf_counter()
+        self.seconds, self._last, self.device = {}, time.perf_counter(), None
 
     def mark(self, phase: str) -> None:
+        if self.device is not None and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
         self._last = now
@@ -170,6 +174,7 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     cfg, task, sparsifier, device = settings_and_build(context, settings)
     run = message_settings(cfg)
     clock.mark("build")
+    clock.device = device
     pid = int(context.node_config["partition-id"])
     t, _ = wire.read_train(msg.content)
     if faults.drops(run.faults, run.seed, pid, t):

@@ -57,8 +57,10 @@ def pack(small: dict) -> bytes:
             offset += len(raw)
         elif isinstance(value, tuple) and len(value) == 3 and value[0] == "mapped":
             head[key] = {"mapped": [list(value[1]), value[2]]}
-        else:
+        elif value is None or type(value) in (int, float, str, bool):
             head[key] = {"value": value}
+        else:  # it would not come back as it went (a tuple as a list, numpy scalars)
+            raise TypeError(f"state {key}={value!r}: a tensor, int, float, str, bool or None")
     text = json.dumps(head).encode()
     return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 

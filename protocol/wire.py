@@ -45,8 +45,6 @@ Worker -> server
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -259,6 +257,7 @@ def replace_upload(content, reply: Reply) -> RecordDict:
 
 
 TIMING_PHASES = ("build", "model", "memory", "compute", "save", "encode")
+MAX_PHASE_S = 1e6  # a phase claimed longer than this (or NaN) is not plausible
 
 
 def timing_record(seconds: dict) -> MetricRecord:
@@ -269,7 +268,7 @@ def timing_record(seconds: dict) -> MetricRecord:
 def read_timing(content) -> dict | None:
     """A reply's phase times ({phase: seconds}), or None when it has none or
     they are not plausible (a missing or unknown phase, a value that is not
-    a finite number >= 0). A client's own word: it is recorded, never
+    a number in [0, MAX_PHASE_S]: huge finite values would make the sum inf). A client's own word: it is recorded, never
     counted in anything the server decides."""
     if "client-timing" not in content:
         return None
@@ -280,7 +279,7 @@ def read_timing(content) -> dict | None:
         out = {p: float(rec[p]) for p in TIMING_PHASES}
     except (KeyError, TypeError, ValueError):
         return None
-    return out if all(math.isfinite(v) and v >= 0 for v in out.values()) else None
+    return out if all(0 <= v <= MAX_PHASE_S for v in out.values()) else None
 
 
 def placement_record(ray_node: str) -> ConfigRecord:

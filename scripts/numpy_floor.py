@@ -69,7 +69,8 @@ def run(gram, z, inv_m, w0, w_star, sparsity: float, mu: float, lr: float, round
     xp = xp or numpy_ops()
     n, j = z.shape
     k = max(1, int(round(sparsity * j)))
-    w_n = (1.0 / inv_m) / (1.0 / inv_m).sum() if weights is None else weights
+    w_n = (1.0 / inv_m) / (1.0 / inv_m).sum() if weights is None else inv_m.new_tensor(
+        weights) if hasattr(inv_m, "new_tensor") else np.asarray(weights)
     w, eps = xp.copy(w0), xp.zeros((n, j), z)
     rows = xp.arange(n)[:, None]
     gram2 = gram.reshape(-1, j)

@@ -17,7 +17,7 @@ def _row(case, runtime, rep, s):
     return {"case": case, "runtime": runtime, "rep": rep, "rounds": 10, "s_per_round": s,
             "total_s": 10 * s, "driver_cpu_s": s,
             "client_threads": [1] if runtime == "flower" else None,
-            "client_timing_s": {"compute": s / 4, "handle": s / 2} if runtime == "flower"
+            "client_timing_s": {"compute": s / 4, "handle": s} if runtime == "flower"
             else None}
 
 
@@ -37,7 +37,7 @@ def test_report_gives_medians_spreads_and_pairwise_ratios(bench):
     cells = _cells(text, "resnet (10 rounds) | inprocess")
     assert cells[2:4] == ["1.5000", "1.0000-2.0000"]
     assert _cells(text, "resnet (10 rounds) | flower")[2:4] == ["2.4000", "1.1000-3.0000"]
-    assert _cells(text, "resnet (10 rounds) | flower")[-2:] == ["[1]", "600.0 / 600.0"]
+    assert _cells(text, "resnet (10 rounds) | flower")[-2:] == ["[1]", "600.0 / 1800.0"]
     assert _cells(text, "resnet (10 rounds) | inprocess")[-1] == "-"
     # the median of the pairwise ratios, not the ratio of the medians (1.6)
     assert _cells(text, "resnet |")[1:4] == ["1.20x", "1.10x-2.00x", "3"]
@@ -53,6 +53,7 @@ def test_floor_target_met_is_said(bench):
     assert "Target <= 1.5x: met (median 1.20x)" in text
 
 
-def test_repeat_must_be_positive(bench):
+def test_repeat_must_be_positive(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeat", "0"])
+    assert "--repeat=0: must be >= 1" in capsys.readouterr().err

@@ -524,6 +524,7 @@ def test_client_timing_is_read_only_when_plausible():
     assert wire.read_timing(content) == pytest.approx(sec)
     assert wire.read_timing(RecordDict({})) is None  # an older client: none
     for bad in ({**sec, "compute": float("nan")}, {**sec, "save": -1.0},
+                {**sec, "model": 1e308}, {**sec, "build": float("inf")},
                 {p: v for p, v in sec.items() if p != "model"}):
         assert wire.read_timing(RecordDict({"client-timing": wire.timing_record(bad)})) is None
     extra = wire.timing_record(sec)

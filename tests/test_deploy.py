@@ -320,7 +320,7 @@ def test_state_meta_packs_every_kind_it_holds_exactly():
              "bool": torch.tensor([True, False, True]), "bf16": torch.randn(5).bfloat16(),
              "scalar": torch.tensor(2.5), "empty": torch.zeros(0, dtype=torch.int64),
              "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
-             "none": None, "round": 7, "lr": 0.01, "name": "x", "tags": [1, 2],
+             "none": None, "round": 7, "lr": 0.01, "name": "x", "on": True,
              "big": ("mapped", (1, 100), "float32")}
     data = state_files.pack(small)
     back = state_files.unpack(data)
@@ -333,6 +333,8 @@ def test_state_meta_packs_every_kind_it_holds_exactly():
                 value.reshape(-1).view(torch.uint8).tolist(), key  # bitwise, NaN and -0.0 too
         else:
             assert back[key] == value, key
+    with pytest.raises(TypeError, match="tags"):  # would come back as a list
+        state_files.pack({"tags": (1, 2)})
     back["f64"][0] = 123.0  # its own memory: writable, and the bytes are not touched
     assert state_files.unpack(data)["f64"][0] == small["f64"][0]
 

@@ -45,6 +45,7 @@ def _check_client_timing(run_dir, rounds: int, workers: int) -> None:
     """client_timing.csv: a row per train reply, phases >= 0 that add up to
     ``handle_s``; summary.json's medians name every phase."""
     import json
+    import statistics
 
     from protocol import wire
 
@@ -58,6 +59,8 @@ def _check_client_timing(run_dir, rounds: int, workers: int) -> None:
         assert float(r["handle_s"]) == pytest.approx(sum(phases))
     medians = json.loads((run_dir / "summary.json").read_text())["client_timing_s"]
     assert set(medians) == {*wire.TIMING_PHASES, "handle"}
+    for phase, value in medians.items():  # the medians of the file's columns
+        assert value == pytest.approx(statistics.median(float(r[f"{phase}_s"]) for r in rows))
 
 
 COUNTS = ("uplink_bytes", "uplink_coded_bytes", "downlink_bytes", "downlink_coded_bytes",

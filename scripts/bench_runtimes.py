@@ -226,8 +226,8 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
               "| torch twin / floor (pairwise) | {} | {} |".format(
                   *spread([p[4] / p[1] for p in pairs], "{:.2f}", "x")),
               "", "The torch twin is the floor's loop on torch tensors, one thread "
-              "(`numpy_floor.py --backend torch`): what torch's calls cost on arrays "
-              "this small, below which no engine in torch goes.",
+              "(`numpy_floor.py --backend torch`, each step spelt as torch does it "
+              "fastest): what torch's own calls cost on arrays this small.",
               "", f"Final gap: in-process {pairs[0][2]:.3g}, floor {pairs[0][3]:.3g}. "
               f"Target <= {FLOOR_TARGET}x: {'met' if med <= FLOOR_TARGET else 'not met'} "
               f"(median {med:.2f}x)."]

@@ -42,3 +42,17 @@ def test_floor_follows_the_suites_trajectory(floor, make_cfg, tmp_path, one_thre
 def test_floor_refuses_an_unknown_backend(floor):
     with pytest.raises(ValueError, match="backend='jax'"):
         floor.from_task(None, 0.6, 4.0, 0.01, 1, "jax")
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 8])
+def test_torch_twins_selection_is_numpys_ties_included(floor, k):
+    """The twin's top-k (``topk`` when no row ties at its k-th value, else a
+    stable sort) selects what numpy's stable argsort does, lowest index on ties."""
+    import torch
+
+    gen = torch.Generator().manual_seed(k)
+    tied = torch.randint(0, 3, (40, 8), generator=gen).double()  # ties at the k-th value
+    distinct = torch.randn(40, 8, generator=gen, dtype=torch.float64)  # the topk path
+    for score in (tied, distinct, torch.cat([distinct, tied])):
+        ours = floor.torch_top_rows(score, k)
+        assert np.array_equal(ours.numpy(), floor.numpy_ops().top_rows(score.numpy(), k))

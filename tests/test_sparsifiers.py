@@ -273,6 +273,41 @@ def test_regtopk_guards_bad_feedback(distortion):
     assert idx_list(sp.select(a, ctx)) == [6, 7]  # k = 2: |a| = 7, 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distortion", ["reference", "paper"])
+def test_regularized_score_is_the_guarded_formula_bitwise(distortion, dtype):
+    """prev_scores (in-place, nan_to_num) gives, bit for bit, the formula as
+    the module docstring writes it: Delta = (g - w s) / den, Q wherever Delta
+    is not finite or den is 0, score |a| tanh(|1 + Delta| / mu)."""
+    from regtopk_fl.compress.regtopk import prev_scores
+
+    gen = torch.Generator().manual_seed(7)
+    m, q, mu = 4000, 1e8, 0.37
+    def draw():
+        x = torch.randn(m, generator=gen, dtype=torch.float64).to(dtype)
+        special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30,
+                                3e38], dtype=torch.float64).to(dtype)
+        pick = torch.randint(0, 10 * len(special), (m,), generator=gen)
+        hit = pick < len(special)
+        x[hit] = special[pick[hit]]
+        return x
+    a = draw().nan_to_num(0.0, 0.0, 0.0).view(2, m // 2)  # a is finite
+    sent, fb_g, fb_w = draw().nan_to_num(1.0, 1.0, 1.0), draw(), draw().abs()
+    idx = torch.randperm(m, generator=gen)[: m // 2]
+    ctx = SelectContext(idx, sent[: m // 2], fb_g[: m // 2], fb_w[: m // 2], torch.ones(2),
+                        (0, 1), 1)
+    a_prev = a.view(-1)[idx]
+    contrib = ctx.fb_w * ctx.prev_sent
+    den = contrib if distortion == "reference" else ctx.fb_w * a_prev
+    delta = (ctx.fb_g - contrib) / den
+    delta = torch.where(torch.isfinite(delta) & (den != 0), delta, q)
+    expected = a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
+    got_idx, got = prev_scores(a, ctx, mu, distortion, q)
+    assert torch.equal(got_idx, idx) and got.dtype == dtype
+    assert torch.equal(got, expected)
+    assert bool((got != a_prev.abs()).any()) and bool((got == a_prev.abs()).any())
+
+
 def test_regtopk_mu_to_zero_hand():
     # mu = 1e-9: tanh(|1 + Delta| / mu) = 1 unless Delta = -1 exactly
     #   idx 0: Delta = 0 -> 1;  idx 1: Delta = -1 -> 0

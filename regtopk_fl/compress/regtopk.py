@@ -42,10 +42,11 @@ def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float, pos=
     a_prev = a.view(-1).index_select(0, idx)
     contrib = fb_w * sent
     den = contrib if distortion == "reference" else fb_w * a_prev
-    delta = (fb_g - contrib) / den
-    ok = torch.isfinite(delta) & (den != 0)
-    delta = torch.where(ok, delta, q)  # q in delta's dtype, as full_like would give
-    return idx, a_prev.abs() * torch.tanh((1.0 + delta).abs() / mu)
+    delta = (fb_g - contrib).div_(den)
+    # a zero denominator gives +-inf or NaN (x / 0, 0 / 0), unknown feedback
+    # (fb_g NaN) NaN: every non-finite Delta is Q (in delta's dtype)
+    delta.nan_to_num_(nan=q, posinf=q, neginf=q)
+    return idx, delta.add_(1.0).abs_().div_(mu).tanh_().mul_(a_prev.abs_())
 
 
 def off_mask_scale(mu: float, q: float) -> float:

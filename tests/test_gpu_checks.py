@@ -39,6 +39,32 @@ def test_no_budget_skips_every_step(tmp_path):
         "gpu_summary.json", "gpu_summary.md", "run.log"]  # $OUT takes at most 8 files
 
 
+@pytest.mark.parametrize("env, says", [
+    ({}, None),  # the defaults fit the device's 600 s a call
+    ({"BUDGET_S": "400", "CAP_S": "130"}, "BUDGET_S=400 CAP_S=130: the parts may take 695 s"),
+    ({"CAP_S": "0", "CUDA_TESTS": "0", "BUDGET_S": "460"}, None),  # 580 s
+    ({"CAP_S": "0", "CUDA_TESTS": "0", "BUDGET_S": "480"}, "may take 600 s, over LIMIT_S=590"),
+    ({"BUDGET_S": "5m"}, "BUDGET_S=5m: must be a whole number of seconds"),
+    ({"CUDA_TESTS": "yes"}, "CUDA_TESTS=yes: must be a whole number"),
+])
+def test_gpu_session_refuses_settings_over_one_device_call(tmp_path, env, says):
+    """gpu_session.sh adds up its parts' caps before it starts: over LIMIT_S
+    (or not a number) it exits 2 with one line and writes nothing."""
+    out = tmp_path / "out"
+    run = dict(os.environ, OUT=str(out), PY="false", **env)
+    if says is None:  # a setting that fits: only check the sum (LIMIT_S=itself)
+        worst = (int(env.get("BUDGET_S", 300)) + 45 * (env.get("CUDA_TESTS", "1") != "0")
+                 + 120 + int(env.get("CAP_S", 100)))
+        assert worst <= 590
+        run["LIMIT_S"] = str(worst - 1)  # one second less is refused: the sum is the one above
+        says = f"may take {worst} s, over LIMIT_S={worst - 1}"
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")], env=run,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout[-1000:]
+    assert says in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_record_merges_and_renders(tmp_path):
     gpu_bench.record(tmp_path, "inprocess", {"width": 64, "workers": 8, "floor_images": 160,
                                             "floor": {"batch_ms": 20.0}})

@@ -1,4 +1,3 @@
-import contextlib
 import importlib.util
 import os
 
@@ -42,23 +41,13 @@ def make_cfg():
     return compose_cfg
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @pytest.fixture
 def one_thread():
     """Small tensors only: one torch thread avoids OpenMP wake-ups on a busy
     2-core machine (the thread-count test sets its own counts)."""
-    with _torch_threads(1):
+    from regtopk_fl.runner import torch_threads  # set, then put back
+
+    with torch_threads(1):
         yield
 
 
@@ -66,5 +55,7 @@ def one_thread():
 def one_thread_module():
     """``one_thread`` for a whole module (``pytestmark``): tiny convolutions on
     2 shared cores run ~30x faster on one intra-op thread than on two."""
-    with _torch_threads(1):
+    from regtopk_fl.runner import torch_threads  # set, then put back
+
+    with torch_threads(1):
         yield

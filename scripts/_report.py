@@ -1,9 +1,11 @@
 """What every benchmark/report script here does at its end: name the CPU it
-ran on, print its Markdown and write it where ``--out`` says."""
+ran on, give repeated measurements as median and spread, print its Markdown
+and write it where ``--out`` says."""
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 from pathlib import Path
 
 
@@ -25,3 +27,11 @@ def emit(lines, out=None) -> str:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return text
+
+
+def spread(values, fmt="{:.4f}", unit: str = "") -> tuple:
+    """(median, 'min-max') of ``values`` as text; ``fmt`` a format string or
+    a function of one float."""
+    f = fmt.format if isinstance(fmt, str) else fmt
+    med = statistics.median(values)
+    return f(med) + unit, f"{f(min(values))}{unit}-{f(max(values))}{unit}"

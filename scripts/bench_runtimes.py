@@ -53,7 +53,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))  # also when imported by a test
-from _report import cpu_name, emit  # noqa: E402  (scripts/_report.py)
+from _report import cpu_name, emit, spread  # noqa: E402  (scripts/_report.py)
 
 LINREG = ["task=linreg", "num_workers=20", "sparsifier=regtopk", "sparsifier.sparsity=0.6",
           "sparsifier.mu=4", "eval_every=1"]
@@ -126,13 +126,6 @@ def floor_pairs(tmp: Path, repeat: int) -> list:
         print({"fig2 suite s": pairs[-1][0], "numpy floor s": secs, "torch twin s": torch_secs},
               flush=True)
     return pairs
-
-
-def spread(values, fmt: str = "{:.4f}", unit: str = "") -> tuple:
-    """(median, 'min-max') as text."""
-    med = statistics.median(values)
-    return (fmt.format(med) + unit,
-            f"{fmt.format(min(values))}{unit}-{fmt.format(max(values))}{unit}")
 
 
 def _machine() -> str:

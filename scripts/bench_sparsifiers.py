@@ -62,7 +62,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a clone without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # also when imported by a test
 
+from _report import spread  # noqa: E402  (scripts/_report.py)
 from regtopk_fl.compress import SPARSIFIERS  # noqa: E402
 from regtopk_fl.compress.base import num_selected  # noqa: E402
 from regtopk_fl.compress.regtopk import regularized_abs  # noqa: E402
@@ -381,10 +383,8 @@ def _spread(vals) -> str:
     """'median' for one run, 'median (min-max)' for several."""
     if not vals:
         return "-"
-    med = _fmt(float(statistics.median(vals)))
-    if len(vals) == 1:
-        return med
-    return f"{med} ({_fmt(float(min(vals)))}-{_fmt(float(max(vals)))})"
+    med, rng = spread([float(v) for v in vals], _fmt)
+    return med if len(vals) == 1 else f"{med} ({rng})"
 
 
 SUMMARY = (("floor ms", FLOOR, "step_ms"), ("Top-k select passes", "topk", "select_passes"),

@@ -78,8 +78,11 @@ def prompt_delivery():
     from flwr.server.superlink.fleet.vce import vce_api
 
     if not _swappable(vce_api):
-        log.debug("prompt_delivery: Flower's message thread is not the one of flwr %s; "
-                  "messages wait for its tick", FLWR_VERSION)
+        import flwr
+
+        log.warning("runtime.prompt_delivery: flwr %s's message thread is not the one of "
+                    "flwr %s; messages wait for Flower's own tick (slower rounds, same "
+                    "results)", getattr(flwr, "__version__", "?"), FLWR_VERSION)
         yield False
         return
     original = vce_api.add_messages_to_queue

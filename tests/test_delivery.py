@@ -97,17 +97,23 @@ def test_stop_ends_the_thread_and_gives_the_state_its_method_back(running):
     assert "store_message_ins" not in vars(state)
 
 
-def test_swapped_only_inside_the_block_and_only_for_the_known_flower(monkeypatch):
+def test_swapped_only_inside_the_block_and_only_for_the_known_flower(monkeypatch, caplog):
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
 
     original = vce_api.add_messages_to_queue
-    with pd.prompt_delivery() as swapped:
-        assert swapped and vce_api.add_messages_to_queue is pd.add_messages_when_pushed
-    assert vce_api.add_messages_to_queue is original
-    monkeypatch.setattr(flwr, "__version__", "9.9.9")
-    with pd.prompt_delivery() as swapped:
-        assert not swapped and vce_api.add_messages_to_queue is original
+    with caplog.at_level("WARNING", logger=pd.log.name):
+        with pd.prompt_delivery() as swapped:
+            assert swapped and vce_api.add_messages_to_queue is pd.add_messages_when_pushed
+        assert vce_api.add_messages_to_queue is original
+        assert not caplog.records  # the known Flower: nothing to say
+        monkeypatch.setattr(flwr, "__version__", "9.9.9")
+        with pd.prompt_delivery() as swapped:
+            assert not swapped and vce_api.add_messages_to_queue is original
+    # another Flower: the user is told the rounds wait for Flower's tick
+    assert [r.getMessage() for r in caplog.records] == [
+        "runtime.prompt_delivery: flwr 9.9.9's message thread is not the one of flwr "
+        "1.41.0; messages wait for Flower's own tick (slower rounds, same results)"]
 
 
 def test_the_thread_function_flower_starts_has_the_arguments_we_replace():

@@ -13,7 +13,6 @@ timed on its own, with warm caches), so the rows do not add up to
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -53,9 +52,7 @@ def main(argv=None) -> None:
     stride = E.sample_stride(dim)
     sample = row[::stride].abs()
     m = sample.numel()
-    expect = k * m / dim
-    rank = min(m, math.ceil(expect + E.MARGIN_SD * math.sqrt(expect) + 4.0))
-    hi_rank = math.floor(expect - E.MARGIN_SD * math.sqrt(expect) - 4.0)
+    rank, hi_rank = E.sample_ranks(k, m, dim)
     top = torch.topk(sample, rank, sorted=True).values
     t = float(top[rank - 1])
     hi = float(top[hi_rank - 1]) if hi_rank >= 1 else None

@@ -302,6 +302,18 @@ def _lower(local, vals, t: float, low) -> int | None:
     return local.numel() - int((val < t).sum())  # all were >= t before
 
 
+def sample_ranks(k: int, m: int, dim: int) -> tuple:
+    """(r, hi) for a sample of ``m`` of a row's ``dim`` entries and its k
+    largest: the sample's r-th largest value is the threshold (step 1), with
+    e = k m / dim expected top-k entries in the sample, r = e + MARGIN_SD
+    sqrt(e) + 4 (at most m); the same margin on the other side gives hi, whose
+    value probably has fewer than k entries above it (the band's top, step
+    3; < 1: no band)."""
+    expect = k * m / dim
+    sd = MARGIN_SD * math.sqrt(expect)
+    return min(m, math.ceil(expect + sd + 4.0)), math.floor(expect - sd - 4.0)
+
+
 def _row_topk(row, k: int, absolute: bool, low=None):
     """Ascending local indices of the exact top-k of one long row. ``low``:
     (local idx, their |row|, the score function, offset into its positions)
@@ -312,11 +324,7 @@ def _row_topk(row, k: int, absolute: bool, low=None):
     sample = row[::stride]
     sample = sample.abs() if absolute else sample.contiguous()
     m = sample.numel()
-    expect = k * m / dim
-    rank = min(m, math.ceil(expect + MARGIN_SD * math.sqrt(expect) + 4.0))
-    # the same margin on the other side: probably fewer than k entries above
-    # the sample's hi_rank-th largest value (the band's top, step 3)
-    hi_rank = math.floor(expect - MARGIN_SD * math.sqrt(expect) - 4.0)
+    rank, hi_rank = sample_ranks(k, m, dim)
     while True:
         hi = None
         if rank >= m:

@@ -327,6 +327,23 @@ def test_small_k_fast_path_has_no_retry_on_smooth_rows(monkeypatch):
         assert k <= cands <= 4 * bound, (k, cands, bound)
 
 
+@pytest.mark.parametrize("s, k, r", [(0.0001, 1_117, 21), (0.001, 11_174, 101),
+                                     (0.01, 111_740, 752)])
+def test_sample_ranks_are_the_docstrings_table(s, k, r):
+    """The module docstring's table at J = 11,173,962 (ResNet-18): stride
+    173, m = 64,590, and the rank r at each S; the band's top hi is r's
+    mirror (e - 4 sd - 4), none at S = 0.0001."""
+    dim = 11_173_962
+    assert exact_topk.sample_stride(dim) == 173
+    m = len(range(0, dim, 173))
+    assert m == 64_590
+    rank, hi = exact_topk.sample_ranks(k, m, dim)
+    e = k * m / dim
+    assert rank == r and hi == math.floor(e - 4 * math.sqrt(e) - 4)
+    assert (hi >= 1) == (s > 0.0001) and hi < e < rank
+    assert exact_topk.sample_ranks(dim, m, dim)[0] == m  # never beyond the sample
+
+
 # -- adversarial rows: the sample over- or underestimates the threshold --------------
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), dim=st.integers(300, 8000), k=st.integers(1, 400),

@@ -308,6 +308,19 @@ def test_regularized_score_is_the_guarded_formula_bitwise(distortion, dtype):
     assert bool((got != a_prev.abs()).any()) and bool((got == a_prev.abs()).any())
 
 
+def test_q_beyond_the_dtypes_range_acts_as_an_infinite_q():
+    """Q = 1e300 on float32 entries: a guarded Delta becomes inf, its tanh 1,
+    so the score is |a| there, as for any huge Q (no overflow error)."""
+    a = T([1.0, -2.0, 3.0, -4.0])
+    ctx = prev_ctx([0, 1, 2], [1.0, 0.0, 2.0], [float("nan"), 1.0, 1.0], [0.5, 0.5, 0.5])
+    score = RegTopK(0.5, mu=1.0, q=1e300).score(a, ctx)
+    # entries 0 (unknown feedback) and 1 (sent 0) are guarded; entry 2 is sound
+    expected = a.abs()
+    expected[0, 2] = 3.0 * math.tanh(abs(1.0 + (1.0 - 1.0) / 1.0))
+    assert bool(torch.isfinite(score).all())
+    torch.testing.assert_close(score, expected, rtol=1e-6, atol=0)
+
+
 def test_regtopk_mu_to_zero_hand():
     # mu = 1e-9: tanh(|1 + Delta| / mu) = 1 unless Delta = -1 exactly
     #   idx 0: Delta = 0 -> 1;  idx 1: Delta = -1 -> 0

@@ -268,8 +268,9 @@ def timing_record(seconds: dict) -> MetricRecord:
 def read_timing(content) -> dict | None:
     """A reply's phase times ({phase: seconds}), or None when it has none or
     they are not plausible (a missing or unknown phase, a value that is not
-    a number in [0, MAX_PHASE_S]: huge finite values would make the sum inf). A client's own word: it is recorded, never
-    counted in anything the server decides."""
+    a number in [0, MAX_PHASE_S]: huge finite values would make the sum
+    inf). A client's own word: it is recorded, never counted in anything the
+    server decides."""
     if "client-timing" not in content:
         return None
     try:

@@ -71,8 +71,8 @@ def torch_top_rows(score, k: int):
 
 def torch_ops() -> SimpleNamespace:
     """The same calls in torch, each spelt the way torch does it fastest
-    (``gather`` / ``scatter_`` / ``take``: advanced indexing costs 2-3x
-    more per call on arrays this small)."""
+    (``gather`` / ``scatter_`` / ``take``, not advanced indexing, which is
+    torch's slower path for small index arrays)."""
     import torch
 
     return SimpleNamespace(
@@ -86,15 +86,15 @@ def torch_ops() -> SimpleNamespace:
 
 
 def run(gram, z, inv_m, w0, w_star, sparsity: float, mu: float, lr: float, rounds: int,
-        weights=None, xp=None) -> tuple:
+        xp=None) -> tuple:
     """(gap per round [rounds + 1], seconds for the rounds); ``mu`` None is
     plain Top-k (the score is |a| everywhere). The arrays are numpy's, or
-    torch's with ``xp=torch_ops()``."""
+    torch's with ``xp=torch_ops()``. Worker n's weight is its share of the
+    examples (paper eq. 1): m_n / sum m = (1 / inv_m_n) / sum (1 / inv_m)."""
     xp = xp or numpy_ops()
     n, j = z.shape
     k = max(1, int(round(sparsity * j)))
-    w_n = (1.0 / inv_m) / (1.0 / inv_m).sum() if weights is None else inv_m.new_tensor(
-        weights) if hasattr(inv_m, "new_tensor") else np.asarray(weights)
+    w_n = (1.0 / inv_m) / (1.0 / inv_m).sum()
     w, eps = xp.copy(w0), xp.zeros((n, j), z)
     gram2 = gram.reshape(-1, j)
     mask = None  # [n, k] last round's indices

@@ -148,6 +148,7 @@ def load_memory(context: Context, task, device, cfg=None) -> ErrorFeedbackMemory
             last = saved.pop("last_round")
             eps = saved.pop("eps").view(1, task.dim)  # the shared mapping itself
             if str(device) != "cpu":  # a GPU client: a copy there, written back by save_memory
+                state_files.pin_mapped()  # direct copies from and into the mapping
                 eps = eps.to(device)
                 saved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                          for k, v in saved.items()}

@@ -227,7 +227,9 @@ def validate(cfg: DictConfig) -> None:
     if task in ("cifar10", "tiny_image"):
         _num(cfg, "task.batch_size", 1, integer=True, allowed="must be an integer >= 1")
         if _get(cfg, "task.batched") is not None:
-            _choice(cfg, "task.batched", ("auto", True, False))
+            from .tasks.batched import MODES as BATCHED
+
+            _choice(cfg, "task.batched", BATCHED)
         _choice(cfg, "task.partition", PARTITION_SCHEMES)
         if _get(cfg, "task.partition") == "dirichlet":
             _num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")

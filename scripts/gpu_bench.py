@@ -45,6 +45,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 NO_GPU = "not measured: no GPU"
+# the gradient paths (task.batched): the per-worker loop, the vmap pass, the
+# recorded per-worker step (a CUDA graph; auto's choice on CUDA)
+MODES = {"loop": "false", "batched": "true", "graph": "graph"}
 
 
 # -- results file --------------------------------------------------------------------
@@ -75,56 +78,25 @@ def _fmt(v, unit="", nd=4):
     return f"{v}{unit}"
 
 
-def render(r: dict) -> str:
-    """The Markdown summary of whatever steps have results so far."""
-    lines = ["# GPU checks (issue #21)", ""]
-    env = r.get("env", {})
-    if env:
-        lines += [f"Machine: {env.get('gpu', NO_GPU)}; torch {env.get('torch')}, "
-                  f"CUDA {env.get('cuda')}; {env.get('cpus')} CPUs; flwr {env.get('flwr')}, "
-                  f"ray {env.get('ray')}; device={env.get('device')}; {env.get('date')}.", ""]
-    for step in ("inprocess", "flower", "many"):
-        for key in ("skipped", "stopped"):
-            if key in r.get(step, {}):
-                lines += [f"**{step}**: {r[step][key]}", ""]
-    ip = r.get("inprocess", {})
-    if ip and "skipped" not in ip:
-        fl = ip.get("floor", {})
-        lines += ["## (b) In-process round vs the compute floor", "",
-                  f"Floor: one forward + backward of ResNet-18 (width {ip.get('width')}) over "
-                  f"{ip.get('floor_images')} images = **{_fmt(fl.get('batch_ms'), ' ms')}** "
-                  f"(the same images as {ip.get('workers')} batches of 20, one after another: "
-                  f"{_fmt(fl.get('sequential_ms'), ' ms')}). Gradients of the {ip.get('workers')} "
-                  f"workers alone: loop {_fmt(fl.get('grad_loop_ms'), ' ms')}, batched "
-                  f"{_fmt(fl.get('grad_batched_ms'), ' ms')}"
-                  + (f" (all fp32; with TF32, `tf32=true`: floor {_fmt(fl.get('batch_tf32_ms'), ' ms')},"
-                     f" loop {_fmt(fl.get('grad_loop_tf32_ms'), ' ms')},"
-                     f" batched {_fmt(fl.get('grad_batched_tf32_ms'), ' ms')})"
-                     if fl.get("grad_batched_tf32_ms") else "")
-                  + ("." if fl.get("equal_batches", True) else
-                     " (unequal batches: the batched runs fell back to the loop)."), "",
-                  "`-det`: deterministic=true (the Flower runs' twins); without: torch's defaults.",
-                  "", "| run | s/round | x floor | final accuracy |", "| --- | ---: | ---: | ---: |"]
-        for name, row in ip.get("runs", {}).items():
-            lines.append(f"| {name} | {_fmt(row.get('s_per_round'))} | "
-                         f"{_fmt(row.get('x_floor'), 'x', 3)} | {_fmt(row.get('accuracy'))} |")
-        rep = ip.get("repeat")
-        if rep:
-            lines += ["", f"deterministic=true, the same in-process run twice: {rep}"]
-        lines.append("")
-    fl = r.get("flower", {})
+def _render_flower(key: str, fl: dict) -> list:
+    """The Markdown of one Flower step (``flower`` or ``flower_mps``)."""
+    lines = []
     if fl and "skipped" not in fl:
-        lines += ["## (a) Flower vs in-process at Fig. 3's settings, (c) memory", "",
-                  "All with deterministic=true; in-process: the `-det` runs above.", "",
-                  "| method | Flower s/round | in-process s/round (loop / batched) | "
-                  "Flower ÷ in-process (best) | final models: max rel. diff (loop / batched) | "
+        lines += [f"## (a) Flower vs in-process at Fig. 3's settings, (c) memory"
+                  + (" (under CUDA MPS)" if key == "flower_mps" else ""), "",
+                  "All with deterministic=true; in-process: the `-det` runs above. Clients: "
+                  f"{fl.get('clients_on', '-')}.", "",
+                  "| method | Flower s/round | in-process s/round (loop / batched / graph) | "
+                  "Flower ÷ in-process (best) | final models: max rel. diff (loop / batched / "
+                  "graph) | "
                   "bitwise | client_gpus (auto) | peak per client |",
                   "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for sp, row in fl.get("runs", {}).items():
             lines.append(
-                f"| {sp} | {_fmt(row.get('s_per_round'))} | {_fmt(row.get('inprocess_loop_s'))} / "
-                f"{_fmt(row.get('inprocess_batched_s'))} | {_fmt(row.get('ratio'), 'x', 3)} | "
-                f"{_fmt(row.get('maxrel_loop'))} / {_fmt(row.get('maxrel_batched'))} | "
+                f"| {sp} | {_fmt(row.get('s_per_round'))} | "
+                + " / ".join(_fmt(row.get(f"inprocess_{m}_s")) for m in MODES)
+                + f" | {_fmt(row.get('ratio'), 'x', 3)} | "
+                + " / ".join(_fmt(row.get(f"maxrel_{m}")) for m in MODES) + " | "
                 f"{row.get('bitwise')} | {_fmt(row.get('client_gpus'))} | "
                 f"{row.get('peak_per_client', NO_GPU)} |")
         for sp, row in fl.get("tick", {}).items():
@@ -141,6 +113,47 @@ def render(r: dict) -> str:
                 lines.append(f"\n{sp}, a Flower client's train message (medians, ms): " + ", ".join(
                     f"{k} {1e3 * v:.1f}" for k, v in row["client_timing_s"].items()))
         lines.append("")
+    return lines
+
+
+def render(r: dict) -> str:
+    """The Markdown summary of whatever steps have results so far."""
+    lines = ["# GPU checks (issue #21)", ""]
+    env = r.get("env", {})
+    if env:
+        lines += [f"Machine: {env.get('gpu', NO_GPU)}; torch {env.get('torch')}, "
+                  f"CUDA {env.get('cuda')}; {env.get('cpus')} CPUs; flwr {env.get('flwr')}, "
+                  f"ray {env.get('ray')}; device={env.get('device')}; {env.get('date')}.", ""]
+    for step in ("inprocess", "flower", "flower_mps", "many"):
+        for key in ("skipped", "stopped"):
+            if key in r.get(step, {}):
+                lines += [f"**{step}**: {r[step][key]}", ""]
+    ip = r.get("inprocess", {})
+    if ip and "skipped" not in ip:
+        fl = ip.get("floor", {})
+        lines += ["## (b) In-process round vs the compute floor", "",
+                  f"Floor: one forward + backward of ResNet-18 (width {ip.get('width')}) over "
+                  f"{ip.get('floor_images')} images = **{_fmt(fl.get('batch_ms'), ' ms')}** "
+                  f"(the same images as {ip.get('workers')} batches of 20, one after another: "
+                  f"{_fmt(fl.get('sequential_ms'), ' ms')}). Gradients of the {ip.get('workers')} "
+                  f"workers alone: " + ", ".join(f"{m} {_fmt(fl.get(f'grad_{m}_ms'), ' ms')}"
+                                                  for m in MODES)
+                  + (f" (all fp32; with TF32, `tf32=true`: floor {_fmt(fl.get('batch_tf32_ms'), ' ms')}, "
+                     + ", ".join(f"{m} {_fmt(fl.get(f'grad_{m}_tf32_ms'), ' ms')}" for m in MODES)
+                     + ")" if fl.get("grad_batched_tf32_ms") else "")
+                  + ("." if fl.get("equal_batches", True) else
+                     " (unequal batches: the batched runs fell back to the loop)."), "",
+                  "`-det`: deterministic=true (the Flower runs' twins); without: torch's defaults.",
+                  "", "| run | s/round | x floor | final accuracy |", "| --- | ---: | ---: | ---: |"]
+        for name, row in ip.get("runs", {}).items():
+            lines.append(f"| {name} | {_fmt(row.get('s_per_round'))} | "
+                         f"{_fmt(row.get('x_floor'), 'x', 3)} | {_fmt(row.get('accuracy'))} |")
+        rep = ip.get("repeat")
+        if rep:
+            lines += ["", f"deterministic=true, the same in-process run twice: {rep}"]
+        lines.append("")
+    for key in ("flower", "flower_mps"):
+        lines += _render_flower(key, r.get(key, {}))
     many = r.get("many", {})
     if many and "skipped" not in many:
         lines += ["## (d) Flower with many clients", "",
@@ -363,19 +376,18 @@ def floor(a) -> dict:
     # the task's own gradient call, both paths (round 1's batches)
     from regtopk_fl.runner import build
 
-    for mode in ("false", "true"):
+    for name, mode in MODES.items():
         cfg = compose(fig3(a, "topk", "inprocess") + [f"task.batched={mode}"])
         task, _ = build(cfg)
         w = task.init_params().to(dev)
         rows = w.unsqueeze(0).expand(a.workers, -1)
         b = task.init_buffers().to(dev)
         ws = list(range(a.workers))
-        out["grad_loop_ms" if mode == "false" else "grad_batched_ms"] = timed(
-            lambda: task.gradients(rows, b, ws, 1, 0), reps)
+        out[f"grad_{name}_ms"] = timed(lambda: task.gradients(rows, b, ws, 1, 0), reps)
         if dev.type == "cuda":  # what TF32 (tf32=true, torch's cuDNN default) would give
             determinism.apply(False, tf32=True)
             try:
-                out[f"grad_{'loop' if mode == 'false' else 'batched'}_tf32_ms"] = timed(
+                out[f"grad_{name}_tf32_ms"] = timed(
                     lambda: task.gradients(rows, b, ws, 1, 0), reps)
                 if mode == "true":
                     out["batch_tf32_ms"] = timed(lambda: fwd_bwd(x, y), reps)
@@ -400,10 +412,9 @@ def step_inprocess(a) -> None:
     # Flower runs are compared with (and what determinism costs)
     for det in (False, True):
         for sp in a.sparsifiers:
-            for mode in ("loop", "batched"):
+            for mode, value in MODES.items():
                 name = f"{sp}-{mode}" + ("-det" if det else "")
-                cfg = compose(fig3(a, sp, "inprocess", det) +
-                              [f"task.batched={'true' if mode == 'batched' else 'false'}"])
+                cfg = compose(fig3(a, sp, "inprocess", det) + [f"task.batched={value}"])
                 row = _run(cfg, a.runs / f"inprocess-{name}")
                 if row["s_per_round"]:
                     row["x_floor"] = round(row["s_per_round"] / floor_s, 2)
@@ -421,30 +432,38 @@ def step_inprocess(a) -> None:
 
 
 def step_flower(a) -> None:
+    """(a) and (c); ``--tag mps``: the same under CUDA MPS (gpu_checks.sh
+    starts the daemon), recorded as ``flower_mps``, without the tick twin."""
     runs = {}
+    key = "flower" + (f"_{a.tag}" if a.tag else "")
+    record(a.out, key, {"clients_on": "task.batched=auto: "
+                        + ("the recorded step (a CUDA graph)" if _cuda(a.device) else "the loop")
+                        + ("; CUDA MPS on" if a.tag == "mps" else "")})
     for sp in a.sparsifiers:
         cfg = compose(fig3(a, sp, "flower"))
-        run_dir = a.runs / f"flower-{sp}"
+        run_dir = a.runs / (f"flower-{sp}" + (f"-{a.tag}" if a.tag else ""))
         with GpuMemory() as mem:
             row = _run(cfg, run_dir)
         if _cuda(a.device):
             row.update(mem.summary(a.workers))
         else:
             row["peak_per_client"] = NO_GPU
-        for mode in ("loop", "batched"):
+        for mode in MODES:
             twin = a.runs / f"inprocess-{sp}-{mode}-det"  # both deterministic=true
             if (twin / "model.pt").exists():
                 ag = agreement(run_dir, twin)
                 row[f"maxrel_{mode}"] = ag["maxrel"]
                 row[f"bitwise_{mode}"] = ag["bitwise"]
                 row[f"inprocess_{mode}_s"] = per_round(twin)
-        row["bitwise"] = " / ".join(str(row.get(f"bitwise_{m}", "-")) for m in ("loop", "batched"))
-        best = [row[k] for k in ("inprocess_loop_s", "inprocess_batched_s") if row.get(k)]
+        row["bitwise"] = " / ".join(str(row.get(f"bitwise_{m}", "-")) for m in MODES)
+        best = [row[f"inprocess_{m}_s"] for m in MODES if row.get(f"inprocess_{m}_s")]
         if best and row.get("s_per_round"):
             row["ratio"] = round(row["s_per_round"] / min(best), 3)
         runs[sp] = row
         print(sp, row, flush=True)
-        record(a.out, "flower", {"runs": runs})
+        record(a.out, key, {"runs": runs})
+    if a.tag:
+        return
     # the same first run with Flower's own 0.1 s message tick
     # (runtime.prompt_delivery=false, simulation/delivery.py)
     sp = a.sparsifiers[0]
@@ -502,6 +521,7 @@ def main(argv=None) -> int:
     ap.add_argument("--many-m", type=int, default=16)
     ap.add_argument("--many-width", type=int, default=16)
     ap.add_argument("--many-rounds", type=int, default=20)
+    ap.add_argument("--tag", default="", help="flower: record as flower_TAG (mps: under CUDA MPS)")
     a = ap.parse_args(argv)
     if a.step == "skip":  # a step not run, or (--stopped) stopped by its time cap
         record(a.out, a.name, {"stopped" if a.stopped else "skipped": a.why})

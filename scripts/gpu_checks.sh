@@ -16,6 +16,10 @@
 #   flower     (a) runtime=flower at Fig. 3 (N=8, ResNet-18, S=0.001) for
 #              ROUNDS rounds, s/round, final model vs the in-process twins;
 #              (c) peak GPU memory per client, the client_gpus auto chose
+#   flower_mps the same under CUDA MPS (the client processes' kernels side by
+#              side instead of time-sliced), with a daemon of this script's
+#              own (pipe and log under /tmp/regtopk-mps), quit afterwards;
+#              "not run" where the machine has no nvidia-cuda-mps-control
 #   many       (d) Flower, ResNet-18 width 16, N=64, m=16: s/round
 # Results, written as each step completes (at most 3 files in $OUT):
 #   run.log           everything printed, in order
@@ -56,30 +60,57 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 
 bench() { $PY scripts/gpu_bench.py "$@" --out "$OUT" --runs "$RUNS"; }
 
-# step NAME CAP_S NEED_S: run `gpu_bench.py NAME` for at most CAP_S seconds,
-# or skip it when less than NEED_S seconds of the budget are left
+# step NAME CAP_S NEED_S [ARGS...]: run `gpu_bench.py NAME ARGS` for at most
+# CAP_S seconds, or skip it when less than NEED_S seconds of the budget are
+# left; its results go under KEY (default NAME)
 step() {
-    local name=$1 cap=$2 need=$3 left=$((BUDGET_S - SECONDS)) t rc
+    local name=$1 cap=$2 need=$3 left=$((BUDGET_S - SECONDS)) t rc key=${KEY:-$1}
+    shift 3
     if [ "$left" -lt "$need" ]; then
-        bench skip "$name" --why "not run: budget (${left} s of ${BUDGET_S} s left, needs ~${need} s)"
+        bench skip "$key" --why "not run: budget (${left} s of ${BUDGET_S} s left, needs ~${need} s)"
         return
     fi
     t=$cap; [ "$left" -lt "$t" ] && t=$left
-    echo "== $name (at ${SECONDS} s; cap ${t} s)"
+    echo "== $key (at ${SECONDS} s; cap ${t} s)"
     # shellcheck disable=SC2086
     timeout -k 15 "$t" $PY scripts/gpu_bench.py "$name" --out "$OUT" --runs "$RUNS" \
-        --device "$DEVICE" --data "$DATA" --rounds "$ROUNDS" $EXTRA
+        --device "$DEVICE" --data "$DATA" --rounds "$ROUNDS" $EXTRA "$@"
     rc=$?
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-        bench skip "$name" --stopped --why "stopped after its ${t} s cap (partial results kept)"
+        bench skip "$key" --stopped --why "stopped after its ${t} s cap (partial results kept)"
         $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
     fi
-    echo "== $name done (rc $rc) at ${SECONDS} s"
+    echo "== $key done (rc $rc) at ${SECONDS} s"
+}
+
+# the Flower step again under CUDA MPS, with a daemon of its own
+flower_mps() {
+    local mps=/tmp/regtopk-mps left=$((BUDGET_S - SECONDS))
+    if [ "$left" -lt 60 ]; then
+        bench skip flower_mps --why "not run: budget (${left} s of ${BUDGET_S} s left, needs ~60 s)"
+        return
+    fi
+    if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+        bench skip flower_mps --why "not run: no CUDA MPS here (nvidia-cuda-mps-control not found)"
+        return
+    fi
+    mkdir -p "$mps/pipe" "$mps/log"
+    export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
+    if nvidia-cuda-mps-control -d &&
+            $PY -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+        KEY=flower_mps step flower 150 60 --tag mps
+    else
+        bench skip flower_mps --why "not run: the MPS daemon did not start (run.log)"
+        cat "$mps/log/control.log" 2>/dev/null | tail -5
+    fi
+    echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
 
 step env 90 20
 step inprocess 150 60
 step flower 240 90
+flower_mps
 step many 150 60
 echo "== total ${SECONDS} s"
 cat "$OUT/gpu_summary.md" 2>/dev/null

@@ -132,12 +132,13 @@ def test_auto_on_the_cpu_is_the_plain_loop_bitwise():
 
 
 def test_which_path_runs_where():
-    assert batched.uses_batched("auto", "cuda", 8)
-    assert not batched.uses_batched("auto", "cuda", 1)  # one worker: a Flower client
-    assert not batched.uses_batched("auto", "cpu", 8)
-    assert not batched.uses_batched("auto", torch.device("cpu"), 8)
-    assert batched.uses_batched(True, "cpu", 2) and not batched.uses_batched(True, "cpu", 1)
-    assert not batched.uses_batched(False, "cuda", 8)
+    p = batched.path_for
+    assert p("auto", "cuda", 8) == p("auto", "cuda", 1) == "graph"  # engine and Flower client
+    assert p("auto", "cpu", 8) == p("auto", torch.device("cpu"), 8) == "loop"
+    assert p(True, "cpu", 2) == p(True, "cuda", 8) == "vmap"
+    assert p(True, "cpu", 1) == "loop"  # one worker: nothing to batch
+    assert p(False, "cuda", 8) == p(False, "cpu", 8) == "loop"
+    assert p("graph", "cpu", 3) == p("graph", "cuda", 1) == "graph"
     with pytest.raises(ValueError, match="batched='yes'"):
         TinyImageTask(num_workers=2, batched="yes")
 

@@ -288,6 +288,72 @@ def test_state_file_mapping_is_kept_until_the_file_is_replaced(tmp_path):
     assert now.data_ptr() != first.data_ptr() and float(now[5]) == 7.0
 
 
+class FakeCudart:
+    """cudaHostRegister / cudaHostUnregister as calls recorded (0: success)."""
+
+    def __init__(self, code=0):
+        self.code, self.calls = code, []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size))
+        return self.code
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+@pytest.fixture
+def fresh_mappings(monkeypatch):
+    from clients import state_files
+
+    for name in ("_MAPPED", "_PINNED"):
+        monkeypatch.setattr(state_files, name, {})
+    monkeypatch.setattr(state_files, "_PIN_FAILED", [])
+    return state_files
+
+
+def test_gpu_client_pins_each_mapping_once_and_unpins_it_before_dropping(tmp_path, monkeypatch,
+                                                                         fresh_mappings):
+    """A GPU client's state files are registered with CUDA once per mapping
+    (its copies are then direct DMA), and unregistered before the mapping
+    goes: when another actor replaced the file, and when the state is removed."""
+    state_files = fresh_mappings
+    cudart = FakeCudart()
+    monkeypatch.setattr(state_files, "_cudart", lambda: cudart)
+    base = tmp_path / "run-1-partition-0.pt"
+    state_files.save(base, {"eps": torch.arange(1 << 16, dtype=torch.float32)}, {"r": 1})
+    first = state_files.load(base)["eps"]
+    assert state_files.pin_mapped() == 1 and state_files.pin_mapped() == 1
+    assert cudart.calls == [("register", first.data_ptr(), 4 << 16)]
+    raw = tmp_path / "run-1-partition-0.pt.eps.raw"
+    torch.full((1 << 16,), 7.0).numpy().tofile(tmp_path / "new.raw")
+    os.replace(tmp_path / "new.raw", raw)
+    now = state_files.load(base)["eps"]  # the old mapping is unregistered before it goes
+    assert cudart.calls[1] == ("unregister", first.data_ptr()) and len(cudart.calls) == 2
+    state_files.pin_mapped()
+    assert cudart.calls[2] == ("register", now.data_ptr(), 4 << 16)
+    state_files.remove(base)
+    assert cudart.calls[3] == ("unregister", now.data_ptr()) and not state_files._PINNED
+
+
+def test_a_refused_pin_leaves_the_state_pageable_and_is_not_retried(tmp_path, monkeypatch, caplog,
+                                                                   fresh_mappings):
+    state_files = fresh_mappings
+    cudart = FakeCudart(code=2)  # e.g. cudaErrorMemoryAllocation
+    monkeypatch.setattr(state_files, "_cudart", lambda: cudart)
+    base = tmp_path / "run-1-partition-0.pt"
+    state_files.save(base, {"eps": torch.ones(1 << 16)}, {"r": 1})
+    state_files.load(base)
+    with caplog.at_level("WARNING"):
+        assert state_files.pin_mapped() == 0
+    assert "stay pageable" in caplog.text and "returned 2" in caplog.text
+    state_files.save(tmp_path / "other.pt", {"eps": torch.ones(1 << 16)}, {"r": 1})
+    state_files.load(tmp_path / "other.pt")
+    assert state_files.pin_mapped() == 0 and len(cudart.calls) == 1  # not tried again
+    assert float(state_files.load(base)["eps"].sum()) == 1 << 16  # the state is intact
+
+
 def test_message_settings_are_read_once_per_config(make_cfg):
     """What a client reads on every message comes from the config once, as
     plain values, and is dropped with the config."""

@@ -15,28 +15,34 @@ Two forms, by what the workers compute on:
 * one model per worker (local SGD's steps): the parameters are batched as
   well (grouped convolutions).
 
-Which path runs where is the task's ``batched`` setting (tasks/images.py):
-``auto`` (the default) runs this on CUDA when more than one worker's gradient
-is asked for (the in-process engine on a GPU) and the per-worker loop on the
-CPU and for a single worker (a Flower client); ``true`` runs this wherever
-R > 1 (the CPU tests); ``false`` always the loop. The two agree within float
-rounding, not bitwise (other kernels: README "Which equalities are bitwise").
+Which path runs where is the task's ``batched`` setting (tasks/images.py,
+:func:`path_for`): ``true`` runs this wherever R > 1; ``auto`` (the default)
+runs the recorded per-worker step (``graph``, tasks/graphed.py) on CUDA, in
+the in-process engine and in every Flower client alike, and the per-worker
+loop on the CPU; ``false`` always the loop. This pass and the loop agree
+within float rounding, not bitwise (other kernels: README "Which equalities
+are bitwise"); on an H200 cuDNN's choices for the batched shapes made them
+differ by up to 5e-3 (L2) in fp32, where the recorded step is the loop bit
+for bit. On the GPU this pass was the fastest gradient of the three
+(results/README.md, "Flower clients on the GPU"); it is kept for that.
 """
 from __future__ import annotations
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-MODES = ("auto", True, False)
+MODES = ("auto", True, False, "graph")
 
 
-def uses_batched(mode, device, rows: int) -> bool:
-    """Whether ``rows`` workers' gradients go through :class:`BatchedGradients`."""
-    if rows < 2 or mode is False:
-        return False
-    if mode is True:
-        return True
-    return torch.device(device).type == "cuda"
+def path_for(mode, device, rows: int) -> str:
+    """Which path computes ``rows`` workers' gradients: ``"graph"`` (the
+    per-worker step recorded as a CUDA graph, tasks/graphed.py), ``"vmap"``
+    (:class:`BatchedGradients`) or ``"loop"`` (the task's per-worker loop)."""
+    if mode == "graph" or (mode == "auto" and torch.device(device).type == "cuda"):
+        return "graph"
+    if mode is True and rows >= 2:
+        return "vmap"
+    return "loop"
 
 
 def _split(flat: torch.Tensor, names, shapes) -> dict:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.utils import vector_to_parameters
 
 from ..device import resolve_device
-from . import batched
+from . import batched, graphed
 from . import data as D
 from .base import Task
 from .models import buffer_tensors, flat_buffers, flat_params, resnet18, tiny_cnn
@@ -92,11 +92,12 @@ class _ImageTask(Task):
         if loss not in LOSS_FUNCTIONS:
             raise ValueError(f"task.loss={loss!r}: one of {', '.join(LOSSES)}")
         if batched_mode not in batched.MODES:
-            raise ValueError(f"batched={batched_mode!r}: must be auto, true or false")
+            raise ValueError(f"batched={batched_mode!r}: must be auto, true, false or graph")
         self.loss_name, self._loss = loss, LOSS_FUNCTIONS[loss]
         self.resize = None if resize is None else int(resize)
         self.batched = batched_mode
         self._batched_fn = None
+        self._graphed_fn = None
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
@@ -147,8 +148,17 @@ class _ImageTask(Task):
         # every batch first: a blocking host-to-device copy of the indices then
         # never waits for a worker's backward pass (CUDA)
         batches = [self.batch(n, round, step) for n in workers]
-        if batched.uses_batched(self.batched, self.device, R) and \
-                len({tuple(x.shape) for x, _ in batches}) == 1:  # else: unequal batches
+        path = batched.path_for(self.batched, self.device, R)
+        if path == "graph":
+            if self._graphed_fn is None:
+                self._graphed_fn = graphed.GraphedGradients(self)
+            if self._graphed_fn.failed is None:  # else: the loop (logged once)
+                try:
+                    grads, losses, bufs_out = self._graphed_fn(params, buffers, batches)
+                    return grads, losses.tolist(), bufs_out
+                except graphed.CaptureError:
+                    pass
+        if path == "vmap" and len({tuple(x.shape) for x, _ in batches}) == 1:  # else unequal
             return self._batched_gradients(params, buffers, batches)
         grads = torch.empty(R, self.dim, dtype=self.dtype, device=self.device)
         bufs_out = (torch.empty(R, self.num_buffers, dtype=self.dtype, device=self.device)

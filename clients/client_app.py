@@ -51,7 +51,7 @@ from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
 from regtopk_fl.ray_cluster import ray_node_id
 
 from . import hostile  # faults.hostile: the reply as a hostile worker sends it (#11)
-from . import state_files
+from . import device_model, state_files
 from .cache import match_cpu_share, message_settings, settings_and_build, settings_of
 from .node_state import load_memory, load_replica, opt_settings, save_memory, save_replica
 
@@ -189,6 +189,8 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
                        reply_to=msg)
     if torch.device(device).type == "cuda":
         state_files.pin_mapped()  # the replica's mapping: a direct copy to the GPU
+        if replica is not None:  # the step's entries only, where this process can
+            params = device_model.on_device(context.run_id, replica, step, device)
     params, buffers = params.to(device), None if buffers is None else buffers.to(device)
     clock.mark("model")  # the replica brought to the server's model, on the device
     memory = load_memory(context, task, device, cfg)

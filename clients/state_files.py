@@ -19,6 +19,8 @@ pageable memory the driver stages each copy through a bounce buffer; so
 :func:`pin_mapped` registers each mapping with CUDA once per process
 (``cudaHostRegister``: the pages stay where they are and the copies become
 direct DMA). A mapping is unregistered before it is dropped.
+``REGTOPK_PIN_STATE=0`` in the environment leaves them pageable (the GPU
+checks' comparison, scripts/gpu_bench.py).
 
 Not crash-safe, by design: the directory is the run's scratch space, removed
 at the end; a resumed run restores the memories from its checkpoint and
@@ -173,7 +175,7 @@ def pin_mapped() -> int:
     A failure (no CUDA, a refusing driver, a memlock limit) is logged once
     and turns pinning off for the process: the copies then stay pageable,
     with the same results."""
-    if _PIN_FAILED:
+    if _PIN_FAILED or os.environ.get("REGTOPK_PIN_STATE") == "0":  # 0: the A/B's other arm
         return len(_PINNED)
     for key, (t, _) in list(_MAPPED.items()):
         if key in _PINNED or t.numel() == 0:

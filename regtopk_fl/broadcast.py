@@ -136,9 +136,14 @@ class GlobalStep:
 
     @classmethod
     def from_gradient(cls, round: int, g: torch.Tensor, support, stepped: bool, buffers,
-                      digest=None):
+                      digest=None, gathered=None):
         """``support``: the accepted uploads' indices concatenated (None:
-        dense). ``g`` is the round's own tensor and is never written again."""
+        dense). ``g`` is the round's own tensor and is never written again.
+        ``gathered``: g's distinct support and g on it, where the server took
+        them already (its sparse step): the step then holds no g."""
+        if gathered is not None:
+            return cls(round, gathered[1], gathered[0].to(torch.int64), g.numel(), stepped,
+                       buffers, digest)
         if support is None:
             return cls(round, g, None, g.numel(), stepped, buffers, digest)
         step = cls(round, None, None, g.numel(), stepped, buffers, digest)
@@ -174,6 +179,10 @@ class GlobalStep:
         written in and wiped out again (O(k), not a J-sized allocation)."""
         if self.indices is None:
             opt.step(self.values.to(opt.params.device))
+            return
+        if opt.sparse_ok:  # the same step, on the support alone (optim.py)
+            opt.step_sparse(self.indices.to(opt.params.device),
+                            self.values.to(opt.params.device))
             return
         key = (self.dim, self.values.dtype, opt.params.device)
         g = _ZEROS.get(key)
@@ -505,7 +514,8 @@ class Downlink:
             return
         digest = model_digest(server.params, server.buffers) if self.verify else None
         self.step = GlobalStep.from_gradient(round, outcome.grad, support,
-                                             bool(outcome.accepted), server.buffers, digest)
+                                             bool(outcome.accepted), server.buffers, digest,
+                                             getattr(outcome, "gathered", None))
         if self.changed is not None and self.step.stepped:
             touched = self.step.touched
             if touched is None:  # a dense g moves every entry

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+SPARSE_MIN = 1 << 16  # plain SGD on a CPU model of at least this many entries steps sparsely
+
 
 class ServerSGD:
     """SGD on the flat global model, with the arithmetic of torch.optim.SGD
@@ -20,6 +22,25 @@ class ServerSGD:
         self.params, self.lr = params, float(lr)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buf = None
+
+    @property
+    def sparse_ok(self) -> bool:
+        """Whether :meth:`step_sparse` may stand for :meth:`step`: plain SGD
+        (momentum and weight decay move every entry) on a large CPU model,
+        where the dense step is a pass over all J entries for a g that is
+        zero on nearly all of them."""
+        return (not self.momentum and not self.weight_decay
+                and self.params.device.type == "cpu" and self.params.numel() >= SPARSE_MIN)
+
+    def step_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`step` for a g that is ``values`` on the distinct ``indices``
+        and zero elsewhere (plain SGD only, :attr:`sparse_ok`). Bitwise the
+        dense step: off the support p + (-lr) * 0 is p, and on it the same
+        add kernel runs on the gathered entries (tests/test_broadcast.py
+        compares the two on random supports)."""
+        sub = self.params.index_select(0, indices)
+        sub.add_(values, alpha=-self.lr)
+        self.params.index_copy_(0, indices, sub)
 
     def step(self, g: torch.Tensor) -> None:
         d = g.add(self.params, alpha=self.weight_decay) if self.weight_decay else g

@@ -108,7 +108,8 @@ def _varint_encode(deltas: np.ndarray) -> np.ndarray:
 
 
 def _varint_decode(buf: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_varint_encode` (vectorised); raises ValueError on a
+    """Inverse of :func:`_varint_encode` (vectorised: one masked gather per
+    byte position, as the encoder writes them); raises ValueError on a
     truncated stream or a value longer than 9 bytes."""
     if buf.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -119,12 +120,16 @@ def _varint_decode(buf: np.ndarray) -> np.ndarray:
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
-    if int((ends - starts).max()) >= 9:
+    lengths = ends - starts + 1
+    longest = int(lengths.max())
+    if longest > 9:
         raise ValueError("varint longer than 9 bytes")
-    group = np.repeat(np.arange(ends.size), ends - starts + 1)
-    shift = (np.arange(buf.size) - starts[group]).astype(np.uint64) * np.uint64(7)
-    parts = (buf & 0x7F).astype(np.uint64) << shift
-    return np.add.reduceat(parts, starts).astype(np.int64)
+    low = buf & np.uint8(0x7F)
+    out = low[starts].astype(np.uint64)
+    for j in range(1, longest):
+        live = np.flatnonzero(lengths > j)
+        out[live] |= low[starts[live] + j].astype(np.uint64) << np.uint64(7 * j)
+    return out.astype(np.int64)
 
 
 def _deltas(indices: np.ndarray) -> np.ndarray:

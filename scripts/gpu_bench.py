@@ -105,6 +105,12 @@ def _render_flower(key: str, fl: dict) -> list:
                          f"s/round; final model bitwise equal to the prompt run's: "
                          f"{row.get('bitwise_vs_prompt')} (max rel. diff "
                          f"{_fmt(row.get('maxrel_vs_prompt'))})")
+        for sp, row in fl.get("pageable", {}).items():
+            lines.append(f"\n{sp} with the clients' state files pageable (`REGTOPK_PIN_STATE=0`): "
+                         f"{_fmt(row.get('s_per_round'))} s/round; bitwise equal to the pinned "
+                         f"run: {row.get('bitwise_vs_pinned')}; a client's message (medians, ms): "
+                         + ", ".join(f"{k} {1e3 * v:.1f}"
+                                     for k, v in (row.get("client_timing_s") or {}).items()))
         for sp, row in fl.get("runs", {}).items():
             if row.get("client_gpus_rule"):
                 lines.append(f"\n{sp}: {row['client_gpus_rule']}")
@@ -474,6 +480,17 @@ def step_flower(a) -> None:
             "maxrel_vs_prompt": ag["maxrel"]}
     print(f"{sp} with Flower's tick", tick, flush=True)
     record(a.out, "flower", {"tick": {sp: tick}})
+    # and with the clients' state files left pageable (clients/state_files.py)
+    os.environ["REGTOPK_PIN_STATE"] = "0"  # the Ray workers started by this run inherit it
+    try:
+        row = _run(compose(fig3(a, sp, "flower")), a.runs / f"flower-{sp}-pageable")
+    finally:
+        del os.environ["REGTOPK_PIN_STATE"]
+    ag = agreement(a.runs / f"flower-{sp}-pageable", a.runs / f"flower-{sp}")
+    pageable = {"s_per_round": row["s_per_round"], "client_timing_s": row["client_timing_s"],
+                "bitwise_vs_pinned": ag["bitwise"]}
+    print(f"{sp} with pageable state files", pageable, flush=True)
+    record(a.out, "flower", {"pageable": {sp: pageable}})
 
 
 def step_many(a) -> None:

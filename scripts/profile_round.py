@@ -6,6 +6,15 @@ includes the steps it calls, so the lines do not add up).
 
     PYTHONPATH=. python scripts/profile_round.py [--rounds 2500]
 
+``--flower DATA``: the Flower server's side of a Fig. 3 round instead
+(runtime=flower, ResNet-18, N = 8, S = 0.001, Top-k, deterministic; DATA a
+CIFAR-10 archive, ``--device``, ``--width``, ``--rounds``, ``--method``;
+``--runtime inprocess`` runs the in-process twin, ``--keep DIR`` keeps the run): the median
+milliseconds of each server step per call and how often it ran per round,
+the round's s/round, and the clients' phase medians (client_timing.csv;
+they run in other processes). ``send_and_receive`` is the server waiting for
+its clients: the round minus what the server does between rounds.
+
 Each wrapped call costs about a microsecond of its own, so the run's
 ``wall_time_s`` is a little above an unwrapped one's; compare the lines with
 each other and with ``numpy_floor.py``'s rounds, not with other runs.
@@ -51,16 +60,41 @@ STEPS = [
     ("regtopk_fl.results", "RunRecorder.add"),
 ]
 
+# the Flower server's side of a round (the driver process; clients run elsewhere)
+FLOWER_STEPS = [
+    ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid.send_and_receive"),
+    ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid.push_messages"),
+    ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid.pull_messages"),
+    ("strategies.sparse_strategy", "SparseAggregation.configure_train"),
+    ("regtopk_fl.fedround", "Coordinator.plan"),
+    ("protocol.wire", "step_records"),
+    ("protocol.wire", "train_content"),
+    ("strategies.sparse_strategy", "SparseAggregation.aggregate_train"),
+    ("protocol.wire", "read_reply"),
+    ("regtopk_fl.fedround", "Coordinator.collect"),
+    ("regtopk_fl.fedround", "FedServer.step"),
+    ("regtopk_fl.fedround", "FedServer._validate"),
+    ("regtopk_fl.fedround", "FedServer._screen"),
+    ("regtopk_fl.fedround", "FedServer._aggregate"),
+    ("regtopk_fl.fedround", "FedServer._feedback"),
+    ("regtopk_fl.fedround", "FedServer._count"),
+    ("regtopk_fl.fedround", "FedServer._step"),
+    ("regtopk_fl.broadcast", "Downlink.after_step"),
+    ("regtopk_fl.broadcast", "model_digest"),
+    ("regtopk_fl.results", "RunRecorder.add"),
+]
+
 
 @contextlib.contextmanager
 def clock(steps=STEPS):
     """Within the block, each step runs inside a wall clock; yields the
-    seconds they add up to (keys as in ``steps``). ``engine.worker_round``,
-    bound there by name, is re-bound to the clocked one. Everything is put
-    back on exit."""
+    seconds they add up to (keys as in ``steps``; ``.calls`` holds each
+    call's seconds). ``engine.worker_round``, bound there by name, is
+    re-bound to the clocked one. Everything is put back on exit."""
     from regtopk_fl import engine
 
     spent, undo = collections.Counter(), [(engine, "worker_round", engine.worker_round)]
+    spent.calls = collections.defaultdict(list)
     for mod_name, path in steps:
         owner = importlib.import_module(mod_name)
         *outer, name = path.split(".")
@@ -74,7 +108,9 @@ def clock(steps=STEPS):
             try:
                 return _fn(*a, **k)
             finally:
-                spent[_key] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                spent[_key] += dt
+                spent.calls[_key].append(dt)
 
         timed = functools.wraps(fn)(timed)
         undo.append((owner, name, raw))
@@ -88,10 +124,53 @@ def clock(steps=STEPS):
             setattr(owner, name, raw)
 
 
+def flower(args) -> int:
+    """The Flower server's steps at Fig. 3's settings (see the module doc)."""
+    import statistics
+    from types import SimpleNamespace
+
+    import gpu_bench
+    from regtopk_fl.runner import run_experiment
+
+    a = SimpleNamespace(workers=args.workers, rounds=args.rounds, width=args.width,
+                        data=args.flower, cache=args.cache, test_subset=200, device=args.device)
+    cfg = gpu_bench.compose(gpu_bench.fig3(a, args.method, args.runtime) + list(args.override))
+    with tempfile.TemporaryDirectory() as tmp, clock(FLOWER_STEPS) as spent:
+        run_dir = Path(args.keep) if args.keep else Path(tmp) / "run"
+        summary = run_experiment(cfg, run_dir)
+        s_round = gpu_bench.per_round(run_dir)
+    rounds = int(summary["rounds"])
+    print(f"runtime={args.runtime}, Fig. 3 ({args.method}) at width {args.width}, "
+          f"N = {args.workers}, {rounds} rounds, device={args.device}: {s_round:.4f} s/round "
+          "(median of rounds 2..R-1)")
+    print("server steps: median ms per call x calls per round (inclusive):")
+    for _, path in FLOWER_STEPS:
+        calls = spent.calls.get(path, [])
+        if calls:
+            print(f"{1e3 * statistics.median(calls):9.2f} ms x {len(calls) / rounds:4.1f}  {path}")
+    timing = summary.get("client_timing_s") or {}
+    print("a client's train message (medians, ms): "
+          + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in timing.items()))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2500)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--flower", metavar="DATA", help="the Flower server at Fig. 3 (see above)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--cache", default="/tmp/regtopk_gpu_cache")
+    ap.add_argument("--override", nargs="*", default=[], help="--flower: more config overrides")
+    ap.add_argument("--runtime", default="flower", help="--flower: or inprocess (the twin)")
+    ap.add_argument("--method", default="topk", help="--flower: the sparsifier")
+    ap.add_argument("--keep", help="--flower: the run directory to keep (default: a temporary one)")
     args = ap.parse_args(argv)
+    if args.flower:
+        args.rounds = args.rounds or 30
+        return flower(args)
+    args.rounds = args.rounds or 2500
     from bench_runtimes import FIG2, _cfg
     from regtopk_fl.runner import run_experiment
 

@@ -530,3 +530,93 @@ def test_client_timing_is_read_only_when_plausible():
     extra = wire.timing_record(sec)
     extra["gossip"] = 1.0  # a phase the protocol does not know
     assert wire.read_timing(RecordDict({"client-timing": extra})) is None
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_the_server_reuses_a_g_buffer_only_once_nothing_holds_it(hold, monkeypatch):
+    """A large g on the CPU comes from FedServer's pool of two (no fresh
+    45 MB allocation a round), and a buffer is reused only when neither a
+    step nor an outcome nor a view holds it: every round's g and step read
+    back as they were, and the run is bitwise the one without the pool."""
+    from regtopk_fl import fedround
+
+    def run(pool_min):
+        monkeypatch.setattr(fedround, "POOL_MIN", pool_min)
+        gen = torch.Generator().manual_seed(3)
+        dim, n, k = 1 << 12, 4, 40
+        coord = Coordinator(FedServer(torch.randn(dim, generator=gen), lr=0.1), "gradient")
+        coord.start(range(n))
+        kept, ptrs = [], []
+        for _ in range(6):
+            replies = [Reply(w, _random_upload(gen, dim, k), 10 + w) for w in range(n)]
+            out = coord.collect(replies)
+            ptrs.append(out.grad.data_ptr())
+            if hold:  # the outcome, its g and a view of it, and the step, as they were
+                kept.append((out, out.grad.clone(), out.grad[: dim // 2],
+                             coord.downlink.step, coord.downlink.step.values.clone()))
+        for out, g, view, step, values in kept:
+            assert torch.equal(out.grad, g) and torch.equal(view, g[: dim // 2])
+            assert torch.equal(step.values, values)
+        return coord.server.params.clone(), ptrs
+
+    pooled, ptrs = run(1 << 10)
+    fresh, _ = run(1 << 30)
+    assert torch.equal(pooled, fresh)
+    if hold:
+        assert len(set(ptrs)) == len(ptrs)  # every buffer was held: none reused
+    else:
+        assert len(set(ptrs)) == 2 and ptrs[0] == ptrs[2]  # the pool's two, in turn
+
+
+def test_the_sparse_sgd_step_is_the_dense_one_bitwise():
+    """ServerSGD.step_sparse on g's support equals step(g) bit for bit, on
+    random models, supports (tails of the gathered buffer included) and
+    learning rates, in float32 and float64."""
+    from regtopk_fl.optim import ServerSGD
+
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(60):
+        dtype = torch.float64 if trial % 4 == 0 else torch.float32
+        dim = int(torch.randint(1000, 20000, (1,), generator=gen))
+        k = int(torch.randint(0, 900, (1,), generator=gen))
+        p = torch.randn(dim, generator=gen, dtype=dtype) * 10.0 ** (trial % 5 - 2)
+        p[:3] = torch.tensor([0.0, -0.0, 1e-40], dtype=dtype)  # signed zeros, a subnormal
+        idx = torch.randperm(dim, generator=gen)[:k].sort().values
+        g = torch.zeros(dim, dtype=dtype)
+        g[idx] = torch.randn(k, generator=gen, dtype=dtype) * 1e-2
+        lr = float(torch.rand(1, generator=gen)) * 0.1
+        dense, sparse = ServerSGD(p.clone(), lr), ServerSGD(p.clone(), lr)
+        dense.step(g)
+        sparse.step_sparse(idx, g[idx])
+        assert torch.equal(dense.params, sparse.params), (trial, dim, k)
+        assert torch.equal(torch.signbit(dense.params), torch.signbit(sparse.params))
+
+
+def test_plain_sgd_steps_sparsely_on_the_cpu_and_replicas_follow_bitwise(monkeypatch):
+    """Plain SGD on a large CPU model: the server steps on g's support alone,
+    the broadcast step holds no J-sized g, every replica applies it sparsely
+    and stays bitwise the server's, and the server ends bitwise where the
+    dense step takes it."""
+    from regtopk_fl import optim
+
+    def run(sparse_min):
+        monkeypatch.setattr(optim, "SPARSE_MIN", sparse_min)
+        gen = torch.Generator().manual_seed(11)
+        dim, n, k = 5000, 4, 30
+        server = FedServer(torch.randn(dim, generator=gen), lr=0.05)
+        coord = Coordinator(server, "gradient", verify=True)
+        coord.start(range(n))
+        replicas = [Replica(server.params, None, 0.05) for _ in range(n)]
+        for t in range(1, 31):
+            step = _wire(coord.downlink.step)
+            for rep in replicas:
+                assert rep.apply(step) is None, t
+                assert torch.equal(rep.params, server.params)
+            replies = [Reply(w, _random_upload(gen, dim, k), 10 + w, replica_round=t - 1,
+                             digest=replicas[w].digest()) for w in range(n)]
+            out = coord.collect(replies)
+            assert (out.gathered is not None) == (sparse_min <= dim)
+            assert coord.downlink.step._pending is None or sparse_min > dim
+        return server.params.clone()
+
+    assert torch.equal(run(1000), run(1 << 30))

@@ -221,3 +221,22 @@ def test_encode_rejects_what_it_cannot_code(idx):
     # unsorted input used to loop forever (a negative delta never reaches 0 by >> 7)
     with pytest.raises(ValueError, match="strictly ascending"):
         encode_indices(idx, 10)
+
+
+def test_varint_decode_round_trips_every_length_and_refuses_bad_streams():
+    """Deltas of every byte length (1..9) come back exactly; a stream cut in
+    a varint, or a varint of 10 bytes, is refused (no encoder writes one)."""
+    from regtopk_fl.payload import _varint_decode, _varint_encode
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        bits = rng.integers(0, 63, int(rng.integers(1, 200)))
+        d = rng.integers(0, 2**62, bits.size, dtype=np.int64) >> (62 - bits)
+        d[: min(d.size, 9)] = [(1 << (7 * j)) - 1 for j in range(1, min(d.size, 9) + 1)]
+        assert np.array_equal(_varint_decode(_varint_encode(d)), d)
+    with pytest.raises(ValueError, match="truncated"):
+        _varint_decode(np.array([0x05, 0x81], dtype=np.uint8))
+    with pytest.raises(ValueError, match="longer than 9 bytes"):
+        _varint_decode(np.array([0x80] * 9 + [0x01], dtype=np.uint8))
+    assert np.array_equal(_varint_decode(np.array([0x80] * 8 + [0x01], dtype=np.uint8)),
+                          [1 << 56])

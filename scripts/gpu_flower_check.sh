@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The short check of Flower clients on a GPU (issue #21), for a device call
+# with little time left: Fig. 3's settings (ResNet-18, N = 8, S = 0.001,
+# deterministic=true) for ROUNDS rounds, each run through
+# scripts/profile_round.py --flower (s/round, the server's steps, the
+# clients' phases):
+#   1. in-process twin, the recorded gradient step (task.batched=graph)
+#   2. runtime=flower
+#   3. runtime=flower under CUDA MPS (a daemon of this script's own, quit
+#      after; skipped where nvidia-cuda-mps-control is missing)
+# then the final models' agreement (Flower vs in-process). Needs .gpu/ from
+# `make gpu-bundle` (carried); writes $OUT/flower_check.log.
+#
+#   device: bash scripts/gpu_flower_check.sh        (about 2-3 minutes)
+#   CPU smoke: DEVICE=cpu ROUNDS=3 WIDTH=4 WORKERS=3 DATA=<synthetic archive> BUNDLE=none \
+#              bash scripts/gpu_flower_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_out}
+DEVICE=${DEVICE:-cuda}
+ROUNDS=${ROUNDS:-30}
+WIDTH=${WIDTH:-64}
+WORKERS=${WORKERS:-8}
+METHOD=${METHOD:-topk}
+PY=${PY:-python3}
+BUNDLE=${BUNDLE:-.gpu/flower-cp312.tar.xz}
+DATA=${DATA:-$PWD/.gpu/cifar10-small.tar.gz}
+RUNS=${RUNS:-/tmp/regtopk_flower_check}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/flower_check.log") 2>&1
+export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+if [ -f "$BUNDLE" ]; then
+    SITE=${SITE:-/tmp/regtopk-site}
+    rm -rf "$SITE" && mkdir -p "$SITE" && tar -xJf "$BUNDLE" -C "$SITE" || exit 1
+    export PYTHONPATH="$SITE:$PWD"
+else
+    export PYTHONPATH=$PWD
+fi
+rm -rf "$RUNS" && mkdir -p "$RUNS"
+date
+prof() {  # NAME RUNTIME
+    echo "== $1 (at ${SECONDS} s)"
+    $PY scripts/profile_round.py --flower "$DATA" --device "$DEVICE" --rounds "$ROUNDS" \
+        --width "$WIDTH" --workers "$WORKERS" --method "$METHOD" --runtime "$2" \
+        --keep "$RUNS/$1" --override task.batched=graph
+}
+prof inprocess inprocess
+prof flower flower
+if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
+    mkdir -p /tmp/regtopk-mps/pipe /tmp/regtopk-mps/log
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/regtopk-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/regtopk-mps/log
+    nvidia-cuda-mps-control -d && prof flower_mps flower
+    echo quit | nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+else
+    echo "== flower_mps: not run (no CUDA MPS here)"
+fi
+$PY - "$RUNS" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "scripts")
+from gpu_bench import agreement
+runs = Path(sys.argv[1])
+for name in ("flower", "flower_mps"):
+    if (runs / name / "model.pt").exists():
+        print(f"{name} vs inprocess, final models:", agreement(runs / name, runs / "inprocess"))
+PY
+echo "== total ${SECONDS} s"
+date

@@ -77,9 +77,9 @@ gpu-bundle: $(STAMP)
 	$(BIN)/python scripts/gpu_bundle.py --out .gpu
 
 # scripts/gpu_checks.sh on the CPU with tiny settings: every step (flower_mps
-# says "not run": no MPS on a CPU machine) and both runtimes, on synthetic CIFAR-shaped JPEGs (a few minutes: three Ray starts); 3
-# workers, so that Fig. 3's unequal shares of 1000 images all fill a batch of 20
-# and the batched gradients run.
+# says "not run": no MPS on a CPU machine) and both runtimes, on synthetic
+# CIFAR-shaped JPEGs (a few minutes: four Ray starts); 3 workers, so that Fig. 3's
+# unequal shares of 1000 images all fill a batch of 20 and the batched gradients run.
 GPU_SMOKE := /tmp/regtopk-gpu-smoke
 gpu-smoke: $(STAMP)
 	rm -rf $(GPU_SMOKE) && mkdir -p $(GPU_SMOKE)

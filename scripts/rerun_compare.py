@@ -62,6 +62,14 @@ CASES = {
     "tiny_image_flower": ["task=tiny_image", "runtime=flower", "num_workers=4", "rounds=12",
                           "sparsifier=regtopk", "sparsifier.sparsity=0.05",
                           "faults.drop_prob=0.1", "threads=1"],
+    # a model above 2^16 entries with plain SGD: the server's pooled g and sparse
+    # step, the replicas' sparse step (regtopk_fl/fedround.py, optim.py)
+    "tiny_image_wide": ["task=tiny_image", "+task.width=96", "num_workers=4", "rounds=15",
+                        "sparsifier=topk", "sparsifier.sparsity=0.01", "faults.drop_prob=0.1",
+                        "threads=1"],
+    "tiny_image_wide_flower": ["task=tiny_image", "+task.width=96", "runtime=flower",
+                               "num_workers=4", "rounds=10", "sparsifier=topk",
+                               "sparsifier.sparsity=0.01", "faults.drop_prob=0.1", "threads=1"],
 }
 
 

@@ -186,11 +186,30 @@ def pin_mapped() -> int:
             if code != 0:
                 raise RuntimeError(f"cudaHostRegister returned {err}")
         except Exception as exc:  # noqa: BLE001 - pageable copies still work
+            _clear_cuda_error()  # else the next kernel launch would report this failure
             _PIN_FAILED.append(f"{type(exc).__name__}: {exc}")
             log.warning("state files stay pageable (GPU copies not pinned): %s", _PIN_FAILED[0])
             return len(_PINNED)
         _PINNED[key] = t.data_ptr()
     return len(_PINNED)
+
+
+def _clear_cuda_error() -> bool:
+    """Reset CUDA's last error after a refused registration: torch checks
+    every kernel launch with ``cudaGetLastError`` and would raise this one
+    there. torch's bindings offer no reset, so it is called in the CUDA
+    runtime this process loaded (found in /proc/self/maps); False where there
+    is none (no CUDA, a static runtime)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()  # the loaded copy: same handle
+        return bool(paths)
+    except Exception:  # noqa: BLE001 - best effort; the warning says what failed
+        return False
 
 
 def _unpin(key: str) -> None:

@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 POOL_MIN = 1 << 16  # a g of at least this many entries on the CPU comes from FedServer's pool
 
 
+def _lone_refs() -> int:
+    """What ``sys.getrefcount`` says, in :meth:`FedServer._zero_g`'s loop, of
+    a tensor that only the pool holds: measured once, so that no Python
+    version's way of counting (3.14 counts fewer borrowed references) can
+    make a held buffer look free."""
+    pool = [torch.empty(0)]
+    for buf in pool:
+        return sys.getrefcount(buf)
+
+
+LONE_REFS = _lone_refs()
+
+
 # -- what the server sends back about a worker's last upload -----------------
 @dataclass
 class Feedback:
@@ -145,9 +158,9 @@ class FedServer:
         if self.params.device.type != "cpu" or self.dim < POOL_MIN:
             return torch.zeros_like(self.params)
         for buf in self._g_pool:
-            # the pool's, the loop's and the call's references; the storage's
-            # own and the one this check takes
-            if sys.getrefcount(buf) == 3 and \
+            # no reference but the pool's (LONE_REFS); the storage's own and
+            # the one this check takes
+            if sys.getrefcount(buf) == LONE_REFS and \
                     torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
                 return buf.zero_()
         buf = torch.zeros_like(self.params)

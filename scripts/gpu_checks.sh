@@ -90,12 +90,13 @@ flower_mps() {
         bench skip flower_mps --why "not run: budget (${left} s of ${BUDGET_S} s left, needs ~60 s)"
         return
     fi
-    if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
-        bench skip flower_mps --why "not run: no CUDA MPS here (nvidia-cuda-mps-control not found)"
+    if [ "$DEVICE" != cuda ] || ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+        bench skip flower_mps --why "not run: no CUDA MPS here (DEVICE=$DEVICE)"
         return
     fi
     mkdir -p "$mps/pipe" "$mps/log"
     export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
+    trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1' EXIT  # if the call is cut
     if nvidia-cuda-mps-control -d &&
             $PY -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
         KEY=flower_mps step flower 150 60 --tag mps
@@ -104,6 +105,7 @@ flower_mps() {
         cat "$mps/log/control.log" 2>/dev/null | tail -5
     fi
     echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
+    trap - EXIT
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
 

@@ -9,7 +9,8 @@
 #   3. runtime=flower under CUDA MPS (a daemon of this script's own, quit
 #      after; skipped where nvidia-cuda-mps-control is missing)
 # then the final models' agreement (Flower vs in-process). Needs .gpu/ from
-# `make gpu-bundle` (carried); writes $OUT/flower_check.log.
+# `make gpu-bundle` (carried); writes $OUT/flower_check.log; exits 1 when a
+# part failed (each is capped at CAP_S, default 120 s).
 #
 #   device: bash scripts/gpu_flower_check.sh        (about 2-3 minutes)
 #   CPU smoke: DEVICE=cpu ROUNDS=3 WIDTH=4 WORKERS=3 DATA=<synthetic archive> BUNDLE=none \
@@ -38,32 +39,44 @@ else
 fi
 rm -rf "$RUNS" && mkdir -p "$RUNS"
 date
-prof() {  # NAME RUNTIME
+FAILED=""
+prof() {  # NAME RUNTIME: at most CAP_S (default 120) seconds each
     echo "== $1 (at ${SECONDS} s)"
-    $PY scripts/profile_round.py --flower "$DATA" --device "$DEVICE" --rounds "$ROUNDS" \
-        --width "$WIDTH" --workers "$WORKERS" --method "$METHOD" --runtime "$2" \
-        --keep "$RUNS/$1" --override task.batched=graph
+    timeout -k 10 "${CAP_S:-120}" $PY scripts/profile_round.py --flower "$DATA" \
+        --device "$DEVICE" --rounds "$ROUNDS" --width "$WIDTH" --workers "$WORKERS" \
+        --method "$METHOD" --runtime "$2" --keep "$RUNS/$1" --override task.batched=graph \
+        || { echo "== $1 failed (rc $?)"; FAILED="$FAILED $1"; }
 }
 prof inprocess inprocess
 prof flower flower
-if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
     mkdir -p /tmp/regtopk-mps/pipe /tmp/regtopk-mps/log
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/regtopk-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/regtopk-mps/log
-    nvidia-cuda-mps-control -d && prof flower_mps flower
-    echo quit | nvidia-cuda-mps-control
+    trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1' EXIT  # the daemon goes with us
+    if nvidia-cuda-mps-control -d &&
+            $PY -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+        prof flower_mps flower
+    else
+        echo "== flower_mps: not run (the MPS daemon did not start)"
+    fi
+    echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 else
     echo "== flower_mps: not run (no CUDA MPS here)"
 fi
-$PY - "$RUNS" <<'PY'
+$PY - "$RUNS" <<'PY' || FAILED="$FAILED agreement"
 import sys
 from pathlib import Path
 sys.path.insert(0, "scripts")
 from gpu_bench import agreement
 runs = Path(sys.argv[1])
 for name in ("flower", "flower_mps"):
-    if (runs / name / "model.pt").exists():
-        print(f"{name} vs inprocess, final models:", agreement(runs / name, runs / "inprocess"))
+    if not (runs / name).exists():
+        continue  # not run (no MPS): said above
+    if not (runs / "inprocess" / "model.pt").exists() or not (runs / name / "model.pt").exists():
+        sys.exit(f"{name} vs inprocess: a final model is missing")
+    print(f"{name} vs inprocess, final models:", agreement(runs / name, runs / "inprocess"))
 PY
-echo "== total ${SECONDS} s"
+echo "== total ${SECONDS} s${FAILED:+; failed:$FAILED}"
 date
+[ -z "$FAILED" ]

@@ -61,6 +61,10 @@ def timed(fn, reps=10):
 
 
 rows = p.unsqueeze(0).expand(8, -1)
+rec = paths["graph"]._graphed_fn
+print(f"recorded step: {rec.recorded} recording(s); failed: {rec.failed}", flush=True)
+if rec.failed is not None or not rec.recorded:
+    sys.exit("the recorded step did not run: its comparisons above are the loop's own")
 times = {name: timed(lambda t=task: t.gradients(rows, b, list(range(8)), 1, 0))
          for name, task in {"loop": loop, **paths}.items()}
 print("gradients of 8 workers: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in times.items()),

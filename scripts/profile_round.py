@@ -34,6 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+# the server's steps of a round, both runtimes: collect -> step 1-7 -> downlink
+SERVER_STEPS = [
+    ("regtopk_fl.fedround", "Coordinator.collect"),
+    ("regtopk_fl.fedround", "FedServer.step"),
+    ("regtopk_fl.fedround", "FedServer._validate"),
+    ("regtopk_fl.fedround", "FedServer._screen"),
+    ("regtopk_fl.fedround", "FedServer._aggregate"),
+    ("regtopk_fl.fedround", "FedServer._feedback"),
+    ("regtopk_fl.fedround", "FedServer._count"),
+    ("regtopk_fl.fedround", "FedServer._step"),
+    ("regtopk_fl.broadcast", "Downlink.after_step"),
+]
+
 # (module, attribute path): the round's steps, top to bottom
 STEPS = [
     ("regtopk_fl.engine", "InProcessRun.round"),
@@ -46,15 +59,7 @@ STEPS = [
     ("regtopk_fl.memory", "ErrorFeedbackMemory.context"),
     ("regtopk_fl.compress.regtopk", "RegTopK.select"),
     ("regtopk_fl.memory", "ErrorFeedbackMemory.commit"),
-    ("regtopk_fl.fedround", "Coordinator.collect"),
-    ("regtopk_fl.fedround", "FedServer.step"),
-    ("regtopk_fl.fedround", "FedServer._validate"),
-    ("regtopk_fl.fedround", "FedServer._screen"),
-    ("regtopk_fl.fedround", "FedServer._aggregate"),
-    ("regtopk_fl.fedround", "FedServer._feedback"),
-    ("regtopk_fl.fedround", "FedServer._count"),
-    ("regtopk_fl.fedround", "FedServer._step"),
-    ("regtopk_fl.broadcast", "Downlink.after_step"),
+    *SERVER_STEPS,
     ("regtopk_fl.tasks.linreg", "LinRegTask.evaluate"),
     ("regtopk_fl.runner", "round_row"),
     ("regtopk_fl.results", "RunRecorder.add"),
@@ -71,15 +76,7 @@ FLOWER_STEPS = [
     ("protocol.wire", "train_content"),
     ("strategies.sparse_strategy", "SparseAggregation.aggregate_train"),
     ("protocol.wire", "read_reply"),
-    ("regtopk_fl.fedround", "Coordinator.collect"),
-    ("regtopk_fl.fedround", "FedServer.step"),
-    ("regtopk_fl.fedround", "FedServer._validate"),
-    ("regtopk_fl.fedround", "FedServer._screen"),
-    ("regtopk_fl.fedround", "FedServer._aggregate"),
-    ("regtopk_fl.fedround", "FedServer._feedback"),
-    ("regtopk_fl.fedround", "FedServer._count"),
-    ("regtopk_fl.fedround", "FedServer._step"),
-    ("regtopk_fl.broadcast", "Downlink.after_step"),
+    *SERVER_STEPS,
     ("regtopk_fl.broadcast", "model_digest"),
     ("regtopk_fl.results", "RunRecorder.add"),
 ]
@@ -143,11 +140,13 @@ def flower(args) -> int:
     print(f"runtime={args.runtime}, Fig. 3 ({args.method}) at width {args.width}, "
           f"N = {args.workers}, {rounds} rounds, device={args.device}: {s_round:.4f} s/round "
           "(median of rounds 2..R-1)")
-    print("server steps: median ms per call x calls per round (inclusive):")
+    print("server steps: median ms per call x calls per round = ms per round (inclusive; the "
+          "grid's calls include Flower's evaluate phase, which sends nothing):")
     for _, path in FLOWER_STEPS:
         calls = spent.calls.get(path, [])
         if calls:
-            print(f"{1e3 * statistics.median(calls):9.2f} ms x {len(calls) / rounds:4.1f}  {path}")
+            print(f"{1e3 * statistics.median(calls):9.2f} ms x {len(calls) / rounds:5.1f} = "
+                  f"{1e3 * sum(calls) / rounds:8.2f}  {path}")
     timing = summary.get("client_timing_s") or {}
     print("a client's train message (medians, ms): "
           + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in timing.items()))

@@ -342,6 +342,8 @@ def test_a_refused_pin_leaves_the_state_pageable_and_is_not_retried(tmp_path, mo
     state_files = fresh_mappings
     cudart = FakeCudart(code=2)  # e.g. cudaErrorMemoryAllocation
     monkeypatch.setattr(state_files, "_cudart", lambda: cudart)
+    cleared = []  # CUDA's last error is reset, or the next kernel launch would raise it
+    monkeypatch.setattr(state_files, "_clear_cuda_error", lambda: cleared.append(1) or True)
     base = tmp_path / "run-1-partition-0.pt"
     state_files.save(base, {"eps": torch.ones(1 << 16)}, {"r": 1})
     state_files.load(base)
@@ -351,6 +353,7 @@ def test_a_refused_pin_leaves_the_state_pageable_and_is_not_retried(tmp_path, mo
     state_files.save(tmp_path / "other.pt", {"eps": torch.ones(1 << 16)}, {"r": 1})
     state_files.load(tmp_path / "other.pt")
     assert state_files.pin_mapped() == 0 and len(cudart.calls) == 1  # not tried again
+    assert cleared == [1]
     assert float(state_files.load(base)["eps"].sum()) == 1 << 16  # the state is intact
 
 

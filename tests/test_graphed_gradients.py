@@ -47,6 +47,14 @@ def test_small_resnet_graph_step_is_the_loop_bitwise(per_worker):
     assert len({float(g.norm()) for g in graph[0]}) == 4  # four different workers
 
 
+def test_the_recorded_step_is_what_ran():
+    """The graph path was taken, not a silent fall-back to the loop."""
+    task = SmallResNet(batched_mode="graph")
+    rows, bufs = _inputs(task, False)
+    task.gradients(rows, bufs, [0, 1, 2, 3], 1, 0)
+    assert task._graphed_fn.recorded == 1 and task._graphed_fn.failed is None
+
+
 def test_tiny_image_graph_step_one_worker_and_unequal_batches():
     """A single worker (a Flower client) and partitions smaller than a batch
     (unequal shapes: one recording per shape)."""

@@ -515,7 +515,7 @@ class Downlink:
         digest = model_digest(server.params, server.buffers) if self.verify else None
         self.step = GlobalStep.from_gradient(round, outcome.grad, support,
                                              bool(outcome.accepted), server.buffers, digest,
-                                             getattr(outcome, "gathered", None))
+                                             outcome.gathered)
         if self.changed is not None and self.step.stepped:
             touched = self.step.touched
             if touched is None:  # a dense g moves every entry

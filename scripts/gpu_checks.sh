@@ -46,15 +46,8 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 TEE=$!
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0
 date
-if [ -f "$BUNDLE" ]; then
-    SITE=${SITE:-/tmp/regtopk-site}
-    rm -rf "$SITE" && mkdir -p "$SITE"
-    tar -xJf "$BUNDLE" -C "$SITE" || { echo "could not unpack $BUNDLE"; exit 1; }
-    export PYTHONPATH="$SITE:$PWD"
-    echo "unpacked $BUNDLE ($(du -sh "$SITE" | cut -f1)) into $SITE (${SECONDS} s)"
-else
-    export PYTHONPATH=$PWD
-fi
+. scripts/_gpu_env.sh
+unpack_bundle "$BUNDLE" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 [ -f "$DATA" ] || { echo "no data archive at $DATA (make gpu-bundle builds it)"; exit 1; }
 
@@ -85,28 +78,21 @@ step() {
 
 # the Flower step again under CUDA MPS, with a daemon of its own
 flower_mps() {
-    local mps=/tmp/regtopk-mps left=$((BUDGET_S - SECONDS))
+    local left=$((BUDGET_S - SECONDS)) rc
     if [ "$left" -lt 60 ]; then
         bench skip flower_mps --why "not run: budget (${left} s of ${BUDGET_S} s left, needs ~60 s)"
         return
     fi
-    if [ "$DEVICE" != cuda ] || ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
-        bench skip flower_mps --why "not run: no CUDA MPS here (DEVICE=$DEVICE)"
-        return
-    fi
-    mkdir -p "$mps/pipe" "$mps/log"
-    export CUDA_MPS_PIPE_DIRECTORY=$mps/pipe CUDA_MPS_LOG_DIRECTORY=$mps/log
-    trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1' EXIT  # if the call is cut
-    if nvidia-cuda-mps-control -d &&
-            $PY -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+    mps_start
+    rc=$?
+    if [ "$rc" = 0 ]; then
         KEY=flower_mps step flower 150 60 --tag mps
+        mps_stop
+    elif [ "$rc" = 2 ]; then
+        bench skip flower_mps --why "not run: no CUDA MPS here (DEVICE=$DEVICE)"
     else
         bench skip flower_mps --why "not run: the MPS daemon did not start (run.log)"
-        cat "$mps/log/control.log" 2>/dev/null | tail -5
     fi
-    echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
-    trap - EXIT
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
 
 step env 90 20

@@ -30,13 +30,8 @@ RUNS=${RUNS:-/tmp/regtopk_flower_check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/flower_check.log") 2>&1
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
-if [ -f "$BUNDLE" ]; then
-    SITE=${SITE:-/tmp/regtopk-site}
-    rm -rf "$SITE" && mkdir -p "$SITE" && tar -xJf "$BUNDLE" -C "$SITE" || exit 1
-    export PYTHONPATH="$SITE:$PWD"
-else
-    export PYTHONPATH=$PWD
-fi
+. scripts/_gpu_env.sh
+unpack_bundle "$BUNDLE" || exit 1
 rm -rf "$RUNS" && mkdir -p "$RUNS"
 date
 FAILED=""
@@ -49,21 +44,12 @@ prof() {  # NAME RUNTIME: at most CAP_S (default 120) seconds each
 }
 prof inprocess inprocess
 prof flower flower
-if [ "$DEVICE" = cuda ] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
-    mkdir -p /tmp/regtopk-mps/pipe /tmp/regtopk-mps/log
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/regtopk-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/regtopk-mps/log
-    trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1' EXIT  # the daemon goes with us
-    if nvidia-cuda-mps-control -d &&
-            $PY -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
-        prof flower_mps flower
-    else
-        echo "== flower_mps: not run (the MPS daemon did not start)"
-    fi
-    echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-else
-    echo "== flower_mps: not run (no CUDA MPS here)"
-fi
+mps_start
+case $? in
+    0) prof flower_mps flower; mps_stop ;;
+    2) echo "== flower_mps: not run (no CUDA MPS here)" ;;
+    *) echo "== flower_mps: not run (the MPS daemon did not start)" ;;
+esac
 $PY - "$RUNS" <<'PY' || FAILED="$FAILED agreement"
 import sys
 from pathlib import Path

@@ -571,7 +571,11 @@ def test_the_server_reuses_a_g_buffer_only_once_nothing_holds_it(hold, monkeypat
 def test_the_sparse_sgd_step_is_the_dense_one_bitwise():
     """ServerSGD.step_sparse on g's support equals step(g) bit for bit, on
     random models, supports (tails of the gathered buffer included) and
-    learning rates, in float32 and float64."""
+    learning rates, in float32 and float64. Both run ATen's own add kernel
+    (no BLAS, nothing chosen by CPU vendor), only on other lengths: this holds
+    where its vector body and its tail round alike, checked here under every
+    ATEN_CPU_CAPABILITY of x86 (default, avx2, avx512: `make test-kernels`
+    runs this file under the first two)."""
     from regtopk_fl.optim import ServerSGD
 
     gen = torch.Generator().manual_seed(7)

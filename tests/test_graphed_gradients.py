@@ -5,8 +5,17 @@ The CPU has no CUDA graphs: there the recorded step runs eagerly on every
 replay (``EagerCapture``), through the same static inputs and outputs as on
 a GPU. These tests check that plumbing: every worker's parameters, images,
 labels and BatchNorm statistics reach the step afresh, and its gradient,
-statistics and loss come back, bit for bit the loop's. Whether the recorded
-CUDA graph equals the loop is checked on a GPU (scripts/gpu_grad_check.py).
+statistics and loss come back as the loop's. Whether the recorded CUDA
+graph equals the loop is checked on a GPU (scripts/gpu_grad_check.py).
+
+Bitwise where both paths compute one model held at the same alignment (the
+engine's local_steps=1 rows, one expanded model, and a Flower client's one
+row): the same kernels on the same bytes. Where each worker has its own
+model (local SGD), the loop computes on row r of the caller's [R, J] tensor
+and the recorded step on its own aligned copy; BLAS and oneDNN may pick
+their code paths by alignment and CPU, so there the two are compared within
+1e-6 relative (L2, per worker), which still catches any input that reaches
+the wrong worker.
 """
 import pytest
 import torch
@@ -39,11 +48,21 @@ def _assert_equal(loop, graph):
     assert l1 == l0 and all(isinstance(v, float) for v in l1)
 
 
+def _assert_close(loop, graph, tol=1e-6):
+    """Per worker (row), relative L2 difference of gradients and statistics, and of losses."""
+    (g0, l0, b0), (g1, l1, b1) = loop, graph
+    assert g1.shape == g0.shape and b1.shape == b0.shape
+    for a, b in ((g1, g0), (b1, b0)):
+        assert float(((a - b).norm(dim=1) / b.norm(dim=1)).max()) <= tol
+    assert max(abs(a - c) / abs(c) for a, c in zip(l1, l0)) <= tol
+    assert all(isinstance(v, float) for v in l1)
+
+
 @pytest.mark.parametrize("per_worker", [False, True])
-def test_small_resnet_graph_step_is_the_loop_bitwise(per_worker):
+def test_small_resnet_graph_step_is_the_loop(per_worker):
     loop, graph = _loop_and_graph(lambda m: SmallResNet(batched_mode=m), per_worker,
                                   [0, 1, 2, 3])
-    _assert_equal(loop, graph)
+    (_assert_close if per_worker else _assert_equal)(loop, graph)
     assert len({float(g.norm()) for g in graph[0]}) == 4  # four different workers
 
 
@@ -84,7 +103,7 @@ def test_later_rounds_and_other_paths_leave_the_recording_intact():
         rows = rows + 0.01 * rnd
         got = task.gradients(rows, bufs, [0, 1, 2, 3], rnd, 0)
         task.evaluate(rows[0] * 2, bufs[0])
-        _assert_equal(ref.gradients(rows, bufs, [0, 1, 2, 3], rnd, 0), got)
+        _assert_close(ref.gradients(rows, bufs, [0, 1, 2, 3], rnd, 0), got)  # a model per worker
     assert task._graphed_fn.recorded == 1
 
 

@@ -15,8 +15,11 @@ and replayed per worker after copying its parameters, images and labels
 into static inputs (the model's parameters are views of one static vector).
 The kernels are the loop's own (same shapes, same cuDNN choice), so the
 result is the loop's: bitwise where the loop itself is repeatable
-(``deterministic=true``), unlike the vmap pass (tasks/batched.py), whose
-batched shapes make cuDNN choose other algorithms. No host sync per worker.
+(``deterministic=true``; measured on an H200 for the engine's one model), unlike
+the vmap pass (tasks/batched.py), whose batched shapes make cuDNN choose other
+algorithms. With a model per worker (local SGD) the loop reads row r of the
+caller's tensor and the step its own aligned copy: libraries that choose by
+alignment may round differently there. No host sync per worker.
 
 A graph keeps the kernels chosen when it was recorded: the recording is
 keyed by the batch shape and by the cuDNN/TF32/determinism settings in force.
@@ -49,6 +52,7 @@ class CudaCapture:
     stream, as torch requires) and returns its replay."""
 
     warmup = 3
+    eager = False  # a replay runs the recorded kernels on the recorded addresses
 
     def __call__(self, step, device):
         stream = torch.cuda.Stream(device)
@@ -65,6 +69,8 @@ class CudaCapture:
 
 class EagerCapture:
     """The CPU stand-in: the recorded step, run eagerly on every replay."""
+
+    eager = True  # a replay reads the model's parameters where they point now
 
     def __call__(self, step, device):
         step()
@@ -143,7 +149,8 @@ class GraphedGradients:
         one_model = params.dim() == 2 and params.stride(0) == 0  # rows of one model
         settings = _settings()
         task.model.train()
-        self._own_parameters()
+        if getattr(self.capture, "eager", True):  # evaluate() or the loop may have moved them
+            self._own_parameters()
         for r, (x, y) in enumerate(batches):
             if r == 0 or not one_model:
                 self.params.copy_(params[r])
@@ -154,6 +161,7 @@ class GraphedGradients:
             key = (tuple(x.shape), x.dtype, tuple(y.shape), settings)
             slot = self.slots.get(key)
             if slot is None:
+                self._own_parameters()  # what the recording reads
                 try:
                     slot = _Slot(self, x, y)  # recorded on this batch
                 except Exception as exc:  # noqa: BLE001 - the loop computes the same

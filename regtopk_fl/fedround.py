@@ -150,8 +150,9 @@ class FedServer:
         """A zero g for this round. Each round's g is its own tensor (the
         broadcast step and the round's outcome keep it), but a fresh J-sized
         CPU tensor costs page faults and zeroing: 12.7 ms for ResNet-18's 45 MB
-        on this suite's CPU, against 1.0 ms to zero one already mapped (scripts/bench_server_parts.py). So a
-        large g on the CPU comes from a pool of two, and a buffer is reused
+        on this suite's CPU, against 1.0 ms to zero one already mapped
+        (scripts/bench_server_parts.py). So a large g on the CPU comes from a
+        pool of two, and a buffer is reused
         only when nothing but the pool holds it (no Python reference to it
         and no view of its storage): the last round's step still holds its
         own g, the one before is free by now."""

@@ -183,16 +183,17 @@ def client_share(cfg, device: str, task=None, sparsifier=None, on_cluster: bool 
     import torch
     from omegaconf import OmegaConf
 
+    from .participation import clients_per_round
+    from .ray_cluster import ray_local_cpus
+
     setting = OmegaConf.select(cfg, "runtime.client_gpus", default="auto")
     client_cpus = OmegaConf.select(cfg, "runtime.client_cpus", default=1)
     if on_cluster and setting != "auto":
         return Share(float(setting), "as set (Ray cluster: the worker nodes' GPUs)")
     gpus = torch.cuda.device_count() if device == "cuda" else 0
-    cpus = os.cpu_count() or 1
+    cpus = ray_local_cpus(cfg).get("num_cpus") or os.cpu_count() or 1  # what Ray will count
     if on_cluster:
         cpus = max(cpus, int(math.ceil(float(client_cpus))))  # the cluster's CPUs are not ours to count
-    from .participation import clients_per_round
-
     m = clients_per_round(int(cfg.num_workers),
                           OmegaConf.select(cfg, "participation.clients_per_round", default=None),
                           OmegaConf.select(cfg, "participation.fraction", default=None))

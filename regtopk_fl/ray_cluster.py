@@ -13,6 +13,8 @@ the same paths (docs/ray-cluster.md).
 """
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 
@@ -20,6 +22,34 @@ def ray_init_address(cfg) -> dict:
     """The extra ``ray.init`` arguments of ``runtime.ray_address`` ({} = start a local Ray)."""
     address = OmegaConf.select(cfg, "runtime.ray_address", default=None)
     return {} if address in (None, "") else {"address": str(address)}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), which can be
+    fewer than the machine's: ``taskset``, ``numactl``, a cpuset container."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity masks (macOS)
+        return os.cpu_count() or 1
+
+
+def ray_local_cpus(cfg) -> dict:
+    """The ``num_cpus`` of a local Ray (``runtime.num_cpus``), {} = Ray's own
+    count. Ray counts the machine's CPUs (and a cgroup quota), not the
+    affinity mask: a process held to 2 of 16 cores would get 16 one-CPU
+    client actors on 2 cores, each computing with its own torch threads.
+    ``auto`` gives Ray the usable CPUs where they are fewer than the
+    machine's; an integer is taken as it is. Never when attaching to a
+    cluster (``runtime.ray_address``): its nodes declare their own."""
+    if ray_init_address(cfg):
+        return {}
+    v = OmegaConf.select(cfg, "runtime.num_cpus", default="auto")
+    if v is None:
+        return {}
+    if v == "auto":
+        usable = usable_cpus()
+        return {"num_cpus": usable} if usable < (os.cpu_count() or usable) else {}
+    return {"num_cpus": int(v)}
 
 
 def ray_cpu_share() -> int | None:

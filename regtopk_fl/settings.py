@@ -201,6 +201,7 @@ def validate(cfg: DictConfig) -> None:
             _fail("sparsifier", sp, "the global top-k oracle needs every worker in one "
                   "process: use runtime=inprocess")
         _num(cfg, "runtime.client_cpus", 0, lo_open=True, allowed="must be > 0")
+        _ray_num_cpus(cfg)
         if _get(cfg, "runtime.client_gpus") != "auto":
             _num(cfg, "runtime.client_gpus", 0, 1, allowed="must be auto or a number in [0, 1]")
         _num(cfg, "runtime.round_timeout_s", 0, lo_open=True, required=False,
@@ -352,6 +353,22 @@ def _ray_address(cfg) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
         _fail("runtime.ray_address", v, "must be null, auto, host:port (a running Ray "
               "cluster's GCS) or ray://host:port (Ray Client)")
+
+
+def _ray_num_cpus(cfg) -> None:
+    """runtime.num_cpus: auto, null or an integer >= client_cpus; only for a local Ray."""
+    v = _get(cfg, "runtime.num_cpus")
+    if v is None or v == "auto":
+        return
+    _num(cfg, "runtime.num_cpus", 1, integer=True,
+         allowed="must be auto, null or an integer >= 1")
+    if _get(cfg, "runtime.ray_address") not in (None, ""):
+        _fail("runtime.num_cpus", v, "must be auto or null with runtime.ray_address (a "
+              "cluster's nodes declare their own CPUs)")
+    cpus = _get(cfg, "runtime.client_cpus")
+    if isinstance(cpus, (int, float)) and v < cpus:
+        _fail("runtime.num_cpus", v, f"must be >= runtime.client_cpus ({cpus}): no client "
+              "could start")
 
 
 # -- the flat form used as Flower's run config ---------------------------------

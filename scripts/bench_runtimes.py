@@ -104,14 +104,14 @@ def load_floor():
     return numpy_floor
 
 
-def floor_pairs(tmp: Path, repeat: int) -> list:
+def floor_pairs(tmp: Path, repeat: int, extra=()) -> list:
     """The suite's paper linear regression, the numpy floor and its torch
     twin, one after the other, ``repeat`` times: [(suite wall_time_s, numpy
     floor s, suite final gap, floor final gap, torch twin s)]."""
     from regtopk_fl.runner import build, run_experiment, torch_threads
 
     floor = load_floor()
-    cfg = _cfg(FIG2)
+    cfg = _cfg(FIG2 + list(extra))
     task, sparsifier = build(cfg)
     args = (float(cfg.sparsifier.sparsity), float(cfg.sparsifier.mu), float(cfg.lr),
             int(cfg.rounds))
@@ -131,8 +131,12 @@ def floor_pairs(tmp: Path, repeat: int) -> list:
 def _machine() -> str:
     import torch
 
-    cpu = cpu_name()
-    return (f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+    from regtopk_fl.ray_cluster import usable_cpus
+
+    cpu, usable = cpu_name(), usable_cpus()
+    cores = (f"{os.cpu_count()} CPU cores" if usable == os.cpu_count()
+             else f"{usable} of {os.cpu_count()} CPU cores usable (affinity)")
+    return (f"Machine: {cores} ({cpu}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads in this process; "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
             f"{time.strftime('%Y-%m-%d %H:%M')}.")
@@ -238,21 +242,26 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--client-cpus", type=float, default=1.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override added to every case (repeatable), e.g. "
+                         "device=cpu on a GPU machine; task.* keys only to the CIFAR case, "
+                         "e.g. task.data_path=ARCHIVE")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat}: must be >= 1")
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     if args.scale:
         return scale(args.scale, args.m, args.rounds, args.client_cpus, args.out)
-    cases = [("linreg N=20", LINREG + ["rounds=30"])]
+    common = [o for o in args.set if not o.startswith("task.")]  # task.* keys: the CIFAR case's
+    cases = [("linreg N=20", LINREG + ["rounds=30"] + common)]
     if not args.quick:
         cases.append(("cifar10 ResNet-18 N=8", [
             "task=cifar10", "num_workers=8", "rounds=10", "sparsifier=regtopk",
             "sparsifier.sparsity=0.001", "sparsifier.mu=5", "eval_every=1000",
-            "task.test_subset=100"]))
+            "task.test_subset=100"] + args.set))
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench(cases, Path(tmp), repeat=args.repeat)
-        pairs = floor_pairs(Path(tmp), args.repeat)
+        pairs = floor_pairs(Path(tmp), args.repeat, common)
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     emit(report(rows, pairs, args.repeat, argv_text), args.out)
     return 0

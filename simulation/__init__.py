@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from clients.client_app import make_client_app  # noqa: E402
-from regtopk_fl.ray_cluster import ray_init_address  # noqa: E402
+from regtopk_fl.ray_cluster import ray_init_address, ray_local_cpus  # noqa: E402
 from regtopk_fl.device import resolve_device  # noqa: E402
 from regtopk_fl.gpu_share import client_share  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
@@ -66,6 +66,7 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
                "init_args": {"logging_level": level, "log_to_driver": level == "DEBUG",
                              "include_dashboard": False}}
     backend["init_args"].update(ray_init_address(cfg))  # #12: attach to a running cluster
+    backend["init_args"].update(ray_local_cpus(cfg))  # a local Ray: the CPUs it may use
     tmp = None
     if settings["runtime"].get("state_dir", "auto") == "auto":
         settings["runtime"]["state_dir"] = None  # on a cluster: in context.state

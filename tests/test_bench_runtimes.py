@@ -57,3 +57,19 @@ def test_repeat_must_be_positive(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeat", "0"])
     assert "--repeat=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_set_overrides_reach_every_case(bench, monkeypatch):
+    """--set adds a Hydra override to every case (device=cpu on a GPU
+    machine); task.* keys only to the CIFAR case, whose task has them."""
+    seen = {}
+    monkeypatch.setattr(bench, "bench", lambda cases, tmp, repeat: seen.update(cases=cases) or [])
+    monkeypatch.setattr(bench, "floor_pairs",
+                        lambda tmp, repeat, extra: seen.update(floor=extra) or [])
+    monkeypatch.setattr(bench, "report", lambda *a: [])
+    monkeypatch.setattr(bench, "emit", lambda lines, out: "")
+    assert bench.main(["--set", "device=cpu", "--set", "task.data_path=/x.tar.gz"]) == 0
+    linreg, cifar = (ov for _, ov in seen["cases"])
+    assert "device=cpu" in linreg and "device=cpu" in cifar and seen["floor"] == ["device=cpu"]
+    assert "task.data_path=/x.tar.gz" in cifar and not any(o.startswith("task.data_path")
+                                                            for o in linreg)

@@ -97,6 +97,10 @@ BAD = [  # (overrides, key named in the message)
     (["runtime=flower", "runtime.ray_address=nohost"], "runtime.ray_address='nohost'"),
     (["runtime=flower", "runtime.ray_address=ray://127.0.0.1:port"],
      "runtime.ray_address='ray://127.0.0.1:port'"),
+    (["runtime=flower", "runtime.num_cpus=0"], "runtime.num_cpus=0"),
+    (["runtime=flower", "runtime.num_cpus=many"], "runtime.num_cpus='many'"),
+    (["runtime=flower", "runtime.num_cpus=2", "runtime.ray_address=auto"], "runtime.num_cpus=2"),
+    (["runtime=flower", "runtime.num_cpus=1", "runtime.client_cpus=2"], "runtime.num_cpus=1"),
 ]
 
 
@@ -136,6 +140,8 @@ def test_default_and_presets_are_valid(make_cfg):
                       ["runtime=flower", "runtime.ray_address=auto",
                        "participation.fraction=0.5", "participation.weighted=true"],
                       ["runtime=flower", "runtime.ray_address=ray://127.0.0.1:10001"],
+                      ["runtime=flower", "runtime.num_cpus=3"],
+                      ["runtime=flower", "runtime.num_cpus=null"],
                       ["experiment=net_linreg"], ["broadcast=model", "network.uplink_mbps=1"]):
         validate(make_cfg(overrides))
 

@@ -111,6 +111,41 @@ def test_ray_address_reaches_ray_init(make_cfg, monkeypatch, tmp_path):
         assert seen["init_args"]["include_dashboard"] is False
 
 
+@pytest.mark.parametrize("setting,address,affinity,want", [
+    ("auto", None, {0, 1}, 2),  # held to 2 of 16 cores (taskset): Ray gets 2
+    ("auto", None, set(range(16)), None),  # every core: Ray's own count
+    ("null", None, {0, 1}, None),
+    ("3", None, set(range(16)), 3),
+    ("auto", "auto", {0, 1}, None),  # a cluster's nodes declare their own CPUs
+])
+def test_local_ray_gets_the_usable_cpus(make_cfg, monkeypatch, setting, address, affinity,
+                                        want):
+    """runtime.num_cpus reaches ray.init's num_cpus (and the GPU share's count
+    of clients at once): a process held to fewer cores than the machine's
+    would otherwise get an actor for every core of the machine."""
+    import flwr.simulation
+
+    import simulation
+    from regtopk_fl import gpu_share
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: affinity, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    seen = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation",
+                        lambda **kw: seen.update(kw["backend_config"]))
+    cfg = make_cfg(["runtime=flower", "device=cpu", "num_workers=8",
+                    f"runtime.num_cpus={setting}", f"runtime.ray_address={address or 'null'}"])
+    simulation.run_simulation(cfg, None, None, None, None)
+    assert seen["init_args"].get("num_cpus") == want
+    assert ("address" in seen["init_args"]) == (address is not None)
+    calls = []
+    monkeypatch.setattr(gpu_share, "clients_at_once",
+                        lambda n, m, cpus, per: calls.append(cpus) or 1)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    gpu_share.client_share(cfg, "cpu", measure=lambda *a, **k: None)
+    assert calls == [want or 16]
+
+
 @pytest.mark.parametrize("key", ["init_ray"])
 def test_flwr_ray_backend_passes_init_args(key):
     """Guards the assumption above against a Flower upgrade."""

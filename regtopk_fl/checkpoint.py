@@ -54,14 +54,15 @@ _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
 def config_fingerprint(cfg) -> str:
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in NOT_IDENTITY}
-    # where the Ray cluster is, where simulated clients keep their state and
-    # how much of a GPU each gets do not change what a run computes, and the
+    # where the Ray cluster is, how many CPUs a local one schedules on, where
+    # simulated clients keep their state and how much of a GPU each gets do
+    # not change what a run computes, and the
     # default participation (everyone)
     # is what runs before these keys computed, so their checkpoints still resume
     if isinstance(keep.get("runtime"), dict):
         keep["runtime"] = {k: (0.0 if k == "client_gpus" else v)  # its old default, any share
                            for k, v in keep["runtime"].items()
-                           if k not in ("ray_address", "state_dir", "prompt_delivery")}
+                           if k not in ("ray_address", "num_cpus", "state_dir", "prompt_delivery")}
     if keep.get("participation") == _EVERYONE:
         del keep["participation"]
     # the Fig. 3 switches (#18) at their defaults compute what ran before them

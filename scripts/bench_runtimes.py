@@ -58,6 +58,7 @@ from _report import cpu_name, emit, spread  # noqa: E402  (scripts/_report.py)
 LINREG = ["task=linreg", "num_workers=20", "sparsifier=regtopk", "sparsifier.sparsity=0.6",
           "sparsifier.mu=4", "eval_every=1"]
 FIG2 = LINREG + ["rounds=2500", "runtime=inprocess", "threads=1", "checkpoint.every=0"]
+CASES = ("linreg", "cifar10", "floor")
 FLOOR_TARGET = 1.5  # issue #19: wall_time_s <= 1.5x the numpy floor's
 
 
@@ -74,13 +75,14 @@ def per_round(run_dir: Path) -> float:
     return statistics.median(steps)
 
 
-def bench(cases, tmp: Path, flower_only_keys=(), repeat: int = 1):
+def bench(cases, tmp: Path, flower_only_keys=(), repeat: int = 1, first_rep: int = 0):
     """One row per (case, runtime, repetition); repetitions outermost, so
-    every case's runs are spread over the whole benchmark."""
+    every case's runs are spread over the whole benchmark. Repetitions are
+    numbered from ``first_rep`` (their run directories too)."""
     from regtopk_fl.runner import run_experiment
 
     rows = []
-    for rep in range(repeat):
+    for rep in range(first_rep, first_rep + repeat):
         for name, overrides in cases:
             for runtime in ("inprocess", "flower"):
                 ov = [o for o in overrides
@@ -104,7 +106,7 @@ def load_floor():
     return numpy_floor
 
 
-def floor_pairs(tmp: Path, repeat: int, extra=()) -> list:
+def floor_pairs(tmp: Path, repeat: int, extra=(), first_rep: int = 0) -> list:
     """The suite's paper linear regression, the numpy floor and its torch
     twin, one after the other, ``repeat`` times: [(suite wall_time_s, numpy
     floor s, suite final gap, floor final gap, torch twin s)]."""
@@ -116,7 +118,7 @@ def floor_pairs(tmp: Path, repeat: int, extra=()) -> list:
     args = (float(cfg.sparsifier.sparsity), float(cfg.sparsifier.mu), float(cfg.lr),
             int(cfg.rounds))
     pairs = []
-    for rep in range(repeat):
+    for rep in range(first_rep, first_rep + repeat):
         summary = run_experiment(cfg, tmp / f"fig2-{rep}")
         gaps, secs = floor.from_task(task, *args)
         with torch_threads(int(cfg.threads)):  # the suite's run computes with as many
@@ -189,6 +191,8 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
     for case in cases:
         for runtime in ("inprocess", "flower"):
             mine = [r for r in rows if r["case"] == case and r["runtime"] == runtime]
+            if not mine:
+                continue
             med, rng = spread([r["s_per_round"] for r in mine])
             threads = sorted({t for r in mine for t in (r["client_threads"] or [])})
             lines.append(f"| {case} ({mine[0]['rounds']} rounds) | {runtime} | {med} | {rng} | "
@@ -200,15 +204,22 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
     for case in cases:
         ratios = []
         for rep in sorted({r["rep"] for r in rows}):
-            ip, fl = (next(r for r in rows if r["case"] == case and r["runtime"] == rt
-                           and r["rep"] == rep) for rt in ("inprocess", "flower"))
-            ratios.append(fl["s_per_round"] / ip["s_per_round"])
-        med, rng = spread(ratios, "{:.2f}", "x")
-        lines.append(f"| {case} | {med} | {rng} | {len(ratios)} |")
+            ip, fl = (next((r for r in rows if r["case"] == case and r["runtime"] == rt
+                            and r["rep"] == rep), None) for rt in ("inprocess", "flower"))
+            if ip is not None and fl is not None:  # a cut run's last pair may be half
+                ratios.append(fl["s_per_round"] / ip["s_per_round"])
+        if ratios:
+            med, rng = spread(ratios, "{:.2f}", "x")
+            lines.append(f"| {case} | {med} | {rng} | {len(ratios)} |")
+    return lines + (floor_report(pairs) if pairs else [])
+
+
+def floor_report(pairs) -> list:
+    """The suite against its numpy floor and torch twin, pairwise."""
     suite, floor, twin = ([p[i] for p in pairs] for i in (0, 1, 4))
     ratios = [p[0] / p[1] for p in pairs]
     med = statistics.median(ratios)
-    lines += ["", "## The in-process round against its numpy floor (issue #19)", "",
+    return ["", "## The in-process round against its numpy floor (issue #19)", "",
               "The paper's linear regression (N = 20, J = 100, 2500 rounds, RegTop-k S = 0.6, "
               "mu = 4, eval_every = 1, threads = 1): the run's `wall_time_s` against "
               "`scripts/numpy_floor.py`'s rounds, one after the other, "
@@ -228,13 +239,16 @@ def report(rows, pairs, repeat: int, argv_text: str) -> list:
               "", f"Final gap: in-process {pairs[0][2]:.3g}, floor {pairs[0][3]:.3g}. "
               f"Target <= {FLOOR_TARGET}x: {'met' if med <= FLOOR_TARGET else 'not met'} "
               f"(median {med:.2f}x)."]
-    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write a Markdown table here")
     ap.add_argument("--quick", action="store_true", help="linear regression only, few rounds")
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                    help="which to run: the linear regression and ResNet-18 through both "
+                         "runtimes, and the in-process round against its numpy floor "
+                         "(default: all)")
     ap.add_argument("--repeat", type=int, default=1, metavar="K",
                     help="run every case K times, interleaved; print medians and spreads")
     ap.add_argument("--scale", type=int, nargs="+", default=None, metavar="N",
@@ -253,16 +267,27 @@ def main(argv=None) -> int:
     if args.scale:
         return scale(args.scale, args.m, args.rounds, args.client_cpus, args.out)
     common = [o for o in args.set if not o.startswith("task.")]  # task.* keys: the CIFAR case's
-    cases = [("linreg N=20", LINREG + ["rounds=30"] + common)]
-    if not args.quick:
+    want = set(args.cases) - ({"cifar10"} if args.quick else set())
+    cases = []
+    if "linreg" in want:
+        cases.append(("linreg N=20", LINREG + ["rounds=30"] + common))
+    if "cifar10" in want:
         cases.append(("cifar10 ResNet-18 N=8", [
             "task=cifar10", "num_workers=8", "rounds=10", "sparsifier=regtopk",
             "sparsifier.sparsity=0.001", "sparsifier.mu=5", "eval_every=1000",
             "task.test_subset=100"] + args.set))
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = bench(cases, Path(tmp), repeat=args.repeat)
-        pairs = floor_pairs(Path(tmp), args.repeat, common)
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    rows, pairs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeat):  # every case, then the floor, per repetition
+            rows += bench(cases, Path(tmp), first_rep=rep)
+            if "floor" in want:
+                pairs += floor_pairs(Path(tmp), 1, common, first_rep=rep)
+            if args.out and rep + 1 < args.repeat:  # a run cut short keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text("\n".join(report(
+                    rows, pairs, rep + 1, f"{argv_text} (cut short here: {rep + 1} of "
+                    f"{args.repeat} repetitions so far)")) + "\n")
     emit(report(rows, pairs, args.repeat, argv_text), args.out)
     return 0
 

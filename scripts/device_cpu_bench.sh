@@ -8,8 +8,10 @@
 #   1. scripts/bench_runtimes.py --repeat REPEAT (default 5): Flower /
 #      in-process for linear regression and ResNet-18 N = 8, and the paper's
 #      linear regression against its numpy floor
+#      (CASES: which of linreg, cifar10, floor; default all three; the report
+#      is rewritten after every repetition, so a cut run keeps what it did)
 #   2. scripts/bench_sparsifiers.py at J = 11M, Top-k and RegTop-k
-#      (2 threads, REPEATS timed calls), when time is left (each part is
+#      (2 threads, REPEATS timed calls), unless SPARSIFIERS=0 (each part is
 #      capped: CAP_RUNTIMES_S, CAP_SPARSIFIERS_S)
 # Needs .gpu/ from `make gpu-bundle` (carried): Flower, Ray and Hydra for
 # Python 3.12, and the small CIFAR-10 archive. Writes $OUT/cpu_bench.log and
@@ -25,6 +27,7 @@ PY=${PY:-python3}
 CORES=${CORES:-0,1}
 REPEAT=${REPEAT:-5}
 REPEATS=${REPEATS:-7}
+CASES=${CASES:-linreg cifar10 floor}
 BUNDLE=${BUNDLE:-.gpu/flower-cp312.tar.xz}
 DATA=${DATA:-$PWD/.gpu/cifar10-small.tar.gz}
 mkdir -p "$OUT"
@@ -38,8 +41,12 @@ $PY -c "import torch; print('torch', torch.__version__, torch.backends.cpu.get_c
 FAILED=""
 echo "== bench_runtimes (at ${SECONDS} s)"
 timeout -k 10 "${CAP_RUNTIMES_S:-450}" taskset -c "$CORES" $PY scripts/bench_runtimes.py \
-    --repeat "$REPEAT" --set device=cpu --set "task.data_path=$DATA" \
+    --repeat "$REPEAT" --cases $CASES --set device=cpu --set "task.data_path=$DATA" \
     --out "$OUT/bench_runtimes.md" || { echo "== bench_runtimes failed (rc $?)"; FAILED="$FAILED runtimes"; }
+if [ "${SPARSIFIERS:-1}" = 0 ]; then
+    echo "== total ${SECONDS} s${FAILED:+; failed:$FAILED}"
+    [ -z "$FAILED" ]; exit
+fi
 echo "== bench_sparsifiers (at ${SECONDS} s)"
 SIZES=11173962
 [ -n "${QUICK:-}" ] && SIZES=100000

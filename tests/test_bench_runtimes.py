@@ -63,9 +63,9 @@ def test_set_overrides_reach_every_case(bench, monkeypatch):
     """--set adds a Hydra override to every case (device=cpu on a GPU
     machine); task.* keys only to the CIFAR case, whose task has them."""
     seen = {}
-    monkeypatch.setattr(bench, "bench", lambda cases, tmp, repeat: seen.update(cases=cases) or [])
+    monkeypatch.setattr(bench, "bench", lambda cases, tmp, **kw: seen.update(cases=cases) or [])
     monkeypatch.setattr(bench, "floor_pairs",
-                        lambda tmp, repeat, extra: seen.update(floor=extra) or [])
+                        lambda tmp, repeat, extra, **kw: seen.update(floor=extra) or [])
     monkeypatch.setattr(bench, "report", lambda *a: [])
     monkeypatch.setattr(bench, "emit", lambda lines, out: "")
     assert bench.main(["--set", "device=cpu", "--set", "task.data_path=/x.tar.gz"]) == 0
@@ -73,3 +73,34 @@ def test_set_overrides_reach_every_case(bench, monkeypatch):
     assert "device=cpu" in linreg and "device=cpu" in cifar and seen["floor"] == ["device=cpu"]
     assert "task.data_path=/x.tar.gz" in cifar and not any(o.startswith("task.data_path")
                                                             for o in linreg)
+
+
+def test_a_run_cut_short_keeps_its_repetitions(bench, monkeypatch, tmp_path):
+    """--out is rewritten after every repetition, so a run killed by a time
+    limit still leaves the pairs it finished; a half pair is not a ratio."""
+    out = tmp_path / "bench.md"
+    speeds = iter([1.0, 1.1, 2.0, 2.6, 3.0])  # rep 2's Flower run never comes
+
+    def fake_bench(cases, tmp, first_rep=0, **kw):
+        rows = []
+        for rt in ("inprocess", "flower"):
+            s = next(speeds, None)
+            if s is None:
+                if out.exists():
+                    seen.append(out.read_text())
+                raise KeyboardInterrupt  # the run is cut here
+            rows.append(_row("resnet", rt, first_rep, s))
+        return rows
+
+    seen = []
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--cases", "cifar10", "--repeat", "4", "--out", str(out)])
+    text = seen[-1]
+    assert "cut short here: 2 of 4 repetitions so far" in text
+    assert _cells(text, "resnet |")[1:4] == ["1.20x", "1.10x-1.30x", "2"]
+    assert "numpy floor" not in text  # --cases left the floor out
+    rows = [_row("resnet", "inprocess", 0, 1.0), _row("resnet", "flower", 0, 1.2),
+            _row("resnet", "inprocess", 1, 3.0)]
+    assert _cells("\n".join(bench.report(rows, [], 2, "")), "resnet |")[1:4] == \
+        ["1.20x", "1.20x-1.20x", "1"]

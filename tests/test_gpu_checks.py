@@ -121,3 +121,40 @@ def test_the_short_flower_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert re.search(r"a client's train message \(medians, ms\): build [0-9.]+, model", log)
     agree = re.search(r"flower vs inprocess, final models: \{'maxrel': ([0-9.e+-]+)", log)
     assert agree and float(agree.group(1)) < 1e-3  # the same run, other thread counts
+
+
+@pytest.mark.skipif(not __import__("shutil").which("taskset"), reason="no taskset here")
+@pytest.mark.parametrize("env, calls", [
+    ({"CASES": "cifar10", "REPEAT": "3", "SPARSIFIERS": "0"}, 1),
+    ({"QUICK": "1"}, 2),
+])
+def test_device_cpu_bench_passes_its_settings(tmp_path, env, calls):
+    """scripts/device_cpu_bench.sh hands CASES / REPEAT to bench_runtimes.py
+    with device=cpu and the data archive, under taskset and with CUDA hidden,
+    then (unless SPARSIFIERS=0) the sparsifier benchmark; a failing part
+    makes it exit 1 and is named."""
+    fake = tmp_path / "py"
+    rec = tmp_path / "calls.txt"
+    fake.write_text(f'#!/bin/sh\necho "CVD=[$CUDA_VISIBLE_DEVICES] $*" >> {rec}\n'
+                    f'[ -z "$FAIL" ] || case "$*" in *bench_*) exit 3;; esac\n')
+    fake.chmod(0o755)
+    run = dict(os.environ, OUT=str(tmp_path / "out"), PY=str(fake), BUNDLE="none",
+               DATA="/data/x.tar.gz", CORES="0", **env)  # CPU 0: on any machine
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "device_cpu_bench.sh")], env=run,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:]
+    lines = [x for x in rec.read_text().splitlines() if "scripts/bench_" in x]
+    assert len(lines) == calls
+    rt = lines[0]
+    assert rt.startswith("CVD=[] scripts/bench_runtimes.py")
+    assert f"--repeat {env.get('REPEAT', '5')} " in rt
+    assert f"--cases {env.get('CASES', 'linreg cifar10 floor')} --set device=cpu " in rt
+    assert "--set task.data_path=/data/x.tar.gz" in rt and f"--out {tmp_path}/out/" in rt
+    if calls == 2:
+        assert "--sizes 100000 " in lines[1] and "--methods topk regtopk" in lines[1]
+    run["FAIL"] = "1"
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "device_cpu_bench.sh")], env=run,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stdout.rstrip().endswith("failed: runtimes" + (" sparsifiers" if calls == 2
+                                                              else ""))

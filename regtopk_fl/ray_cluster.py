@@ -33,22 +33,38 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _ray_cpu_count() -> int | None:
+    """Ray's own count of this node's CPUs (the machine's, or a cgroup quota
+    below it), None where Ray cannot say."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus(override_docker_cpu_warning=True))
+    except Exception:  # noqa: BLE001 - no Ray, or a Ray without this helper
+        return None
+
+
 def ray_local_cpus(cfg) -> dict:
     """The ``num_cpus`` of a local Ray (``runtime.num_cpus``), {} = Ray's own
-    count. Ray counts the machine's CPUs (and a cgroup quota), not the
-    affinity mask: a process held to 2 of 16 cores would get 16 one-CPU
-    client actors on 2 cores, each computing with its own torch threads.
-    ``auto`` gives Ray the usable CPUs where they are fewer than the
-    machine's; an integer is taken as it is. Never when attaching to a
-    cluster (``runtime.ray_address``): its nodes declare their own."""
-    if ray_init_address(cfg):
+    count. Ray counts the machine's CPUs and a cgroup quota, not the
+    affinity mask: a process held to 2 of 16 cores (``taskset``,
+    ``numactl``, a cgroup-v2 cpuset) would get 16 one-CPU client actors on
+    2 cores. ``auto`` gives Ray the usable CPUs where they are fewer than
+    the machine's (and never more than Ray's own count, so a quota still
+    holds); an integer is taken as it is. Never when attaching to a cluster
+    (``runtime.ray_address``, or ``RAY_ADDRESS`` exported, which ``ray.init``
+    follows): its nodes declare their own, and Ray refuses ``num_cpus``."""
+    if ray_init_address(cfg) or os.environ.get("RAY_ADDRESS"):
         return {}
     v = OmegaConf.select(cfg, "runtime.num_cpus", default="auto")
     if v is None:
         return {}
     if v == "auto":
         usable = usable_cpus()
-        return {"num_cpus": usable} if usable < (os.cpu_count() or usable) else {}
+        if usable >= (os.cpu_count() or usable):
+            return {}
+        ray_count = _ray_cpu_count()
+        return {"num_cpus": min(usable, ray_count) if ray_count else usable}
     return {"num_cpus": int(v)}
 
 

@@ -179,8 +179,9 @@ def _client_ms(rows) -> str:
     return f"{1e3 * compute:.1f} / {1e3 * rest:.1f}"
 
 
-def report(rows, pairs, repeat: int, argv_text: str) -> list:
-    lines = [f"# Runtime speed (`python scripts/bench_runtimes.py{argv_text}`)", "", _machine(),
+def report(rows, pairs, repeat: int, argv_text: str, note: str = "") -> list:
+    lines = [f"# Runtime speed (`python scripts/bench_runtimes.py{argv_text}`){note}", "",
+             _machine(),
              "", f"Every case ran {repeat} time(s), interleaved (in-process, Flower, in-process, "
              f"...): the median over the runs and their spread (min-max).", "",
              "| case | runtime | s/round: median | min-max | whole run incl. start-up (s): median "
@@ -258,16 +259,20 @@ def main(argv=None) -> int:
     ap.add_argument("--client-cpus", type=float, default=1.0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a Hydra override added to every case (repeatable), e.g. "
-                         "device=cpu on a GPU machine; task.* keys only to the CIFAR case, "
-                         "e.g. task.data_path=ARCHIVE")
+                         "device=cpu on a GPU machine; task.* keys only to the CIFAR case "
+                         "(task.data_path=ARCHIVE), runtime.* keys only to the Flower runs")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat}: must be >= 1")
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     if args.scale:
         return scale(args.scale, args.m, args.rounds, args.client_cpus, args.out)
-    common = [o for o in args.set if not o.startswith("task.")]  # task.* keys: the CIFAR case's
+    # task.* keys: the CIFAR case's; runtime.* keys: the Flower runs' (the
+    # in-process runtime has none)
+    common = [o for o in args.set if not o.startswith("task.")]
     want = set(args.cases) - ({"cifar10"} if args.quick else set())
+    if not want:
+        ap.error(f"--cases {' '.join(args.cases)} with --quick: nothing left to run")
     cases = []
     if "linreg" in want:
         cases.append(("linreg N=20", LINREG + ["rounds=30"] + common))
@@ -280,13 +285,15 @@ def main(argv=None) -> int:
     rows, pairs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeat):  # every case, then the floor, per repetition
-            rows += bench(cases, Path(tmp), first_rep=rep)
+            rows += bench(cases, Path(tmp), flower_only_keys=("runtime.",), first_rep=rep)
             if "floor" in want:
-                pairs += floor_pairs(Path(tmp), 1, common, first_rep=rep)
+                pairs += floor_pairs(Path(tmp), 1,
+                                     [o for o in common if not o.startswith("runtime.")],
+                                     first_rep=rep)
             if args.out and rep + 1 < args.repeat:  # a run cut short keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text("\n".join(report(
-                    rows, pairs, rep + 1, f"{argv_text} (cut short here: {rep + 1} of "
+                    rows, pairs, rep + 1, argv_text, f" (cut short here: {rep + 1} of "
                     f"{args.repeat} repetitions so far)")) + "\n")
     emit(report(rows, pairs, args.repeat, argv_text), args.out)
     return 0

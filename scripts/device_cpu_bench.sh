@@ -5,7 +5,7 @@
 # taskset, so that torch's default threads, Ray's actors
 # (runtime.num_cpus=auto reads the affinity) and the numpy floor all see
 # two CPUs. CUDA is hidden: every run is device=cpu.
-#   1. scripts/bench_runtimes.py --repeat REPEAT (default 5): Flower /
+#   1. scripts/bench_runtimes.py --repeat REPEAT (default 3): Flower /
 #      in-process for linear regression and ResNet-18 N = 8, and the paper's
 #      linear regression against its numpy floor
 #      (CASES: which of linreg, cifar10, floor; default all three; the report
@@ -17,7 +17,10 @@
 # Python 3.12, and the small CIFAR-10 archive. Writes $OUT/cpu_bench.log and
 # the two reports; exits 1 when a part failed.
 #
-#   device: bash scripts/device_cpu_bench.sh            (about 6-8 minutes)
+#   device: bash scripts/device_cpu_bench.sh            (about 7-8 minutes)
+# On the lent Intel Xeon one repetition of the three cases took about 125 s
+# (ResNet-18's pair 95-100 s of it): 3 fit CAP_RUNTIMES_S=450, 5 did not (its
+# first call was cut in the 4th); a further call can add CASES=cifar10 pairs.
 #   CPU smoke (QUICK: the sparsifiers at J = 100k): BUNDLE=none REPEAT=1 QUICK=1 \
 #       PY=.venv/bin/python bash scripts/device_cpu_bench.sh
 set -u
@@ -25,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/cpu_out}
 PY=${PY:-python3}
 CORES=${CORES:-0,1}
-REPEAT=${REPEAT:-5}
+REPEAT=${REPEAT:-3}
 REPEATS=${REPEATS:-7}
 CASES=${CASES:-linreg cifar10 floor}
 BUNDLE=${BUNDLE:-.gpu/flower-cp312.tar.xz}

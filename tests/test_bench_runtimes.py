@@ -63,16 +63,39 @@ def test_set_overrides_reach_every_case(bench, monkeypatch):
     """--set adds a Hydra override to every case (device=cpu on a GPU
     machine); task.* keys only to the CIFAR case, whose task has them."""
     seen = {}
-    monkeypatch.setattr(bench, "bench", lambda cases, tmp, **kw: seen.update(cases=cases) or [])
+    monkeypatch.setattr(bench, "bench", lambda cases, tmp, **kw: seen.update(cases=cases, **kw)
+                        or [])
     monkeypatch.setattr(bench, "floor_pairs",
                         lambda tmp, repeat, extra, **kw: seen.update(floor=extra) or [])
     monkeypatch.setattr(bench, "report", lambda *a: [])
     monkeypatch.setattr(bench, "emit", lambda lines, out: "")
-    assert bench.main(["--set", "device=cpu", "--set", "task.data_path=/x.tar.gz"]) == 0
+    assert bench.main(["--set", "device=cpu", "--set", "task.data_path=/x.tar.gz",
+                       "--set", "runtime.num_cpus=2"]) == 0
     linreg, cifar = (ov for _, ov in seen["cases"])
     assert "device=cpu" in linreg and "device=cpu" in cifar and seen["floor"] == ["device=cpu"]
     assert "task.data_path=/x.tar.gz" in cifar and not any(o.startswith("task.data_path")
                                                             for o in linreg)
+    # runtime.* keys reach the Flower runs only: bench() drops them from in-process ones
+    assert "runtime.num_cpus=2" in linreg and seen["flower_only_keys"] == ("runtime.",)
+
+
+def test_set_runtime_keys_skip_the_inprocess_runs(bench, monkeypatch, tmp_path):
+    """The in-process runtime has no runtime.* keys, so bench() leaves them
+    out of its runs (Hydra would refuse them), and gives them to Flower's."""
+    seen = []
+    monkeypatch.setattr(bench, "_cfg", lambda ov: seen.append(ov) or ov)
+    monkeypatch.setattr("regtopk_fl.runner.run_experiment",
+                        lambda cfg, run_dir: {"rounds": 3, "client_threads": None})
+    monkeypatch.setattr(bench, "per_round", lambda run_dir: 1.0)
+    bench.bench([("c", ["x=1", "runtime.num_cpus=2"])], tmp_path,
+                flower_only_keys=("runtime.",), first_rep=4)
+    assert seen == [["runtime=inprocess", "x=1"], ["runtime=flower", "x=1", "runtime.num_cpus=2"]]
+
+
+def test_nothing_to_run_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--cases", "cifar10"])
+    assert "nothing left to run" in capsys.readouterr().err
 
 
 def test_a_run_cut_short_keeps_its_repetitions(bench, monkeypatch, tmp_path):
@@ -97,7 +120,8 @@ def test_a_run_cut_short_keeps_its_repetitions(bench, monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--cases", "cifar10", "--repeat", "4", "--out", str(out)])
     text = seen[-1]
-    assert "cut short here: 2 of 4 repetitions so far" in text
+    assert "`python scripts/bench_runtimes.py --cases cifar10 --repeat 4 --out " in text
+    assert "`) (cut short here: 2 of 4 repetitions so far)" in text  # outside the command
     assert _cells(text, "resnet |")[1:4] == ["1.20x", "1.10x-1.30x", "2"]
     assert "numpy floor" not in text  # --cases left the floor out
     rows = [_row("resnet", "inprocess", 0, 1.0), _row("resnet", "flower", 0, 1.2),

@@ -35,3 +35,11 @@ def test_new_settings_change_the_fingerprint(make_cfg):
     for overrides in (["aggregate=centered_clip"], ["faults.hostile.scale=3"],
                       ["sparsifier=gaussiank", "sparsifier.budget_factor=4"]):
         assert config_fingerprint(make_cfg(overrides)) not in (base, *[h for _, h in BEFORE])
+
+
+def test_where_ray_schedules_leaves_the_fingerprint(make_cfg):
+    """runtime.num_cpus changes how many clients run at once, not what a run
+    computes: a checkpoint resumes under any value of it."""
+    base = config_fingerprint(make_cfg(["runtime=flower"]))
+    for v in ("null", "3", "auto"):
+        assert config_fingerprint(make_cfg(["runtime=flower", f"runtime.num_cpus={v}"])) == base

@@ -147,7 +147,7 @@ def test_device_cpu_bench_passes_its_settings(tmp_path, env, calls):
     assert len(lines) == calls
     rt = lines[0]
     assert rt.startswith("CVD=[] scripts/bench_runtimes.py")
-    assert f"--repeat {env.get('REPEAT', '5')} " in rt
+    assert f"--repeat {env.get('REPEAT', '3')} " in rt
     assert f"--cases {env.get('CASES', 'linreg cifar10 floor')} --set device=cpu " in rt
     assert "--set task.data_path=/data/x.tar.gz" in rt and f"--out {tmp_path}/out/" in rt
     if calls == 2:

@@ -111,25 +111,33 @@ def test_ray_address_reaches_ray_init(make_cfg, monkeypatch, tmp_path):
         assert seen["init_args"]["include_dashboard"] is False
 
 
-@pytest.mark.parametrize("setting,address,affinity,want", [
-    ("auto", None, {0, 1}, 2),  # held to 2 of 16 cores (taskset): Ray gets 2
-    ("auto", None, set(range(16)), None),  # every core: Ray's own count
-    ("null", None, {0, 1}, None),
-    ("3", None, set(range(16)), 3),
-    ("auto", "auto", {0, 1}, None),  # a cluster's nodes declare their own CPUs
+@pytest.mark.parametrize("setting,address,affinity,want,ray_count,env_address", [
+    ("auto", None, {0, 1}, 2, 16, None),  # held to 2 of 16 cores (taskset): Ray gets 2
+    ("auto", None, {0, 1}, 2, None, None),  # (Ray cannot count: the affinity's)
+    ("auto", None, set(range(8)), 4, 4, None),  # a cgroup quota of 4 still holds
+    ("auto", None, set(range(16)), None, 16, None),  # every core: Ray's own count
+    ("null", None, {0, 1}, None, 16, None),
+    ("3", None, set(range(16)), 3, 16, None),
+    ("auto", "auto", {0, 1}, None, 16, None),  # a cluster's nodes declare their own CPUs
+    ("auto", None, {0, 1}, None, 16, "10.0.0.1:6379"),  # so does one RAY_ADDRESS names
 ])
 def test_local_ray_gets_the_usable_cpus(make_cfg, monkeypatch, setting, address, affinity,
-                                        want):
+                                        want, ray_count, env_address):
     """runtime.num_cpus reaches ray.init's num_cpus (and the GPU share's count
     of clients at once): a process held to fewer cores than the machine's
     would otherwise get an actor for every core of the machine."""
     import flwr.simulation
 
     import simulation
-    from regtopk_fl import gpu_share
+    from regtopk_fl import gpu_share, ray_cluster
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: affinity, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(ray_cluster, "_ray_cpu_count", lambda: ray_count)
+    if env_address:
+        monkeypatch.setenv("RAY_ADDRESS", env_address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
     seen = {}
     monkeypatch.setattr(flwr.simulation, "run_simulation",
                         lambda **kw: seen.update(kw["backend_config"]))

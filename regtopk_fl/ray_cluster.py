@@ -13,9 +13,12 @@ the same paths (docs/ray-cluster.md).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def ray_init_address(cfg) -> dict:
@@ -54,9 +57,13 @@ def ray_local_cpus(cfg) -> dict:
     holds); an integer is taken as it is. Never when attaching to a cluster
     (``runtime.ray_address``, or ``RAY_ADDRESS`` exported, which ``ray.init``
     follows): its nodes declare their own, and Ray refuses ``num_cpus``."""
-    if ray_init_address(cfg) or os.environ.get("RAY_ADDRESS"):
-        return {}
     v = OmegaConf.select(cfg, "runtime.num_cpus", default="auto")
+    if ray_init_address(cfg) or os.environ.get("RAY_ADDRESS"):
+        if v not in (None, "auto") and not ray_init_address(cfg):  # (settings refuse the other)
+            log.warning("runtime.num_cpus=%s is not used: RAY_ADDRESS=%s attaches to a "
+                        "cluster, whose nodes declare their own CPUs", v,
+                        os.environ["RAY_ADDRESS"])
+        return {}
     if v is None:
         return {}
     if v == "auto":

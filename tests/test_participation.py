@@ -154,6 +154,21 @@ def test_local_ray_gets_the_usable_cpus(make_cfg, monkeypatch, setting, address,
     assert calls == [want or 16]
 
 
+def test_a_number_that_ray_address_overrides_is_said(make_cfg, monkeypatch, caplog):
+    """An exported RAY_ADDRESS attaches ray.init to a cluster, so an explicit
+    runtime.num_cpus cannot be passed: it is dropped with a warning, not silently."""
+    from regtopk_fl.ray_cluster import ray_local_cpus
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with caplog.at_level("WARNING", logger="regtopk_fl.ray_cluster"):
+        assert ray_local_cpus(make_cfg(["runtime=flower", "runtime.num_cpus=3"])) == {}
+    assert "runtime.num_cpus=3 is not used: RAY_ADDRESS=10.0.0.1:6379" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="regtopk_fl.ray_cluster"):
+        assert ray_local_cpus(make_cfg(["runtime=flower"])) == {}  # auto: nothing to say
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("key", ["init_ray"])
 def test_flwr_ray_backend_passes_init_args(key):
     """Guards the assumption above against a Flower upgrade."""

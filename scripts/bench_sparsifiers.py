@@ -98,6 +98,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def candidate_scan() -> str:
+    """Which scan finds exact top-k's candidates on CPU (compress/exact_topk.py)."""
+    from regtopk_fl.compress import exact_topk
+
+    scan = exact_topk._compiled_scan()
+    if scan is None:
+        why = "REGTOPK_FL_NUMBA=0" if os.environ.get("REGTOPK_FL_NUMBA") == "0" else "numba missing"
+        return f"torch ({why})"
+    import numba
+
+    try:  # known once a parallel kernel has run
+        return f"numba {numba.__version__}, {numba.threading_layer()} threads"
+    except ValueError:
+        return f"numba {numba.__version__}"
+
+
 def environment(devices) -> dict:
     env = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -106,6 +122,7 @@ def environment(devices) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_candidate_scan": candidate_scan(),
         "devices": ", ".join(devices),
     }
     try:
@@ -521,6 +538,7 @@ def main(argv=None) -> list:
         env["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     except OSError:
         pass
+    env["cpu_candidate_scan"] = candidate_scan()  # now with numba's threading layer
     last = runs[-1]
     text = markdown(last, env, global_rows, args.note)
     if args.repeat > 1:

@@ -2,7 +2,10 @@
 ``regtopk_fl/compress/exact_topk.py``'s long-row path, timed alone on the
 benchmark's gradient (``bench_sparsifiers.make_data``), in milliseconds and in
 one-pass floors (``torch.mul(g, 2, out=buf)``), with the counts that set them
-(blocks reached, candidates, the band's size).
+(blocks reached, candidates, the band's size). Step 2 (the candidates) is
+timed both ways: the compiled scan that runs on CPU (``scan_kernels.py``,
+where numba is installed) and torch's kernels (CUDA's path, and CPU's
+without numba).
 
     PYTHONPATH=. python scripts/profile_exact_topk.py [--sparsity 0.01] [--dim 11173962] [--threads 2]
 
@@ -18,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +72,26 @@ def main(argv=None) -> None:
     vals = blk.index_select(0, pos)
     band = int((vals < hi).sum()) if hi is not None else None
 
-    steps = {
-        "sample and its threshold": lambda: torch.topk(row[::stride].abs(), rank, sorted=True),
-        f"block bounds (amax + amin, C = {block})": lambda: (body.amax(1) >= t) | (body.amin(1) <= -t),
-        "copy the reached blocks": lambda: torch.index_select(body, 0, hit, out=blk.view(-1, block)),
-        "compare with t": lambda: torch.ge(blk, t, out=mask),
-        "nonzero over the copied entries": lambda: torch.nonzero(mask),
+    steps = {"sample and its threshold": lambda: torch.topk(row[::stride].abs(), rank, sorted=True)}
+    scan = E._compiled_scan()
+    if scan is not None:  # step 2 as it runs on CPU: scan_kernels.py
+        x = row.numpy()
+        counts = np.empty(dim // scan.BLOCK, dtype=np.int32)
+        chunk = max(1, -(-counts.size // scan.CHUNKS))
+        totals = np.empty(-(-counts.size // chunk), dtype=np.int64)
+        steps |= {
+            f"compiled scan: count (C = {scan.BLOCK})":
+                lambda: scan._count(x, x.dtype.type(t), True, counts, chunk, totals),
+            "compiled scan: count and write": lambda: scan.candidates(row, t, True),
+        }
+    steps |= {  # step 2 in torch (CUDA; CPU without numba)
+        f"torch scan: block bounds (amax + amin, C = {block})":
+            lambda: (body.amax(1) >= t) | (body.amin(1) <= -t),
+        "torch scan: copy the reached blocks":
+            lambda: torch.index_select(body, 0, hit, out=blk.view(-1, block)),
+        "torch scan: compare with t": lambda: torch.ge(blk, t, out=mask),
+        "torch scan: nonzero over the copied entries": lambda: torch.nonzero(mask),
+        "torch scan: all of it": lambda: E._candidates_torch(row, t, True, block),
         "k-th largest of all candidates": lambda: E._kth_largest(vals, k),
         "k-th largest via the band": lambda: E._kth_below(vals, k, hi),
         "rows_topk (the whole selection)": lambda: E.rows_topk(acc, k, absolute=True),
@@ -83,7 +101,7 @@ def main(argv=None) -> None:
           f"({pos.numel() / k:.2f} k), band {band if band is None else f'{band:,}'}")
     for name, fn in steps.items():
         t_ms = ms(fn)
-        print(f"{name:40s} {t_ms:7.2f} ms  {t_ms / floor:5.2f} passes")
+        print(f"{name:48s} {t_ms:7.2f} ms  {t_ms / floor:5.2f} passes")
 
 
 if __name__ == "__main__":

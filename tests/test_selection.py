@@ -3,7 +3,8 @@
 The reference is a stable descending sort and its first k entries: the k
 largest scores, ties at the k-th value going to the lowest indices. Long rows
 (J >= SMALL_J) take the sampled-threshold path; the module constants are
-shrunk here so that small hypothesis inputs exercise it too.
+shrunk here so that small hypothesis inputs exercise it too. Every test runs
+twice: with the compiled candidate scan (numba) and with torch's.
 """
 from __future__ import annotations
 
@@ -34,6 +35,19 @@ def check(score, k, **kw):
         ref_score.view(-1)[kw["fix"][0]] = kw["fix"][1]
     assert sel.counts.tolist() == [k] * score.shape[0]
     assert torch.equal(sel.flat_idx, reference(ref_score, k))
+
+
+@pytest.fixture(scope="module", autouse=True, params=["numba", "torch"])
+def scan(request):
+    """Every test here runs with both CPU candidate scans: the compiled one
+    (compress/scan_kernels.py, numba) and torch's kernels (CUDA's path)."""
+    if request.param == "numba":
+        assert exact_topk._compiled_scan() is not None, "numba is a pinned dependency"
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(exact_topk, "_compiled_scan", lambda: None)
+        yield request.param
 
 
 @pytest.fixture(params=["short", "long"])

@@ -9,12 +9,16 @@ row lies far below it, so for a long row (J >= ``SMALL_J``):
    run is reproducible) gives ``t``, its r-th largest value, with
    r = e + ``MARGIN_SD`` * sqrt(e) + 4, where e = k m / J is the expected
    count of the row's top-k entries in the sample.
-2. **Blocks that can hold a candidate.** The row is viewed as [B, C] blocks
-   (C = 64 or 128); one ``amax`` per block (for ``|a|``: ``amax`` and
-   ``amin``, so ``|a|`` is never materialized) bounds each block's largest
-   score. Only blocks whose bound is >= t are copied out (into a buffer
-   reused between calls), and only there are scores computed and compared
-   with ``t``.
+2. **The candidates** (score >= t, ascending). On CPU two passes of
+   compiled code (:mod:`.scan_kernels`, numba): a count of them per block of
+   64 (one read of the row), then their positions and scores written from
+   the blocks that hold one. Elsewhere (CUDA, or without numba) in torch
+   kernels: the row is viewed as [B, C] blocks (C = 64 or 128); one
+   ``amax`` per block (for ``|a|``: ``amax`` and ``amin``, so ``|a|`` is
+   never materialized) bounds each block's largest score. Only blocks whose
+   bound is >= t are copied out (into a buffer reused between calls), and
+   only there are scores computed and compared with ``t``. Both give the
+   same tensors.
 3. **Exact top-k on the candidates** (score >= t, in index order): the k-th
    largest candidate, every candidate above it, and the lowest-indexed ones
    equal to it. On CPU, where the sample expects many top-k entries (e > ~25,
@@ -72,10 +76,12 @@ launches and each lazily found subset a host sync) every score is computed
 at once, written into ``a`` for the selection and the original entries put
 back bitwise afterwards. Either way RegTop-k costs Top-k's passes plus O(k).
 
-Passes over J per row (CPU): two read-only block reductions (``amax``,
-``amin``; one for a materialized score), the blocks holding a candidate
-copied and compared (~2-5 % of J at S <= 0.001, ~22 % at S = 0.01, where
-candidates cluster in a gradient's large layers), and O(k) work. No J-sized
+Passes over J per row (CPU): the sample (a strided read), the count (one
+read), the blocks holding a candidate read again (~1-5 % of J at S <= 0.001,
+~19 % at S = 0.01, where candidates cluster in a gradient's large layers),
+and O(k) work. (With torch's scan instead: two read-only block reductions
+(``amax``, ``amin``; one for a materialized score), the blocks holding a
+candidate copied and compared, and ``nonzero`` over their mask.) No J-sized
 temporary is allocated. Short rows (J < ``SMALL_J``) take one vectorized
 exact pass (``kthvalue`` and a tie mask) over the whole batch instead. The
 ``t = -inf`` fallback makes every entry a candidate (a copy of the row and
@@ -98,7 +104,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -215,9 +223,36 @@ def _block_size(density: float) -> int:
     return 128 if 128 * density <= 0.125 else 64
 
 
+@functools.cache
+def _compiled_scan():
+    """:mod:`.scan_kernels` (imported on first use: numba takes ~0.5 s), or
+    None where numba is missing or the environment sets REGTOPK_FL_NUMBA=0."""
+    if os.environ.get("REGTOPK_FL_NUMBA", "1") == "0":
+        return None
+    try:
+        from . import scan_kernels
+    except ImportError:  # numba is pinned, but the GPU bundle does not carry it
+        return None
+    except Exception as err:  # e.g. no writable cache directory: torch's scan is exact too
+        warnings.warn(f"the compiled top-k scan is off ({type(err).__name__}: {err}); "
+                      "torch's scan runs instead", RuntimeWarning, stacklevel=2)
+        return None
+    return scan_kernels
+
+
 def _candidates(row, t: float, absolute: bool, block: int):
     """Local indices (ascending) and scores of the entries of ``row`` whose
-    score (``|row|`` or ``row``) is >= t. ``block`` is a power of two."""
+    score (``|row|`` or ``row``) is >= t: on CPU by :mod:`.scan_kernels`
+    where numba is there, else by torch (:func:`_candidates_torch`, blocks
+    of ``block``, a power of two); the same tensors either way."""
+    scan = _compiled_scan() if row.device.type == "cpu" else None
+    if scan is not None and row.dtype in scan.DTYPES and not row.requires_grad:
+        return scan.candidates(row, t, absolute)
+    return _candidates_torch(row, t, absolute, block)
+
+
+def _candidates_torch(row, t: float, absolute: bool, block: int):
+    """:func:`_candidates` in torch kernels (CUDA, and CPU without numba)."""
     dim = row.numel()
     nb = dim // block
     body = row[:nb * block].view(nb, block)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,6 +80,30 @@ def test_thread_counts_give_the_same_result():
     assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs)
 
 
+def test_torchs_thread_count_is_left_as_it_was():
+    """numba's OpenMP layer shares torch's OpenMP runtime, and its first
+    launch in a process sets the thread count to numba's (every core): a run
+    with threads=1 then ran torch's kernels on 2 threads, and a Flower run of
+    scripts/rerun_compare.py came out different in its last bits. A fresh
+    process, since only the first launch does it."""
+    code = """
+import torch
+from regtopk_fl.compress import exact_topk
+exact_topk.SMALL_J = 1
+rows = torch.randn(2, 100_000)
+seen = []
+for threads in (1, 2, 1, 3, 1):
+    torch.set_num_threads(threads)
+    exact_topk.rows_topk(rows, 50, absolute=True)
+    seen.append(torch.get_num_threads())
+print(*seen)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "REGTOPK_FL_NUMBA": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "2", "1", "3", "1"]
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dim=st.integers(1, 5000), seed=st.integers(0, 2**31 - 1), absolute=st.booleans(),
        q=st.floats(0.0, 1.0), kind=st.sampled_from(["normal", "ties", "layers"]))
@@ -114,9 +140,6 @@ def test_threads_at_once_under_numbas_fallback_layer(tmp_path):
     """Where no OpenMP runtime is installed numba runs on its workqueue layer,
     which aborts the process if two threads launch kernels at once; the
     scan's lock keeps threads selecting together exact and alive."""
-    import subprocess
-    import sys
-
     code = """
 import torch, numba
 from concurrent.futures import ThreadPoolExecutor
@@ -136,3 +159,24 @@ print(numba.threading_layer())
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["workqueue"]
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_mask_hits_against_torch(ascending):
+    """RegTop-k's lowered entries that are candidates, found by the compiled
+    scan: the same entries, positions and |a| as torch's nonzero and
+    searchsorted, in any order of the lowered indices."""
+    gen = torch.Generator().manual_seed(4)
+    row = torch.randn(50_000, generator=gen)
+    idx = torch.randperm(row.numel(), generator=gen)[:3000]
+    if ascending:
+        idx = idx.sort().values
+    for t in (-math.inf, 0.0, 1.5, 3.0, math.inf):
+        local, _ = exact_topk._candidates_torch(row, t, True, 64)
+        sub, where, mag = scan_kernels.mask_hits(row, t, True, idx, local)
+        want_mag = row[idx].abs()
+        want_sub = torch.nonzero(want_mag >= t).squeeze(1)
+        assert torch.equal(sub, want_sub)
+        assert torch.equal(where, torch.searchsorted(local, idx[want_sub]))
+        assert torch.equal(mag, want_mag[want_sub])
+        assert torch.equal(local[where], idx[sub])

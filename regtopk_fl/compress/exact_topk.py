@@ -71,7 +71,11 @@ each ``|a| * tanh(.)``, never above ``|a|``). On CPU it is passed as
 lowered score too, and the regularized score is computed only for the mask
 entries that are candidates (``|a| >= t``: last round's entries were zeroed
 in the residual, so usually few), then overwrites theirs before the count
-and the selection. Elsewhere (CUDA, where the O(k) arithmetic is a few
+and the selection. Which mask entries are candidates, and where they sit
+among them, is one serial compiled pass over the mask
+(:func:`.scan_kernels.mask_hits`; in torch, a gather of ``|a|`` on the
+mask, ``nonzero`` and ``searchsorted``); the regularized score itself is
+always torch's arithmetic, so its bits do not depend on the scan. Elsewhere (CUDA, where the O(k) arithmetic is a few
 launches and each lazily found subset a host sync) every score is computed
 at once, written into ``a`` for the selection and the original entries put
 back bitwise afterwards. Either way RegTop-k costs Top-k's passes plus O(k).
@@ -230,7 +234,7 @@ def _compiled_scan():
     if os.environ.get("REGTOPK_FL_NUMBA", "1") == "0":
         return None
     try:
-        from . import scan_kernels
+        import regtopk_fl.compress.scan_kernels as scan_kernels  # (not the package: no cycle)
     except ImportError:  # numba is pinned, but the GPU bundle does not carry it
         return None
     except Exception as err:  # e.g. no writable cache directory: torch's scan is exact too
@@ -245,10 +249,18 @@ def _candidates(row, t: float, absolute: bool, block: int):
     score (``|row|`` or ``row``) is >= t: on CPU by :mod:`.scan_kernels`
     where numba is there, else by torch (:func:`_candidates_torch`, blocks
     of ``block``, a power of two); the same tensors either way."""
-    scan = _compiled_scan() if row.device.type == "cpu" else None
-    if scan is not None and row.dtype in scan.DTYPES and not row.requires_grad:
+    scan = _scan_for(row)
+    if scan is not None:
         return scan.candidates(row, t, absolute)
     return _candidates_torch(row, t, absolute, block)
+
+
+def _scan_for(row):
+    """:mod:`.scan_kernels` where it takes ``row`` (CPU, float32/64), else None."""
+    scan = _compiled_scan() if row.device.type == "cpu" else None
+    if scan is not None and row.dtype in scan.DTYPES and not row.requires_grad:
+        return scan
+    return None
 
 
 def _candidates_torch(row, t: float, absolute: bool, block: int):
@@ -320,20 +332,28 @@ def _top_positions(vals, k: int, hi: float | None = None):
     return pos
 
 
-def _lower(local, vals, t: float, low) -> int | None:
+def _lower(row, local, vals, t: float, low) -> int | None:
     """Overwrite the candidates' scores with the lowered ones, where a
     lowered entry is a candidate (``|a| >= t``); return how many candidates
     are still >= t. None if an override is not a lowering (or NaN): the
-    caller then computes every override at once."""
+    caller then computes every override at once. ``low`` = (their local
+    indices, their ``|a|`` or None where the compiled scan finds them, the
+    score function, the offset of its positions)."""
     lidx, lmag, score, offset = low
-    sub = torch.nonzero(lmag >= t).squeeze(1)
+    if lmag is None:  # which lowered entries are candidates, and where: one serial pass
+        sub, where, mag = _compiled_scan().mask_hits(row, t, True, lidx, local)
+    else:
+        sub = torch.nonzero(lmag >= t).squeeze(1)
+        where, mag = None, lmag.index_select(0, sub)
     if not sub.numel():
         return local.numel()
     val = score(sub + offset).to(vals.dtype)
-    if not bool((val <= lmag.index_select(0, sub)).all()):
+    if not bool((val <= mag).all()):
         return None
+    if where is None:
+        where = torch.searchsorted(local, lidx.index_select(0, sub))
     # every such entry is a candidate (the same |a| >= t), so it is found
-    vals.index_copy_(0, torch.searchsorted(local, lidx.index_select(0, sub)), val)
+    vals.index_copy_(0, where, val)
     return local.numel() - int((val < t).sum())  # all were >= t before
 
 
@@ -351,8 +371,8 @@ def sample_ranks(k: int, m: int, dim: int) -> tuple:
 
 def _row_topk(row, k: int, absolute: bool, low=None):
     """Ascending local indices of the exact top-k of one long row. ``low``:
-    (local idx, their |row|, the score function, offset into its positions)
-    of lowered entries, or None. Returns None if an override is not a
+    (local idx, their |row| or None, the score function, offset into its
+    positions) of lowered entries (:func:`_lower`), or None. Returns None if an override is not a
     lowering."""
     dim = row.numel()
     stride = sample_stride(dim)
@@ -370,7 +390,7 @@ def _row_topk(row, k: int, absolute: bool, low=None):
         else:  # the rank-th largest of the sample
             t = _kth_largest(sample, rank).item()
         local, vals = _candidates(row, t, absolute, _block_size(rank / m))
-        count = local.numel() if low is None else _lower(local, vals, t, low)
+        count = local.numel() if low is None else _lower(row, local, vals, t, low)
         if count is None:
             return None
         if count >= k or t == -math.inf:
@@ -387,14 +407,16 @@ def _rows_topk_lowered(score, k: int, lowered: Lowered):
     idx = lowered.idx.to(torch.int64)
     if n > 1 and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         return None  # the per-row slices below need ascending indices
-    mag = score.view(-1).index_select(0, idx).abs_()
+    # |a| on the lowered entries, unless the compiled scan finds those that are candidates
+    mag = None if _scan_for(score) else score.view(-1).index_select(0, idx).abs_()
     ends = [0, idx.numel()] if n == 1 else torch.searchsorted(
         idx, torch.arange(n + 1, device=idx.device) * dim).tolist()
     parts = []
     for r in range(n):
         lo, hi = ends[r], ends[r + 1]
         lidx = idx[lo:hi] - r * dim if r else idx[lo:hi]
-        low = (lidx, mag[lo:hi], lowered.score, lo) if hi > lo else None
+        part = None if mag is None else mag[lo:hi]
+        low = (lidx, part, lowered.score, lo) if hi > lo else None
         got = _row_topk(score[r], k, True, low)
         if got is None:
             return None

@@ -85,9 +85,14 @@ def _write(x, t, absolute, counts, chunk, starts, pos, val):
 def candidates(row: torch.Tensor, t: float, absolute: bool):
     """(local indices ascending, scores there) of the entries of a 1-D
     contiguous CPU ``row`` (float32 or float64) whose score is >= t."""
+    threads = torch.get_num_threads()
     with _LOCK:
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        return _candidates(row.numpy(), t, absolute)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            return _candidates(row.numpy(), t, absolute)
+        finally:  # numba's OpenMP layer shares torch's runtime and resets its thread count
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def _candidates(x, t, absolute):
@@ -107,3 +112,38 @@ def _candidates(x, t, absolute):
     pos[body:] = tail_pos + nb * BLOCK
     val[body:] = (np.abs(tail) if absolute else tail)[tail_pos]
     return torch.from_numpy(pos), torch.from_numpy(val)
+
+
+@njit(cache=True)
+def _hits(x, t, absolute, idx, local, sub, where, mag):
+    """The entries of ``idx`` whose score is >= t, i.e. that are among the
+    candidates ``local`` (ascending): their positions in ``idx`` (``sub``),
+    in ``local`` (``where``, by binary search) and their scores (``mag``).
+    Returns how many."""
+    n = 0
+    for j in range(idx.shape[0]):
+        v = abs(x[idx[j]]) if absolute else x[idx[j]]
+        if v >= t:
+            target, lo, hi = idx[j], 0, local.shape[0]
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if local[mid] < target:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            sub[n], where[n], mag[n] = j, lo, v
+            n += 1
+    return n
+
+
+def mask_hits(row: torch.Tensor, t: float, absolute: bool, idx: torch.Tensor, local: torch.Tensor):
+    """(positions into ``idx``, positions into ``local``, scores there) of the
+    entries of ``idx`` (distinct local indices into ``row``) that are
+    candidates: score >= t, so present in ``local`` (:func:`candidates`' output
+    for the same t). Serial: O(len(idx)) reads of the row."""
+    x = row.numpy()
+    ix, lx = idx.contiguous().numpy(), local.numpy()
+    sub, where = np.empty(ix.shape[0], np.int64), np.empty(ix.shape[0], np.int64)
+    mag = np.empty(ix.shape[0], x.dtype)
+    n = _hits(x, x.dtype.type(t), absolute, ix, lx, sub, where, mag)
+    return torch.from_numpy(sub[:n]), torch.from_numpy(where[:n]), torch.from_numpy(mag[:n])

@@ -229,7 +229,7 @@ def _block_size(density: float) -> int:
 
 @functools.cache
 def _compiled_scan():
-    """:mod:`.scan_kernels` (imported on first use: numba takes ~0.5 s), or
+    """:mod:`.scan_kernels` (imported on first use: ~0.5 s with numba), or
     None where numba is missing or the environment sets REGTOPK_FL_NUMBA=0."""
     if os.environ.get("REGTOPK_FL_NUMBA", "1") == "0":
         return None

@@ -10,11 +10,18 @@ fifth of the blocks hold a candidate. Here:
 2. **Write** (blocks with a count, in parallel): each such block's positions
    and scores, at its offset (the running sum of the counts before it).
 
-The result is the torch path's, bitwise: positions ascending, the scores at
-them; IEEE comparisons (no fast-math), so +-inf rows compare as in torch.
-Imported lazily by ``exact_topk`` (numba takes ~0.5 s to import and each
-kernel ~1 s to compile once per signature, then cached on disk); where numba
-is missing, or ``REGTOPK_FL_NUMBA=0``, the torch path runs instead.
+The blocks are split into ``CHUNKS`` runs of consecutive blocks, so the
+offsets need only one running sum per run. For RegTop-k, :func:`mask_hits`
+finds which of last round's (lowered) entries are candidates and where they
+sit among them (serial, O(k)). The results are torch's scan's, bitwise:
+positions ascending, the scores at them; IEEE comparisons (no fast-math), so
++-inf rows compare as in torch. numba's OpenMP layer shares torch's OpenMP
+runtime, and its first launch in a process sets the thread count to every
+core: each call puts torch's count back.
+Imported lazily by ``exact_topk``: the first long selection of a process
+takes ~0.5 s more (numba's import, the kernels loaded from ``__pycache__``),
+the first on a machine ~1.8 s (compiling them there). Where numba is
+missing, or ``REGTOPK_FL_NUMBA=0``, torch's scan runs instead.
 """
 from __future__ import annotations
 

@@ -103,8 +103,13 @@ def candidate_scan() -> str:
     from regtopk_fl.compress import exact_topk
 
     scan = exact_topk._compiled_scan()
-    if scan is None:
-        why = "REGTOPK_FL_NUMBA=0" if os.environ.get("REGTOPK_FL_NUMBA") == "0" else "numba missing"
+    if scan is None or exact_topk._scan_failure:
+        if os.environ.get("REGTOPK_FL_NUMBA") == "0":
+            why = "REGTOPK_FL_NUMBA=0"
+        elif exact_topk._scan_failure:
+            why = f"the compiled scan failed: {exact_topk._scan_failure[0]!r}"
+        else:
+            why = "numba missing or not importable"
         return f"torch ({why})"
     import numba
 

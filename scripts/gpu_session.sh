@@ -4,7 +4,8 @@
 #   1. scripts/gpu_checks.sh         issue #21: Flower clients on the GPU beside
 #                                    the in-process engine (BUDGET_S, default 300 s)
 #   2. the CUDA selection tests      exact top-k on CUDA (tests/test_selection.py,
-#                                    its CUDA cases; capped at 45 s; CUDA_TESTS=0 skips)
+#                                    its CUDA cases, once: with torch's CPU scan;
+#                                    capped at 45 s; CUDA_TESTS=0 skips)
 #   3. scripts/gpu_grad_check.py     issue #21: the batched (vmap) and the recorded
 #                                    (CUDA graph) worker gradients against the loop, per
 #                                    worker, and the top-k entries that differ (60 s)
@@ -55,7 +56,7 @@ export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
 
 if [ "$CUDA_TESTS" -gt 0 ]; then
     echo "== CUDA selection tests (at ${SECONDS} s)" | tee "$OUT/cuda_tests.log"
-    timeout -k 5 45 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_selection.py \
+    timeout -k 5 45 $PY -m pytest -q -p no:cacheprovider -k "cuda and torch" tests/test_selection.py \
         >>"$OUT/cuda_tests.log" 2>&1
     echo "rc $? at ${SECONDS} s" >>"$OUT/cuda_tests.log"
     tail -3 "$OUT/cuda_tests.log"

@@ -75,6 +75,10 @@ def main(argv=None) -> None:
     steps = {"sample and its threshold": lambda: torch.topk(row[::stride].abs(), rank, sorted=True)}
     scan = E._compiled_scan()
     if scan is not None:  # step 2 as it runs on CPU: scan_kernels.py
+        # the first launch through candidates(): it sets numba's thread count to
+        # torch's and puts torch's back, which _count alone would not
+        scan.candidates(row, t, True)
+        assert torch.get_num_threads() == a.threads
         x = row.numpy()
         counts = np.empty(dim // scan.BLOCK, dtype=np.int32)
         chunk = max(1, -(-counts.size // scan.CHUNKS))

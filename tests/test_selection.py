@@ -9,7 +9,9 @@ twice: with the compiled candidate scan (numba) and with torch's.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -42,7 +44,9 @@ def scan(request):
     """Every test here runs with both CPU candidate scans: the compiled one
     (compress/scan_kernels.py, numba) and torch's kernels (CUDA's path)."""
     if request.param == "numba":
-        assert exact_topk._compiled_scan() is not None, "numba is a pinned dependency"
+        if os.environ.get("REGTOPK_FL_NUMBA") == "0" or importlib.util.find_spec("numba") is None:
+            pytest.skip("numba is off (REGTOPK_FL_NUMBA=0) or not installed")
+        assert exact_topk._compiled_scan() is not None, "numba is installed but will not import"
         yield request.param
         return
     with pytest.MonkeyPatch.context() as mp:

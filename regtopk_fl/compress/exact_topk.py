@@ -217,13 +217,14 @@ def _scratch_like(row, numel: int, dtype=None):
 
 
 def _block_size(density: float) -> int:
-    """Block length C: 128 while few blocks hold a candidate (about one in 8),
-    else 64. Shorter blocks would leave fewer entries in the blocks that hold
-    one, but an inner reduction over fewer than 64 entries is compute-bound
-    on CPU (C = 32 costs ~1.4x, C = 16 ~10x the time of C = 64), and where
-    candidates cluster (a gradient's large layers) the share of blocks hit
-    barely falls with C: 22 % at C = 64 and 18 % at C = 32 for S = 0.01 in
-    the benchmark."""
+    """Block length C of torch's scan: 128 while few blocks hold a candidate
+    (about one in 8), else 64. Shorter blocks would leave fewer entries in
+    the blocks that hold one, but an inner reduction over fewer than 64
+    entries is compute-bound on CPU (C = 32 costs ~1.4x, C = 16 ~10x the
+    time of C = 64), and where candidates cluster (a gradient's large layers)
+    the share of entries in blocks hit barely falls with C: 21.6 / 18.6 /
+    14.9 / 10.9 % at C = 128 / 64 / 32 / 16 for S = 0.01 in the benchmark
+    (counted 2026-11-27; the compiled scan uses 64 too)."""
     return 128 if 128 * density <= 0.125 else 64
 
 
@@ -235,7 +236,7 @@ def _compiled_scan():
         return None
     try:
         import regtopk_fl.compress.scan_kernels as scan_kernels  # (not the package: no cycle)
-    except ImportError:  # numba is pinned, but the GPU bundle does not carry it
+    except ImportError:  # numba is pinned, but a machine may still lack it
         return None
     except Exception as err:  # e.g. no writable cache directory: torch's scan is exact too
         warnings.warn(f"the compiled top-k scan is off ({type(err).__name__}: {err}); "
@@ -251,16 +252,32 @@ def _candidates(row, t: float, absolute: bool, block: int):
     of ``block``, a power of two); the same tensors either way."""
     scan = _scan_for(row)
     if scan is not None:
-        return scan.candidates(row, t, absolute)
+        try:
+            return scan.candidates(row, t, absolute)
+        except Exception as err:  # e.g. numba's threading layer would not load
+            _scan_failed(err)
     return _candidates_torch(row, t, absolute, block)
 
 
 def _scan_for(row):
     """:mod:`.scan_kernels` where it takes ``row`` (CPU, float32/64), else None."""
-    scan = _compiled_scan() if row.device.type == "cpu" else None
+    scan = _compiled_scan() if row.device.type == "cpu" and not _scan_failure else None
     if scan is not None and row.dtype in scan.DTYPES and not row.requires_grad:
         return scan
     return None
+
+
+_scan_failure: list = []  # the compiled scan's first error in this process, if any
+
+
+def _scan_failed(err: Exception) -> None:
+    """The compiled scan raised (it runs numba's kernels, which can fail on a
+    first call where a numba import succeeds): warn once, and let torch's
+    scan, which gives the same tensors, serve this process from now on."""
+    if not _scan_failure:
+        _scan_failure.append(err)
+        warnings.warn(f"the compiled top-k scan failed ({type(err).__name__}: {err}); "
+                      "torch's scan runs instead", RuntimeWarning, stacklevel=3)
 
 
 def _candidates_torch(row, t: float, absolute: bool, block: int):
@@ -341,8 +358,12 @@ def _lower(row, local, vals, t: float, low) -> int | None:
     score function, the offset of its positions)."""
     lidx, lmag, score, offset = low
     if lmag is None:  # which lowered entries are candidates, and where: one serial pass
-        sub, where, mag = _compiled_scan().mask_hits(row, t, True, lidx, local)
-    else:
+        try:
+            sub, where, mag = _compiled_scan().mask_hits(row, t, True, lidx, local)
+        except Exception as err:
+            _scan_failed(err)
+            lmag = row.index_select(0, lidx).abs_()
+    if lmag is not None:
         sub = torch.nonzero(lmag >= t).squeeze(1)
         where, mag = None, lmag.index_select(0, sub)
     if not sub.numel():
@@ -407,6 +428,8 @@ def _rows_topk_lowered(score, k: int, lowered: Lowered):
     idx = lowered.idx.to(torch.int64)
     if n > 1 and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         return None  # the per-row slices below need ascending indices
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n * dim):
+        raise IndexError(f"lowered index out of range for a [{n}, {dim}] score")
     # |a| on the lowered entries, unless the compiled scan finds those that are candidates
     mag = None if _scan_for(score) else score.view(-1).index_select(0, idx).abs_()
     ends = [0, idx.numel()] if n == 1 else torch.searchsorted(

@@ -94,8 +94,8 @@ def candidates(row: torch.Tensor, t: float, absolute: bool):
     contiguous CPU ``row`` (float32 or float64) whose score is >= t."""
     threads = torch.get_num_threads()
     with _LOCK:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             return _candidates(row.numpy(), t, absolute)
         finally:  # numba's OpenMP layer shares torch's runtime and resets its thread count
             if torch.get_num_threads() != threads:
@@ -145,8 +145,8 @@ def _hits(x, t, absolute, idx, local, sub, where, mag):
 
 def mask_hits(row: torch.Tensor, t: float, absolute: bool, idx: torch.Tensor, local: torch.Tensor):
     """(positions into ``idx``, positions into ``local``, scores there) of the
-    entries of ``idx`` (distinct local indices into ``row``) that are
-    candidates: score >= t, so present in ``local`` (:func:`candidates`' output
+    entries of ``idx`` (distinct local indices into ``row``, in range: the
+    caller checks) that are candidates: score >= t, so present in ``local`` (:func:`candidates`' output
     for the same t). Serial: O(len(idx)) reads of the row."""
     x = row.numpy()
     ix, lx = idx.contiguous().numpy(), local.numpy()

@@ -153,7 +153,8 @@ def test_random_rows(dim, seed, absolute, q, kind):
     else:
         row = torch.randn(dim, generator=gen)
         if kind == "layers":  # clustered large entries, as in a network's gradient
-            row *= torch.pow(10.0, -3.0 * torch.rand(dim // 97 + 1, generator=gen)).repeat_interleave(97)[:dim]
+            scale = torch.pow(10.0, -3.0 * torch.rand(dim // 97 + 1, generator=gen))
+            row *= scale.repeat_interleave(97)[:dim]
     ref = row.abs() if absolute else row
     t = float(torch.quantile(ref.double(), q))  # on, between or beyond the entries
     both(row, float(torch.tensor(t, dtype=row.dtype)), absolute)
@@ -221,3 +222,19 @@ def test_mask_hits_against_torch(ascending, dtypes):
         assert torch.equal(where, torch.searchsorted(local, idx[want_sub]))
         assert torch.equal(bits(mag), bits(want_mag[want_sub]))
         assert torch.equal(local[where], idx[sub].long())
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("bad", [-1, 2 * 40_000])
+def test_lowered_index_out_of_range_raises_with_either_scan(monkeypatch, compiled, bad):
+    """torch's path raises in index_select; the compiled one reads without
+    bounds, so rows_topk checks first: the same IndexError either way."""
+    monkeypatch.setattr(exact_topk, "SMALL_J", 1)
+    if not compiled:
+        monkeypatch.setattr(exact_topk, "_compiled_scan", lambda: None)
+    score = torch.randn(2, 40_000, generator=torch.Generator().manual_seed(8))
+    idx = torch.tensor([3, 17, bad]).sort().values
+    low = exact_topk.Lowered(idx, lambda pos: score.view(-1)[idx if pos is None else idx[pos]]
+                             .abs() * 0.5)
+    with pytest.raises(IndexError):
+        exact_topk.rows_topk(score, 30, absolute=True, lowered=low)

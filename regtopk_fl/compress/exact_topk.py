@@ -75,13 +75,13 @@ and the selection. Which mask entries are candidates, and where they sit
 among them, is one serial compiled pass over the mask
 (:func:`.scan_kernels.mask_hits`; in torch, a gather of ``|a|`` on the
 mask, ``nonzero`` and ``searchsorted``); the regularized score itself is
-always torch's arithmetic, so its bits do not depend on the scan. Elsewhere (CUDA, where the O(k) arithmetic is a few
-launches and each lazily found subset a host sync) every score is computed
+always torch's arithmetic, so its bits do not depend on the scan.
+Elsewhere (CUDA, where the O(k) arithmetic is a few launches and each lazily found subset a host sync) every score is computed
 at once, written into ``a`` for the selection and the original entries put
 back bitwise afterwards. Either way RegTop-k costs Top-k's passes plus O(k).
 
 Passes over J per row (CPU): the sample (a strided read), the count (one
-read), the blocks holding a candidate read again (~1-5 % of J at S <= 0.001,
+read), the blocks holding a candidate read again (~2-6 % of J at S <= 0.001,
 ~19 % at S = 0.01, where candidates cluster in a gradient's large layers),
 and O(k) work. (With torch's scan instead: two read-only block reductions
 (``amax``, ``amin``; one for a materialized score), the blocks holding a
@@ -239,8 +239,7 @@ def _compiled_scan():
     except ImportError:  # numba is pinned, but a machine may still lack it
         return None
     except Exception as err:  # e.g. no writable cache directory: torch's scan is exact too
-        warnings.warn(f"the compiled top-k scan is off ({type(err).__name__}: {err}); "
-                      "torch's scan runs instead", RuntimeWarning, stacklevel=2)
+        _scan_failed(err)
         return None
     return scan_kernels
 
@@ -271,9 +270,9 @@ _scan_failure: list = []  # the compiled scan's first error in this process, if 
 
 
 def _scan_failed(err: Exception) -> None:
-    """The compiled scan raised (it runs numba's kernels, which can fail on a
-    first call where a numba import succeeds): warn once, and let torch's
-    scan, which gives the same tensors, serve this process from now on."""
+    """The compiled scan raised (on import, or on a first call where numba
+    imports but a kernel will not run): warn once, and let torch's scan,
+    which gives the same tensors, serve this process from now on."""
     if not _scan_failure:
         _scan_failure.append(err)
         warnings.warn(f"the compiled top-k scan failed ({type(err).__name__}: {err}); "
@@ -393,8 +392,8 @@ def sample_ranks(k: int, m: int, dim: int) -> tuple:
 def _row_topk(row, k: int, absolute: bool, low=None):
     """Ascending local indices of the exact top-k of one long row. ``low``:
     (local idx, their |row| or None, the score function, offset into its
-    positions) of lowered entries (:func:`_lower`), or None. Returns None if an override is not a
-    lowering."""
+    positions) of lowered entries (:func:`_lower`), or None. Returns None
+    if an override is not a lowering."""
     dim = row.numel()
     stride = sample_stride(dim)
     sample = row[::stride]
@@ -428,10 +427,12 @@ def _rows_topk_lowered(score, k: int, lowered: Lowered):
     idx = lowered.idx.to(torch.int64)
     if n > 1 and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         return None  # the per-row slices below need ascending indices
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n * dim):
-        raise IndexError(f"lowered index out of range for a [{n}, {dim}] score")
-    # |a| on the lowered entries, unless the compiled scan finds those that are candidates
-    mag = None if _scan_for(score) else score.view(-1).index_select(0, idx).abs_()
+    if _scan_for(score) is None:  # |a| on the lowered entries (index_select checks bounds)
+        mag = score.view(-1).index_select(0, idx).abs_()
+    else:  # the compiled scan finds those that are candidates, reading without bounds
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n * dim):
+            raise IndexError(f"lowered index out of range for a [{n}, {dim}] score")
+        mag = None
     ends = [0, idx.numel()] if n == 1 else torch.searchsorted(
         idx, torch.arange(n + 1, device=idx.device) * dim).tolist()
     parts = []

@@ -2,8 +2,9 @@
 
 In torch the candidates of a long row cost five kernels (per block ``amax``
 and ``amin``, a copy of the reachable blocks, ``|.|``, the compare, then
-``nonzero`` over the copy's mask): 3-4 passes over J at S = 0.01, where a
-fifth of the blocks hold a candidate. Here:
+``nonzero`` over the copy's mask): 2-3.4 passes over J at S = 0.01
+(``scripts/profile_exact_topk.py``), where a fifth of the row lies in blocks
+that hold a candidate. Here:
 
 1. **Count** (one read of the row, vectorized, blocks in parallel): per block
    of ``BLOCK`` entries, how many have a score (``|x|`` or ``x``) >= t.
@@ -32,7 +33,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-BLOCK = 64  # entries per counted block: the write pass re-reads only the blocks with a count
+# entries per counted block: the write pass re-reads only the blocks with a count;
+# 32 or 16 re-read less but count at half the speed, 128 re-reads more
+# (results/cpu_checks/compiled_scan/block_probe.py)
+BLOCK = 64
 CHUNKS = 64  # blocks are split into this many runs of consecutive blocks, one task each
 DTYPES = (torch.float32, torch.float64)
 # One caller at a time: each call already uses every thread torch is given,
@@ -146,8 +150,9 @@ def _hits(x, t, absolute, idx, local, sub, where, mag):
 def mask_hits(row: torch.Tensor, t: float, absolute: bool, idx: torch.Tensor, local: torch.Tensor):
     """(positions into ``idx``, positions into ``local``, scores there) of the
     entries of ``idx`` (distinct local indices into ``row``, in range: the
-    caller checks) that are candidates: score >= t, so present in ``local`` (:func:`candidates`' output
-    for the same t). Serial: O(len(idx)) reads of the row."""
+    caller checks) that are candidates: score >= t, so present in ``local``
+    (:func:`candidates`' output for the same t). Serial: O(len(idx)) reads
+    of the row."""
     x = row.numpy()
     ix, lx = idx.contiguous().numpy(), local.numpy()
     sub, where = np.empty(ix.shape[0], np.int64), np.empty(ix.shape[0], np.int64)

@@ -46,7 +46,8 @@ CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
 # keys that do not change what a run computes
 NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir", "tracker")
 _TASK_DEFAULTS = {("pretrained_weights", None), ("resize", None), ("normalize", "auto"),
-                  ("loss", "ce")}
+                  ("loss", "ce"), ("init_from", None), ("eval_mode", "eval"),
+                  ("subset_offset", 0)}
 _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
              "stale_feedback": "keep"}
 
@@ -63,6 +64,9 @@ def config_fingerprint(cfg) -> str:
         keep["runtime"] = {k: (0.0 if k == "client_gpus" else v)  # its old default, any share
                            for k, v in keep["runtime"].items()
                            if k not in ("ray_address", "num_cpus", "state_dir", "prompt_delivery")}
+    # #30's switches at their defaults: what ran before them
+    if isinstance(keep.get("server"), dict) and keep["server"].get("weighting") == "data_share":
+        keep["server"] = {k: v for k, v in keep["server"].items() if k != "weighting"}
     if keep.get("participation") == _EVERYONE:
         del keep["participation"]
     # the Fig. 3 switches (#18) at their defaults compute what ran before them

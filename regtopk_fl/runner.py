@@ -54,7 +54,28 @@ def identity(cfg: DictConfig, sparsifier) -> dict:
         "distortion": OmegaConf.select(cfg, "sparsifier.distortion") if mu else None,
         "num_workers": int(cfg.num_workers), "rounds": int(cfg.rounds), "seed": int(cfg.seed),
         "lr": float(cfg.lr), "local_steps": int(cfg.local_steps),
+        **_init_record(OmegaConf.select(cfg, "task.init_from")),
     }
+
+
+def _init_record(path) -> dict:
+    """``init_from`` for summary.json (only where set): the file, its sha256,
+    and the ``config_sha256`` of the run that wrote it (from the summary.json
+    beside it; None for a file of another origin)."""
+    if not path:
+        return {}
+    import hashlib
+
+    from .paths import resolve_path
+
+    f = resolve_path(path)
+    source = None
+    try:
+        source = json.loads((f.parent / "summary.json").read_text()).get("config_sha256")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"init_from": {"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+                          "source_config_sha256": source}}
 
 
 def round_row(t: int, outcome, eval_metrics: dict, plan, missing: int, replies: int,

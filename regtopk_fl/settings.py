@@ -90,6 +90,10 @@ def validate_trust(cfg, n: int, runtime: str) -> None:
     _bool(cfg, "server.trust_num_examples")
     _num(cfg, "server.max_weight_share", 0, 1, lo_open=True, required=False,
          allowed="must be in (0, 1]")
+    if _get(cfg, "server.weighting") is not None:
+        from .trust import WEIGHTINGS
+
+        _choice(cfg, "server.weighting", WEIGHTINGS)
     for old in ("aggregate", "trim_fraction"):  # moved to the config group (#17)
         if _get(cfg, f"server.{old}") is not None:
             _fail(f"server.{old}", _get(cfg, f"server.{old}"), "moved to the config group "
@@ -249,9 +253,14 @@ def validate(cfg: DictConfig) -> None:
             if path is None or not os.path.exists(resolve_path(path)):
                 _fail("task.data_path", path, "does not exist (point it at "
                       "cifar10-jpeg.tar.gz or a torchvision CIFAR-10 folder)")
+        off = _num(cfg, "task.subset_offset", 0, 4999, integer=True, required=False,
+                   allowed="must be an integer in [0, 4999] (images per class skipped)")
         sub = _get(cfg, "task.subset_per_class")
         if sub is not None:
             _num(cfg, "task.subset_per_class", 1, integer=True, allowed="must be an integer >= 1")
+            if off and off + sub > 5000:
+                _fail("task.subset_per_class", sub, f"with task.subset_offset={off} it must be "
+                      f"<= {5000 - off} (5,000 training images per class)")
             if n > 10 * sub:
                 _fail("num_workers", n, f"more workers than data points ({10 * sub})")
         elif n > 50000:
@@ -260,8 +269,11 @@ def validate(cfg: DictConfig) -> None:
 
 def _fig3_switches(cfg, task: str) -> None:
     """The authors' Fig. 3 switches of the image tasks (tasks/images.py)."""
-    from .tasks.images import LOSSES, NORMALIZATIONS
+    from .tasks.images import EVAL_MODES, LOSSES, NORMALIZATIONS
 
+    if _get(cfg, "task.eval_mode") is not None:
+        _choice(cfg, "task.eval_mode", EVAL_MODES)
+    _init_from(cfg)
     if _get(cfg, "task.resize") is not None:
         _num(cfg, "task.resize", 8, integer=True, allowed="must be null or an integer >= 8")
     if _get(cfg, "task.normalize") is not None:
@@ -288,6 +300,34 @@ def _fig3_switches(cfg, task: str) -> None:
         check_pretrained(resnet18(10, "imagenet", 0), read_state_dict(resolve_path(path)))
     except ValueError as exc:
         _fail("task.pretrained_weights", path, str(exc).split(": ", 1)[-1])
+
+
+def _init_from(cfg) -> None:
+    """task.init_from: a file whose model fits this run's network exactly
+    (models.load_init), checked on a model built as the task builds it."""
+    path = _get(cfg, "task.init_from")
+    if path is None:
+        return
+    if not isinstance(path, str) or not os.path.isfile(resolve_path(path)):
+        _fail("task.init_from", path, "is not a file (a run's model.pt, or a state_dict of "
+              "this network saved with torch.save)")
+    from .tasks.models import load_init, resnet18, tiny_cnn
+
+    if _get(cfg, "task.name") == "cifar10":
+        if _get(cfg, "task.pretrained_weights") is not None:
+            _fail("task.init_from", path, "set task.init_from or task.pretrained_weights, "
+                  "not both")
+        stem, width = _get(cfg, "task.stem"), _get(cfg, "task.width")
+        if int(width) != 64 and stem != "cifar":
+            return  # task.width's own error comes from the task
+        model = resnet18(10, stem, 0, width)
+    else:
+        size = _get(cfg, "task.resize") or _get(cfg, "task.image_size", 8)
+        model = tiny_cnn(3, 10, _get(cfg, "task.width", 16), size, 0)
+    try:
+        load_init(model, resolve_path(path))
+    except ValueError as exc:
+        _fail("task.init_from", path, str(exc).split(": ", 1)[-1])
 
 
 def _participation(cfg, n: int, runtime: str, policies) -> None:

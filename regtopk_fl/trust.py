@@ -88,6 +88,7 @@ log = logging.getLogger(__name__)
 # false rejection only delays an upload (it goes back into the residual, and
 # the refused round's allowance is deferred to the worker's next uploads).
 DEFAULT_MAX_NORM_RATIO = 20.0
+WEIGHTINGS = ("data_share", "uniform")  # server.weighting
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrustPolicy:
     max_upload_norm: float | None = None
     trust_num_examples: bool = False
     max_weight_share: float = 0.5
+    weighting: str = "data_share"  # or "uniform" (the authors' 1/N; issue #30)
 
     @classmethod
     def from_cfg(cls, cfg) -> "TrustPolicy":
@@ -106,7 +108,8 @@ class TrustPolicy:
         ratio = get("max_norm_ratio", DEFAULT_MAX_NORM_RATIO)
         cap = get("max_upload_norm", None)
         return cls(None if ratio is None else float(ratio), None if cap is None else float(cap),
-                   bool(get("trust_num_examples", False)), float(get("max_weight_share", 0.5)))
+                   bool(get("trust_num_examples", False)), float(get("max_weight_share", 0.5)),
+                   str(get("weighting", "data_share")))
 
 
 def upload_norm(reply) -> float:
@@ -287,6 +290,8 @@ class Guard:
 
     # -- how much each accepted reply counts -----------------------------------
     def weights(self, replies: list) -> list:
+        if self.policy.weighting == "uniform":  # no counts read at all: 1 / replies
+            return [1.0 / len(replies)] * len(replies)
         if self.policy.trust_num_examples or self.sizes is None:
             counts = [r.num_examples for r in replies]
             shares = capped_shares(counts, self.policy.max_weight_share)

@@ -99,11 +99,12 @@ def _per_class_counts(n_total, num_classes=10):
     return [base + (1 if c < extra else 0) for c in range(num_classes)]
 
 
-def _first_per_class(labels: np.ndarray, counts) -> np.ndarray:
-    """Indices of the first counts[c] samples of each class c (in data order)."""
+def _first_per_class(labels: np.ndarray, counts, offset: int = 0) -> np.ndarray:
+    """Indices of the first counts[c] samples of each class c (in data order),
+    after the first ``offset`` of each class."""
     keep = []
     for c, k in enumerate(counts):
-        keep.append(np.flatnonzero(labels == c)[:k])
+        keep.append(np.flatnonzero(labels == c)[offset:offset + k])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
@@ -113,11 +114,13 @@ def _subset_counts(subset_per_class, test_subset):
     return train, test
 
 
-def _take(arrs: CifarArrays, subset_per_class, test_subset) -> CifarArrays:
+def _take(arrs: CifarArrays, subset_per_class, test_subset, offset: int = 0) -> CifarArrays:
     tr, te = _subset_counts(subset_per_class, test_subset)
     xtr, ytr, xte, yte = arrs.x_train, arrs.y_train, arrs.x_test, arrs.y_test
+    if tr is None and offset:
+        tr = [len(ytr)] * 10  # everything after the offset
     if tr is not None:
-        i = _first_per_class(ytr, tr)
+        i = _first_per_class(ytr, tr, offset)
         xtr, ytr = xtr[i], ytr[i]
     if te is not None:
         i = _first_per_class(yte, te)
@@ -329,14 +332,19 @@ def _read_torchvision(root: Path, download: bool) -> CifarArrays:
 
 # -- public ------------------------------------------------------------------------
 def load_cifar10(data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
-                 download: bool = False) -> CifarArrays:
+                 download: bool = False, subset_offset: int = 0) -> CifarArrays:
     """CIFAR-10 as uint8 arrays, from the offline archive (default), a JPEG
     class-folder tree, or a torchvision folder; see the module docstring.
 
     ``subset_per_class``: keep the first n training images of each class;
     ``test_subset``: keep n test images, the first n // 10 (+1 for the first
-    n % 10 classes) of each class. Both deterministic.
+    n % 10 classes) of each class; ``subset_offset``: skip the first n
+    training images of each class before ``subset_per_class`` (disjoint
+    slices: offset 0 and k, k per class each). All deterministic.
     """
+    if subset_offset:  # a slice of the full training set (its decode is cached)
+        full = load_cifar10(data_path, cache_dir, None, test_subset, download)
+        return _take(full, subset_per_class, None, offset=int(subset_offset))
     data_path = data_path or DEFAULT_DATA_PATH
     subset_per_class = None if subset_per_class is None else int(subset_per_class)
     test_subset = None if test_subset is None else int(test_subset)

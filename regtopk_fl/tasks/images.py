@@ -28,7 +28,18 @@ default (every default leaves a run bitwise as before):
   (cross-entropy of the softmax, i.e. a softmax applied twice, as the
   authors' code does); the test loss uses the same function;
 * ``pretrained_weights`` (cifar10): a local torchvision ResNet-18 state_dict
-  loaded over the seeded model, ``fc`` replaced (models.resnet18).
+  loaded over the seeded model, ``fc`` replaced (models.resnet18);
+* ``eval_mode``: ``eval`` (the default: the global model's averaged BatchNorm
+  statistics) or ``train`` (the authors' test: BatchNorm normalises each test
+  batch by its own statistics, so the running statistics, averaged or not, are
+  never read; ``eval_batch_size`` is then part of the measurement, the
+  authors': 20).
+
+Besides (issue #30): ``init_from`` starts the model from a file (a suite
+run's ``model.pt`` or a state_dict of the same network, models.load_init)
+instead of the seeded init; ``subset_offset`` (cifar10) skips the first n
+training images of each class before ``subset_per_class`` takes its own, so
+two runs can train on disjoint slices.
 """
 from __future__ import annotations
 
@@ -41,7 +52,7 @@ from ..device import resolve_device
 from . import batched, graphed
 from . import data as D
 from .base import Task
-from .models import buffer_tensors, flat_buffers, flat_params, resnet18, tiny_cnn
+from .models import buffer_tensors, flat_buffers, flat_params, load_init, resnet18, tiny_cnn
 
 _TENSORS: dict = {}  # process-level: (data key, device) -> tensors on that device
 
@@ -55,6 +66,7 @@ def _seed_int(*words) -> int:
 _PERM, _AUG = 0x5045524D, 0x41554721  # stream tags ("PERM", "AUG!")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's
 LOSSES = ("ce", "softmax_ce")
+EVAL_MODES = ("eval", "train")
 NORMALIZATIONS = ("auto", "cifar", "imagenet", "none")
 
 
@@ -86,11 +98,18 @@ class _ImageTask(Task):
     def _setup(self, x_train, y_train, x_test, y_test, model, *, num_workers, seed,
                batch_size, local_steps, partition, alpha, size_ratio, min_partition_size,
                augment, eval_batch_size, device, mean=None, std=None, resize=None,
-               loss="ce", batched_mode="auto"):
+               loss="ce", batched_mode="auto", init_from=None, eval_mode="eval"):
         """x_*: uint8 or float tensors [N, C, H, W] already on ``device``; y_*: int64.
-        ``batched_mode``: the ``batched`` setting (auto | true | false; tasks/batched.py)."""
+        ``batched_mode``: the ``batched`` setting (auto | true | false; tasks/batched.py);
+        ``init_from``: a file the model starts from (models.load_init)."""
         if loss not in LOSS_FUNCTIONS:
             raise ValueError(f"task.loss={loss!r}: one of {', '.join(LOSSES)}")
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"task.eval_mode={eval_mode!r}: one of {', '.join(EVAL_MODES)}")
+        self.eval_mode = eval_mode
+        self.init_from = init_from
+        if init_from is not None:
+            load_init(model, init_from)
         if batched_mode not in batched.MODES:
             raise ValueError(f"batched={batched_mode!r}: must be auto, true, false or graph")
         self.loss_name, self._loss = loss, LOSS_FUNCTIONS[loss]
@@ -208,10 +227,11 @@ class _ImageTask(Task):
     @torch.no_grad()
     def evaluate(self, params, buffers) -> dict:
         """Test accuracy (%) and mean test loss (the training loss function) of
-        the model in eval mode. ``buffers=None`` evaluates with the initial
-        BatchNorm statistics."""
+        the model in eval mode (``eval_mode=train``: in train mode, each test
+        batch normalised by its own statistics, as the authors' code tests).
+        ``buffers=None`` evaluates with the initial BatchNorm statistics."""
         self._load(params, buffers)
-        self.model.eval()
+        self.model.train(self.eval_mode == "train")
         n = self.y_test.numel()
         correct, total = 0, 0.0
         for i in range(0, n, self.eval_batch_size):
@@ -312,11 +332,13 @@ class ImageTask(_ImageTask):
                  device: str = "cpu", download: bool = False, name: str | None = None,
                  width: int = 64, pretrained_weights: str | None = None,
                  resize: int | None = None, loss: str = "ce", normalize: str = "auto",
-                 batched="auto"):
+                 batched="auto", init_from: str | None = None, eval_mode: str = "eval",
+                 subset_offset: int = 0):
         dev = torch.device(resolve_device(device))  # name: the config's task name, not used
         norm = normalization(normalize, (IMAGENET_MEAN, IMAGENET_STD) if pretrained_weights
                              else (D.CIFAR10_MEAN, D.CIFAR10_STD))
-        arrs = D.load_cifar10(data_path, cache_dir, subset_per_class, test_subset, download)
+        arrs = D.load_cifar10(data_path, cache_dir, subset_per_class, test_subset, download,
+                              subset_offset=subset_offset)
         key = (id(arrs), str(dev))
         if key not in _TENSORS or _TENSORS[key][0] is not arrs:
             def t(x):  # uint8 HWC numpy -> uint8 [N, C, H, W] on the device (on the CPU a
@@ -335,7 +357,7 @@ class ImageTask(_ImageTask):
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
                     augment=augment, eval_batch_size=eval_batch_size, device=dev,
                     mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss,
-                    batched_mode=batched)
+                    batched_mode=batched, init_from=init_from, eval_mode=eval_mode)
 
 
 def make_tiny_images(num_train: int = 2000, num_test: int = 500, image_size: int = 8,
@@ -387,7 +409,8 @@ class TinyImageTask(_ImageTask):
                  data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
                  stem=None, download=False, name: str | None = None,
                  resize: int | None = None, loss: str = "ce", normalize: str = "auto",
-                 batched="auto"):
+                 batched="auto", init_from: str | None = None, eval_mode: str = "eval",
+                 subset_offset=None):
         dev = torch.device(resolve_device(device))
         norm = normalization(normalize, None)
         if test_subset is not None:
@@ -406,4 +429,4 @@ class TinyImageTask(_ImageTask):
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
                     augment=augment, eval_batch_size=eval_batch_size, device=dev,
                     mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss,
-                    batched_mode=batched)
+                    batched_mode=batched, init_from=init_from, eval_mode=eval_mode)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import vector_to_parameters
 
 REPLACED = ("fc.weight", "fc.bias")  # the head a pretrained ResNet-18 gets anew
 
@@ -105,6 +106,54 @@ def load_pretrained(model: nn.Module, path) -> nn.Module:
     state = read_state_dict(path)
     check_pretrained(model, state, path)
     model.load_state_dict({k: v for k, v in state.items() if k not in REPLACED}, strict=False)
+    return model
+
+
+def load_init(model: nn.Module, path) -> nn.Module:
+    """Start ``model`` from a file (``task.init_from``), in place: a suite run's
+    ``model.pt`` (``{"params": [J], "buffers": [B] | None}``, the flat vectors in
+    the model's own order), or a ``state_dict`` of this very architecture (every
+    parameter and float buffer, same names and shapes; ``fc`` included, unlike
+    ``pretrained_weights``). ValueError naming the file and what does not fit."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
+        raise ValueError(f"{path}: not a torch file ({type(e).__name__})") from None
+    params = list(model.parameters())
+    bufs = buffer_tensors(model)
+    if isinstance(state, Mapping) and "params" in state and "buffers" in state:  # model.pt
+        flat, fbuf = state["params"], state["buffers"]
+        dim, nbuf = sum(p.numel() for p in params), sum(b.numel() for b in bufs)
+        if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.numel() != dim:
+            got = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
+            raise ValueError(f"{path}: its params have shape {got}, this model has [{dim}] "
+                             "(another network or width)")
+        if (fbuf is None) != (nbuf == 0) or (fbuf is not None and (
+                not isinstance(fbuf, torch.Tensor) or fbuf.numel() != nbuf)):
+            got = None if fbuf is None else getattr(fbuf, "shape", type(fbuf).__name__)
+            raise ValueError(f"{path}: its buffers have shape {got}, this model has [{nbuf}]")
+        with torch.no_grad():
+            vector_to_parameters(flat.to(params[0].dtype), params)
+            off = 0
+            for b in bufs:
+                b.copy_(fbuf[off:off + b.numel()].view_as(b))
+                off += b.numel()
+        return model
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
+        raise ValueError(f"{path}: neither a model.pt of this suite nor a state_dict")
+    own = model.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        what = [f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("other shape", shapes)) if keys]
+        raise ValueError(f"{path}: does not fit this model ({'; '.join(what)})")
+    model.load_state_dict(state, strict=False)
     return model
 
 

@@ -4,8 +4,9 @@
 # Each stage is one Hydra sweep into $SW/fig3_<stage>; two jobs side by side
 # (one torch thread each), checkpoints every CKPT rounds. Killed or stopped, the
 # same command resumes every unfinished job from its checkpoint and skips the
-# finished ones (README "Exact resume"). Wall times go to $LOG. Then the tables:
-#   ANALYSE=1 bash scripts/fig3_evidence.sh    (stages given: none run)
+# finished ones (README "Exact resume"). Wall times go to $LOG. Then the raw files
+# and the tables: python scripts/fig3_verdict.py (results/fig3/).
+# Never edit this file while it runs: bash reads a script as it goes.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -16,7 +17,7 @@ CKPT=${CKPT:-100}
 LOG=${LOG:-$SW/fig3_evidence.log}
 DATA=${DATA:-$PWD/../shared/data/cifar10-jpeg.tar.gz}
 WARM=${WARM:-$SW/fig3_warm_init/model.pt}   # the dense-trained start (stage warm_init)
-HALF_ROUNDS=${HALF_ROUNDS:-400}
+HALF_ROUNDS=${HALF_ROUNDS:-300}
 mkdir -p "$SW"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 J="hydra/launcher=joblib hydra.launcher.n_jobs=$N_JOBS threads=1 progress=false checkpoint.every=$CKPT"
@@ -30,7 +31,6 @@ sweep() {  # name, then the overrides
     echo "   $name: exit $rc, $((SECONDS - t0)) s wall, $(date -Is)" | tee -a "$LOG"
 }
 
-# seed outermost, so the pairs finish together: (0, topk), (0, regtopk), (1, topk), ...
 # the ablation's cells (conf/experiment/fig3_ablation.yaml): the paper's text,
 # each of the authors' switches alone, and all of them
 declare -A CELLS=(
@@ -43,6 +43,7 @@ declare -A CELLS=(
     [all]="local_steps=10 upload=last_gradient task.loss=softmax_ce sparsifier.sparsity=0.001 server.weighting=uniform task.eval_mode=train task.eval_batch_size=20"
 )
 ABLATION=${ABLATION:-base softmax sparsity uniform bn local all}
+# seed outermost, so the pairs finish together: (0, topk), (0, regtopk), (1, topk), ...
 CPU3="experiment=fig3_cifar10_cpu task.data_path=$DATA ~hydra.sweeper.params.sparsifier seed=$SEEDS sparsifier=topk,regtopk"
 for stage in "$@"; do
     case $stage in

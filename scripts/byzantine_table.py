@@ -12,6 +12,11 @@ attacks are the same in both runtimes:
 tests/test_attacks.py). The attack rows use ``faults.hostile.scale`` (c,
 default 15: under the default norm guard of 20x). Writes ``<out>.csv`` (one
 row per run) and ``<out>.md`` (mean over seeds, and the spread).
+
+``--from-csv <out>.csv`` rebuilds ``<out>.md`` from the kept per-run rows
+without running anything:
+
+    python scripts/byzantine_table.py --task linreg --from-csv results/byzantine/linreg.csv
 """
 from __future__ import annotations
 
@@ -68,6 +73,16 @@ def run_one(task: str, rule: str, attack: str, seed: int, rounds: int, extra: li
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def read_rows(path: Path) -> list:
+    """The per-run rows of a written ``<out>.csv``, typed as ``run_one`` returns them."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["seed"], r["rejected"], r["rounds"] = int(r["seed"]), int(r["rejected"]), int(r["rounds"])
+        r["final"], r["seconds"] = float(r["final"]), float(r["seconds"])
+    return rows
+
+
 def markdown(rows: list, task: str) -> str:
     _, metric, better = TASKS[task]
     seeds = sorted({r["seed"] for r in rows})
@@ -93,7 +108,11 @@ def markdown(rows: list, task: str) -> str:
             spread = f" [{fmt(min(v))}-{fmt(max(v))}]" if len(v) > 1 else ""
             cells.append(fmt(statistics.fmean(v)) + spread)
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    rej = {(r["attack"], r["rule"]): r["rejected"] for r in rows if r["rejected"]}
+    rej = {}  # summed over seeds (a dict comprehension here once kept the last seed's)
+    for r in rows:
+        if r["rejected"]:
+            key = (r["attack"], r["rule"])
+            rej[key] = rej.get(key, 0) + int(r["rejected"])
     if rej:
         lines += ["", "uploads the guard refused (summed over seeds): " + ", ".join(
             f"{a}/{r}: {n}" for (a, r), n in sorted(rej.items()))]
@@ -108,7 +127,15 @@ def main(argv=None) -> int:
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None, help="write <out>.csv and <out>.md")
+    ap.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
+                    help="rebuild CSV's .md from its kept rows (runs nothing)")
     args = ap.parse_args(argv)
+
+    if args.from_csv is not None:
+        text = markdown(read_rows(args.from_csv), args.task)
+        print(text)
+        args.from_csv.with_suffix(".md").write_text(text)
+        return 0
 
     import torch
 

@@ -66,6 +66,10 @@ P="$SW/seeds_participation $SW/seeds_participation_reduced $SW/seeds_participati
    $SW/seeds_participation_forget_m20"
 $PLOT $P --x participation.clients_per_round --last 500 --compare regtopk:topk \
     --compare topk:dense --compare regtopk:dense --out results/seeds/participation/
+# forget:keep: only its paired table is new (its figures, table and summary are the ones above)
 $PLOT $P --x participation.clients_per_round --last 500 --by participation.stale_feedback \
-    --compare forget:keep --out results/seeds/participation/forget
+    --compare forget:keep --out "$SW/seeds_participation_forget_keep"
+for ext in md csv; do
+    cp "$SW/seeds_participation_forget_keep/compare.$ext" results/seeds/participation/forget_compare.$ext
+done
 $PY scripts/participation_report.py $P --out results/seeds/participation/stale_delta.md

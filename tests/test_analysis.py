@@ -308,7 +308,7 @@ def test_curves_per_sparsity_panel_log_scale_and_partial(fig2_sweep, capsys):
 
 def test_heatmap_cells_are_log10_final_gap(heat_sweep, tmp_path):
     sweep, gaps = heat_sweep
-    res = plot_mod.plot(sweep, out=tmp_path / "h" / "fig", kinds=("curves", "heatmap"))
+    res = plot_mod.plot(sweep, out=tmp_path / "h", prefix="fig", kinds=("curves", "heatmap"))
     assert set(res.figures) == {"curves", "heatmap"}
     assert_png(tmp_path / "h" / "fig_heatmap.png")
     assert (tmp_path / "h" / "fig_table.md").exists()
@@ -363,7 +363,7 @@ def test_accuracy_linear_and_categorical_heterogeneity(acc_sweep):
 
 
 def test_fig1_toy_loss_curves_with_distortion(toy_sweep, tmp_path):
-    res = plot_mod.plot(toy_sweep, out=str(tmp_path / "fig1_toy"))
+    res = plot_mod.plot(toy_sweep, out=str(tmp_path), prefix="fig1_toy")
     assert res.metric == "loss"
     (ax,) = res.figures["curves"].axes
     assert [l.get_label() for l in ax.lines] == [
@@ -376,6 +376,31 @@ def test_fig1_toy_loss_curves_with_distortion(toy_sweep, tmp_path):
 
 
 # ------------------------------------------------------------ bad input -----
+
+def test_out_is_a_directory_with_or_without_slash(toy_sweep, tmp_path, capsys):
+    """--out DIR writes into DIR whether or not it ends with / (it once wrote
+    DIR_table.csv beside DIR without the slash); --prefix names the files."""
+    plain, slash = tmp_path / "plain", tmp_path / "slash"
+    assert plot_mod.main([str(toy_sweep), "--out", str(plain)]) == 0
+    assert plot_mod.main([str(toy_sweep), "--out", f"{slash}/"]) == 0
+    capsys.readouterr()
+    names = sorted(p.name for p in plain.iterdir())
+    assert {"curves.png", "table.md", "table.csv", "summary.md", "summary.csv"} <= set(names)
+    assert names == sorted(p.name for p in slash.iterdir())
+    assert not list(tmp_path.glob("plain_*")) and not list(tmp_path.glob("slash_*"))
+    assert_png(plain / "curves.png")
+
+    pre = tmp_path / "pre" / "deep"  # created, parents too
+    assert plot_mod.main([str(toy_sweep), "--out", str(pre), "--prefix", "toy"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(p.name for p in pre.iterdir()) == [f"toy_{n}" for n in names]
+    assert str(pre / "toy_table.csv") in printed
+
+    file = tmp_path / "a_file"
+    file.write_text("")
+    assert "is a file" in run_main([toy_sweep, "--out", file], capsys)
+    assert "--prefix" in run_main([toy_sweep, "--out", plain, "--prefix", "a/b"], capsys)
+
 
 def run_main(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -133,12 +133,21 @@ def palette(labels) -> dict:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
-def out_file(prefix, name: str, ext: str) -> Path:
-    """``PREFIX_name.ext``, or ``PREFIX/name.ext`` when PREFIX is a directory."""
-    prefix = str(prefix)
-    if prefix.endswith(("/", "\\")) or Path(prefix).is_dir():
-        return Path(prefix) / f"{name}.{ext}"
-    return Path(f"{prefix}_{name}.{ext}")
+def out_file(out_dir, name: str, ext: str, prefix: str | None = None) -> Path:
+    """``OUT_DIR/name.ext``, or ``OUT_DIR/PREFIX_name.ext`` with a prefix. The
+    output is always inside ``out_dir``, with or without a trailing slash."""
+    return Path(out_dir) / (f"{prefix}_{name}.{ext}" if prefix else f"{name}.{ext}")
+
+
+def check_out(out_dir, prefix) -> None:
+    """PlotError unless ``out_dir`` can be a directory and ``prefix`` a plain file-name part."""
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise PlotError(f"--out {out_dir}: is a file; --out names a directory (use --prefix "
+                        "for a file-name prefix)")
+    if prefix is not None and (not str(prefix) or any(c in str(prefix) for c in "/\\")
+                               or str(prefix) in (".", "..")):
+        raise PlotError(f"--prefix {prefix!r}: must be a file-name prefix (no / or \\); "
+                        "the directory is --out")
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -522,11 +531,14 @@ def comparisons(jobs, curves, metric, pairs, by="sparsifier", last=None, target=
 
 def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
          kinds=KINDS, dpi=150, target=None, band: str = "ci", compare=(), by="sparsifier",
-         last=None) -> Plots:
+         last=None, prefix=None) -> Plots:
     """Collect ``sweep_dirs``, draw what they support (of ``kinds``: curves, uplink,
-    heatmap, vs) and (``save``) write the figures, ``PREFIX_table.md/.csv``,
-    ``PREFIX_summary.md/.csv`` and, for each ``A:B`` in ``compare``,
-    ``PREFIX_compare.md/.csv``. Raises PlotError on bad input."""
+    heatmap, vs) and (``save``) write into the directory ``out`` (created if
+    missing; default ``SWEEP_DIR/plots/``) the figures, ``table.md/.csv``,
+    ``summary.md/.csv`` and, for each ``A:B`` in ``compare``, ``compare.md/.csv``;
+    each name starts with ``PREFIX_`` when ``prefix`` is given. Raises PlotError
+    on bad input."""
+    check_out(out, prefix)
     if band not in BANDS:
         raise PlotError(f"band {band!r}: must be one of {', '.join(BANDS)}")
     if last is not None and int(last) < 1:
@@ -557,25 +569,26 @@ def plot(sweep_dirs, out=None, fmt: str = "png", metric=None, x=None, save=True,
         result.compare = comparisons(jobs, curves, metric, compare, by, last, target)
     if not save:
         return result
-    prefix = out if out is not None else str(Path(sweep_dirs[0]) / "plots") + "/"
+    out_dir = Path(out) if out is not None else Path(sweep_dirs[0]) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, fig in figures.items():
-        path = out_file(prefix, name, fmt)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = out_file(out_dir, name, fmt, prefix)
         fig.savefig(path, format=fmt, dpi=dpi)
         result.files.append(path)
-    md, csv = out_file(prefix, "table", "md"), out_file(prefix, "table", "csv")
-    md.parent.mkdir(parents=True, exist_ok=True)
+    md, csv = out_file(out_dir, "table", "md", prefix), out_file(out_dir, "table", "csv", prefix)
     heading = sw.title(f"final numbers per job (metric: {metric}"
                        + (f", target {metric} {target:g})" if target is not None else ")"))
     md.write_text(f"# {heading}\n\n{to_markdown(table)}")
     table.to_csv(csv, index=False)
     result.files += [md, csv]
-    md, csv = out_file(prefix, "summary", "md"), out_file(prefix, "summary", "csv")
+    md, csv = (out_file(out_dir, "summary", "md", prefix),
+               out_file(out_dir, "summary", "csv", prefix))
     md.write_text(summary_markdown(result.summary, sw.title("final numbers per setting")))
     result.summary.to_csv(csv, index=False)
     result.files += [md, csv]
     if result.compare is not None:
-        md, csv = out_file(prefix, "compare", "md"), out_file(prefix, "compare", "csv")
+        md, csv = (out_file(out_dir, "compare", "md", prefix),
+                   out_file(out_dir, "compare", "csv", prefix))
         what = f"final {metric}" if last is None else f"mean {metric} over the last {last} rounds"
         md.write_text(cmp.to_markdown(result.compare, sw.title(
             f"paired comparison ({', '.join(compare)} by {by}; {what})")))
@@ -589,9 +602,13 @@ def main(argv=None) -> int:
                             description="Figures and a table of a sweep, chosen from what was swept.")
     parser.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR",
                         help="Hydra sweep (or single run) directory")
-    parser.add_argument("--out", default=None, metavar="PREFIX",
-                        help="output prefix: PREFIX_curves.png, PREFIX_table.md...; a "
-                             "directory when it ends with / (default: SWEEP_DIR/plots/)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="the directory to write into (created if missing), with or "
+                             "without a trailing /: DIR/curves.png, DIR/table.md... "
+                             "(default: SWEEP_DIR/plots/)")
+    parser.add_argument("--prefix", default=None, metavar="P",
+                        help="start every file name with P_: DIR/P_curves.png, "
+                             "DIR/P_table.md...")
     parser.add_argument("--format", choices=("png", "pdf"), default="png", dest="fmt")
     parser.add_argument("--metric", choices=METRICS, default=None,
                         help="default: loss for the toy task, else gap, else accuracy")
@@ -607,7 +624,7 @@ def main(argv=None) -> int:
                              "mean (default), minmax = range of the seeds, none")
     parser.add_argument("--compare", action="append", default=[], metavar="A:B",
                         help="A against B paired by seed (two values of --by, e.g. "
-                             "regtopk:topk) -> PREFIX_compare.csv/.md; may be repeated")
+                             "regtopk:topk) -> DIR/compare.csv/.md; may be repeated")
     parser.add_argument("--by", default="sparsifier", metavar="KEY",
                         help="the key whose values --compare names (default: sparsifier; e.g. "
                              "participation.stale_feedback)")
@@ -617,7 +634,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = plot(args.sweeps, args.out, args.fmt, args.metric, args.x, target=args.target,
-                      band=args.band, compare=args.compare, by=args.by, last=args.last)
+                      band=args.band, compare=args.compare, by=args.by, last=args.last,
+                      prefix=args.prefix)
     except PlotError as e:
         parser.error(str(e))
     for fig in result.figures.values():

@@ -164,6 +164,12 @@ def test_compare_by_another_key_across_sweeps(tmp_path):
     labels = sorted(l.get_label() for l in res.figures["curves"].axes[0].lines)
     assert labels == ["regtopk (μ=4), participation.stale_feedback=forget",
                       "regtopk (μ=4), participation.stale_feedback=keep"]
+    # and so do the tables (they once pooled them: n = 12, issue #31)
+    summ = res.summary.set_index("participation.stale_feedback")
+    assert sorted(summ.index) == ["forget", "keep"] and summ["n"].tolist() == [6, 6]
+    assert summ.loc["forget", "final_gap"] == pytest.approx(0.9 + 2.5)
+    assert summ.loc["keep", "final_gap"] == pytest.approx(1.0 + 2.5)
+    assert sorted(res.table["participation.stale_feedback"].unique()) == ["forget", "keep"]
 
 
 def test_compare_paired_time_to_target(tmp_path):

@@ -324,6 +324,9 @@ def scan(sweep_dirs):
     if not rows:
         raise CollectError("no sweep directory given")
     df = pd.DataFrame(rows)
+    for key in keys:  # a key some sweeps override: the others' value from their config
+        if df[key].isna().any() and df[key].notna().any():  # (else keep and forget runs pool)
+            df[key] = fill_from_config(df, key)
     df["setting"] = setting_labels(df, keys)
     finals = [f"final_{m}" for m in METRICS]
     order = list(dict.fromkeys([*ID_COLUMNS, *keys, *CANONICAL, *finals, *df.columns]))

@@ -35,7 +35,7 @@ from numba import njit, prange
 
 # entries per counted block: the write pass re-reads only the blocks with a count;
 # 32 or 16 re-read less but count at half the speed, 128 re-reads more
-# (results/cpu_checks/compiled_scan/block_probe.py)
+# (scripts/probes/compiled_scan/block_probe.py; its output: results/cpu_checks/compiled_scan/)
 BLOCK = 64
 CHUNKS = 64  # blocks are split into this many runs of consecutive blocks, one task each
 DTYPES = (torch.float32, torch.float64)

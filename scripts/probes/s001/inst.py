@@ -1,3 +1,6 @@
+"""Probe (issue #19): the exact Top-k selection of one row at S = argv[1], part by part (sample, block bounds, nonzero, gather, k-th value); ms and passes of the memory floor.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import sys, time, math, torch, statistics as st
 sys.path.insert(0,"scripts")
 import bench_sparsifiers as bs

@@ -1,3 +1,6 @@
+"""Probe (issue #19): finding the candidates in 2.08M bools: nonzero, nonzero_static, masked_select, where, numpy, a two-level nonzero over words; 1 and 2 threads; ms.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import torch, time
 def t(f,n=40):
     f();ts=[]

@@ -1,3 +1,6 @@
+"""Probe (issue #19): the compiled count and write kernels with block length B (env, e.g. 16-128) on the benchmark's gradient at each S: share of the row in hit blocks and each pass's median ms (why scan_kernels.BLOCK = 64).
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import sys, os, time, statistics, torch, numpy as np
 sys.path.insert(0, "scripts"); sys.path.insert(0, ".")
 from bench_sparsifiers import make_data

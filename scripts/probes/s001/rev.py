@@ -1,3 +1,6 @@
+"""Probe (issue #19): the finiteness sum taken in reverse chunk order before the add, against the plain sum then add; ms, median.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import torch, time, statistics as st
 torch.set_num_threads(2)
 J=11173962

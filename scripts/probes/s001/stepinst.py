@@ -1,3 +1,6 @@
+"""Probe (issue #19): the worker step (fedround.sparsify) at S = argv[1], part by part (finite sum, add, context, select, commit, uploads); ms and passes of the memory floor.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import sys, time, torch, statistics as st
 sys.path.insert(0,"scripts")
 import bench_sparsifiers as bs

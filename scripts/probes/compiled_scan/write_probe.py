@@ -1,3 +1,6 @@
+"""Probe (issue #19): the compiled scan's write pass with a branch per entry against the branchless block buffer, on the benchmark's S = 0.01 gradient; equality and ms.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import sys, time, statistics, torch, numpy as np
 sys.path.insert(0, "scripts"); sys.path.insert(0, ".")
 from bench_sparsifiers import make_data

@@ -1,3 +1,6 @@
+"""Probe (issue #19): a first numba sketch of the fused candidate scan (block counts, then positions) against torch's _candidates on the same row and t; ms, median.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import sys, time, statistics as st
 sys.path.append("/tmp/nbsite")
 import numpy as np, torch, numba

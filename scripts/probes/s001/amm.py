@@ -1,3 +1,6 @@
+"""Probe (issue #19, S = 0.01, J = 11,173,962, 2 threads): one reduction for both block bounds (aminmax) against amax + amin, per block length 64 and 128; ms, median.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import torch, time
 torch.set_num_threads(2)
 J=11173962

@@ -1,3 +1,6 @@
+"""Probe (issue #19): the finiteness sum plus the in-place add eps += g against an out-of-place add into a second buffer; ms, median.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import torch, time, statistics as st
 torch.set_num_threads(2)
 J=11173962

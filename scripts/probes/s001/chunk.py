@@ -1,3 +1,6 @@
+"""Probe (issue #19): accumulating the gradient into the residual in 1-8 MB chunks with each chunk's block bounds right after it, against one add then the bounds; ms, median.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import torch, time, statistics as st
 torch.set_num_threads(2)
 J=11173962; C=64

@@ -1,3 +1,6 @@
+"""Probe (issue #19): block bounds as reductions over the inner or a middle dimension (tile shapes), per block length 64 and 128; ms, median.
+
+Kept as run (results/cpu_checks/ holds its output); run from the repository root."""
 import torch, time, statistics as st
 torch.set_num_threads(2)
 J=11173962; a=torch.randn(J)

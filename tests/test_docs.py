@@ -179,6 +179,7 @@ def test_a_changed_default_or_comment_fails_the_check(tmp_path):
     shutil.copytree(PROJECT_ROOT / "conf", conf)
     doc = tmp_path / "reference.md"
     shutil.copy(PROJECT_ROOT / "docs" / "reference.md", doc)
+    assert gen.main(["--write", "--conf", str(conf), "--doc", str(doc)]) == 0
     assert gen.main(["--check", "--conf", str(conf), "--doc", str(doc)]) == 0
     y = conf / "sparsifier" / "regtopk.yaml"
     y.write_text(y.read_text().replace("mu: 1.0 ", "mu: 2.0 "))

@@ -75,6 +75,10 @@ def config_fingerprint(cfg) -> str:
     if isinstance(keep.get("task"), dict):
         keep["task"] = {k: v for k, v in keep["task"].items()
                         if (k, v) not in _TASK_DEFAULTS}
+        # download=auto (#31's default) reads data_path where it exists, as false
+        # did (a run whose data_path is missing fetches torchvision's copy instead)
+        if keep["task"].get("download") == "auto":
+            keep["task"] = {**keep["task"], "download": False}
     # #21's switches at their defaults compute what ran before they existed
     if keep.get("deterministic") is False:
         del keep["deterministic"]

@@ -248,11 +248,7 @@ def validate(cfg: DictConfig) -> None:
             _fail("num_workers", n, f"more workers than data points ({per})")
     if task == "cifar10":
         _choice(cfg, "task.stem", STEMS)
-        path = _get(cfg, "task.data_path")
-        if not _get(cfg, "task.download", False):
-            if path is None or not os.path.exists(resolve_path(path)):
-                _fail("task.data_path", path, "does not exist (point it at "
-                      "cifar10-jpeg.tar.gz or a torchvision CIFAR-10 folder)")
+        _cifar_source(cfg)
         off = _num(cfg, "task.subset_offset", 0, 4999, integer=True, required=False,
                    allowed="must be an integer in [0, 4999] (images per class skipped)")
         sub = _get(cfg, "task.subset_per_class")
@@ -265,6 +261,33 @@ def validate(cfg: DictConfig) -> None:
                 _fail("num_workers", n, f"more workers than data points ({10 * sub})")
         elif n > 50000:
             _fail("num_workers", n, "more workers than data points (50000)")
+
+
+def _cifar_source(cfg) -> None:
+    """task.data_path exists, or task.download can fetch CIFAR-10: ``true``
+    always tries; ``auto`` (the default) needs torchvision's copy in
+    task.cache_dir or a reachable host; ``false`` needs the path."""
+    from .tasks import data as D
+
+    path = _get(cfg, "task.data_path")
+    try:
+        download = D.download_mode(_get(cfg, "task.download", False))
+    except ValueError:
+        _fail("task.download", _get(cfg, "task.download"), "must be one of true, false, auto")
+    if download is True or (path is not None and os.path.exists(resolve_path(path))):
+        return
+    where = "point it at cifar10-jpeg.tar.gz or a torchvision CIFAR-10 folder"
+    if download is False:
+        _fail("task.data_path", path, f"does not exist ({where}, or go online with "
+              "task.download=auto or true to fetch it with torchvision)")
+    root = D.auto_root(_get(cfg, "task.cache_dir"))
+    if (root / "cifar-10-batches-py").is_dir():
+        return  # fetched there before (torchvision checks the files)
+    blocker = D.download_blocker()
+    if blocker is not None:
+        _fail("task.data_path", path, f"does not exist, and task.download=auto cannot fetch "
+              f"CIFAR-10 offline ({blocker}): {where}, or go online to let "
+              f"task.download=auto fetch it with torchvision into {root}")
 
 
 def _fig3_switches(cfg, task: str) -> None:

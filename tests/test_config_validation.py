@@ -54,7 +54,11 @@ BAD = [  # (overrides, key named in the message)
     (["task=tiny_image", "task.partition=weird"], "task.partition='weird'"),
     (["task=tiny_image", "task.partition=dirichlet", "task.alpha=0"], "task.alpha=0"),
     (["task=tiny_image", "num_workers=5000"], "num_workers=5000"),
-    (["task=cifar10", "task.data_path=/nonexistent/cifar.tar.gz"], "task.data_path='/nonexistent/cifar.tar.gz'"),
+    # download=false: the path alone (auto would ask the network: test_cifar_download_auto_*)
+    (["task=cifar10", "task.data_path=/nonexistent/cifar.tar.gz", "task.download=false"],
+     "task.data_path='/nonexistent/cifar.tar.gz'"),
+    (["task=cifar10", f"task.data_path={__file__}", "task.download=sometimes"],
+     "task.download='sometimes'"),
     (["task=cifar10", "task.stem=vgg"], "task.stem='vgg'"),
     # an existing data_path (validation only checks that it exists), so that the
     # case does not depend on the offline archive being there
@@ -114,6 +118,48 @@ def test_bad_setting_is_named(make_cfg, overrides, named):
     assert msg.startswith(named + ":"), msg
 
 
+def _offline(monkeypatch):
+    from regtopk_fl.tasks import data as D
+
+    monkeypatch.setattr(D, "download_blocker", lambda timeout=3.0: (
+        "www.cs.toronto.edu unreachable (gaierror: [Errno -2] Name or service not known)"))
+
+
+def test_cifar_download_auto_is_the_default_and_offline_names_both_ways_out(
+        make_cfg, tmp_path, monkeypatch):
+    """task.download=auto (#31): a missing data_path is fetched where the host
+    answers; offline the run stops in one line naming both ways out. Never
+    touches the network (the probe is replaced)."""
+    from regtopk_fl.tasks import data as D
+
+    missing = tmp_path / "nowhere.tar.gz"
+    over = ["task=cifar10", f"task.data_path={missing}", f"task.cache_dir={tmp_path / 'cache'}"]
+    cfg = make_cfg(over)
+    assert cfg.task.download == "auto"
+    _offline(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"task.data_path='{missing}': does not exist")
+    assert "offline" in msg and "cifar10-jpeg.tar.gz" in msg and "go online" in msg
+    assert "task.download=auto" in msg
+    # false names both ways out too
+    with pytest.raises(ConfigError, match="task.download=auto or true"):
+        validate(make_cfg([*over, "task.download=false"]))
+    # true always tries (the loader says what failed)
+    validate(make_cfg([*over, "task.download=true"]))
+    # a copy fetched before, in the cache: fine offline
+    (tmp_path / "cache" / "cifar-10-batches-py").mkdir(parents=True)
+    validate(cfg)
+    # online: the loader fetches it
+    (tmp_path / "cache" / "cifar-10-batches-py").rmdir()
+    monkeypatch.setattr(D, "download_blocker", lambda timeout=3.0: None)
+    validate(cfg)
+    # an existing data_path needs no network at all
+    monkeypatch.setattr(D, "download_blocker", lambda timeout=3.0: 1 / 0)
+    validate(make_cfg(["task=cifar10", f"task.data_path={__file__}"]))
+
+
 def test_the_old_aggregate_keys_of_a_run_config_are_named():
     """A run config from before #17 (server.aggregate) fails in one line
     saying where the key went, instead of silently averaging."""
@@ -156,7 +202,8 @@ def _launch(tmp_path, *args):
     (["sparsifier.sparsity=1.5"], "sparsifier.sparsity=1.5"),
     (["sparsifier=regtopk", "sparsifier.mu=0"], "sparsifier.mu=0"),
     (["server.max_norm_ratio=0.5"], "server.max_norm_ratio=0.5"),
-    (["task=cifar10", "task.data_path=/no/such/file"], "task.data_path='/no/such/file'"),
+    (["task=cifar10", "task.data_path=/no/such/file", "task.download=false"],
+     "task.data_path='/no/such/file'"),
     (["sparsifier=nosuch"], "sparsifier='nosuch'"),
     (["runtime=nosuch"], "runtime='nosuch'"),
     (["-m", "sparsifier=topk,nosuch"], "sparsifier='nosuch'"),

@@ -43,3 +43,13 @@ def test_where_ray_schedules_leaves_the_fingerprint(make_cfg):
     base = config_fingerprint(make_cfg(["runtime=flower"]))
     for v in ("null", "3", "auto"):
         assert config_fingerprint(make_cfg(["runtime=flower", f"runtime.num_cpus={v}"])) == base
+
+
+def test_download_auto_fingerprints_as_false(make_cfg):
+    """task.download=auto (#31's default) reads data_path where it exists, as
+    false did: a CIFAR-10 checkpoint made with false resumes; true stays apart."""
+    fp = {v: config_fingerprint(make_cfg(["experiment=fig3_cifar10_cpu", f"task.download={v}"]))
+          for v in ("auto", "false", "true")}
+    pinned = dict((tuple(o), h) for o, h in BEFORE)[("experiment=fig3_cifar10_cpu",)]
+    assert fp["auto"] == fp["false"] == pinned
+    assert fp["true"] != fp["false"]

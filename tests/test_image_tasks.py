@@ -181,6 +181,54 @@ def test_download_offline_error_says_so(tmp_path, monkeypatch):
         D.load_cifar10(tmp_path / "dl", download=True)
 
 
+def _fake_cifar10(calls, offline=False):
+    """torchvision's CIFAR10 without the network: records (root, train, download)."""
+    class Fake:
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, train, download))
+            if offline:
+                raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+            n = 20 if train else 10
+            self.data = np.zeros((n, 32, 32, 3), np.uint8)
+            self.targets = [i % 10 for i in range(n)]
+    return Fake
+
+
+def test_download_auto_uses_data_path_else_fetches_into_the_cache(tmp_path, monkeypatch):
+    """download=auto (#31): the folder at data_path when it is there (nothing
+    fetched), else torchvision's copy fetched into cache_dir; offline, the
+    error names both ways out."""
+    import torchvision.datasets
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10(calls))
+    monkeypatch.setattr(D, "_CACHE", {})
+    folder = tmp_path / "tv"
+    (folder / "cifar-10-batches-py").mkdir(parents=True)
+    a = D.load_cifar10(folder, cache_dir=tmp_path / "cache", download="auto")
+    assert calls == [(str(folder), True, False), (str(folder), False, False)]
+    assert a.x_train.shape == (20, 32, 32, 3)
+
+    calls.clear()
+    cache = tmp_path / "cache"
+    a = D.load_cifar10(tmp_path / "missing.tar.gz", cache_dir=cache, download="auto",
+                       test_subset=10)
+    assert calls == [(str(cache), True, True), (str(cache), False, True)]
+    assert len(a.y_test) == 10 and a.source == str(cache)
+
+    monkeypatch.setattr(D, "_CACHE", {})
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10([], offline=True))
+    with pytest.raises(RuntimeError) as err:
+        D.load_cifar10(tmp_path / "missing.tar.gz", cache_dir=cache, download="auto")
+    msg = str(err.value)
+    assert "\n" not in msg and "offline" in msg and "cifar10-jpeg.tar.gz" in msg
+    assert "reach the internet" in msg
+    for value, mode in ((True, True), ("false", False), ("auto", "auto"), (False, False)):
+        assert D.download_mode(value) == mode
+    with pytest.raises(ValueError, match="true, false, auto"):
+        D.download_mode("sometimes")
+
+
 # -- ImageTask (ResNet-18 on the slice) --------------------------------------------------
 @needs_archive
 def test_cifar_task_gradients_stateless(cifar_slice, cifar_cache):

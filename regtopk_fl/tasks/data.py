@@ -11,6 +11,11 @@ Sources (``load_cifar10``), decided by ``data_path``:
 * a directory holding that archive, or the same class-folder tree unpacked;
 * a torchvision CIFAR-10 folder (``cifar-10-batches-py`` inside ``data_path``),
   read with ``torchvision.datasets.CIFAR10(root, download=False)``;
+* ``download="auto"`` (the config's default, ``task.download``): what is at
+  ``data_path`` when it exists; else torchvision's canonical CIFAR-10 in
+  ``cache_dir``, fetched there with torchvision (and its progress bar) the
+  first time (needs internet; offline, ``settings.validate`` stops the run in
+  one line first, naming both ways out);
 * ``download=True``: torchvision downloads the canonical CIFAR-10 into
   ``data_path`` (needs internet; machines here have none, and the error says so).
 
@@ -34,7 +39,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
+import socket
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -48,7 +55,10 @@ from ..paths import PROJECT_ROOT, resolve_path
 # (plots); machines here are offline, so keep it off unless asked for.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+log = logging.getLogger(__name__)
+
 DEFAULT_DATA_PATH = "../shared/data/cifar10-jpeg.tar.gz"
+DOWNLOAD_MODES = (True, False, "auto")
 DEFAULT_CACHE_DIR = "results/cache"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -80,9 +90,39 @@ def data_path_of(path) -> Path:
             f"CIFAR-10 data not found at '{path}' (looked for {p}). Expected the "
             f"offline archive {DEFAULT_DATA_PATH} (relative to the project root), a "
             "directory with the class-folder tree, or a torchvision CIFAR-10 folder "
-            "(cifar-10-batches-py); set download=true to let torchvision fetch it "
-            "(needs internet).")
+            "(cifar-10-batches-py); or go online with download=auto or true to let "
+            "torchvision fetch it.")
     return p
+
+
+def download_mode(download):
+    """``True``, ``False`` or ``"auto"`` from the config's value (a bool, or its
+    text as a flat run config may carry it); ValueError otherwise."""
+    text = str(download).strip().lower()
+    if text in ("true", "false", "auto"):
+        return {"true": True, "false": False}.get(text, "auto")
+    raise ValueError(f"download={download!r}: must be one of true, false, auto")
+
+
+def auto_root(cache_dir) -> Path:
+    """Where ``download="auto"`` keeps torchvision's CIFAR-10 (``cifar-10-batches-py``
+    inside it): the cache folder."""
+    return _cache_dir(cache_dir)
+
+
+def download_blocker(timeout: float = 3.0) -> str | None:
+    """None where torchvision's CIFAR-10 host accepts a connection, else why not
+    (one line): what ``settings.validate`` asks before a run that must download."""
+    from urllib.parse import urlparse
+
+    from torchvision.datasets import CIFAR10
+
+    host = urlparse(CIFAR10.url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} unreachable ({type(e).__name__}: {e})".replace("\n", " ")
+    return None
 
 
 def _cache_dir(cache_dir) -> Path:
@@ -321,9 +361,10 @@ def _read_torchvision(root: Path, download: bool) -> CifarArrays:
         if download:
             raise RuntimeError(
                 f"downloading CIFAR-10 into '{root}' failed ({type(e).__name__}: {e}). "
-                "download=true needs internet, and this machine appears to be offline; "
-                f"use the offline archive {DEFAULT_DATA_PATH} (the default data_path) "
-                "or a local torchvision CIFAR-10 folder instead.") from e
+                "A download needs internet, and this machine appears to be offline: "
+                f"point data_path at the offline archive ({Path(DEFAULT_DATA_PATH).name}) "
+                "or a local torchvision CIFAR-10 folder, or run where torchvision can "
+                "reach the internet.") from e
         raise
     return CifarArrays(np.asarray(tr.data, np.uint8), np.asarray(tr.targets, np.int64),
                        np.asarray(te.data, np.uint8), np.asarray(te.targets, np.int64),
@@ -332,9 +373,11 @@ def _read_torchvision(root: Path, download: bool) -> CifarArrays:
 
 # -- public ------------------------------------------------------------------------
 def load_cifar10(data_path=None, cache_dir=None, subset_per_class=None, test_subset=None,
-                 download: bool = False, subset_offset: int = 0) -> CifarArrays:
+                 download=False, subset_offset: int = 0) -> CifarArrays:
     """CIFAR-10 as uint8 arrays, from the offline archive (default), a JPEG
-    class-folder tree, or a torchvision folder; see the module docstring.
+    class-folder tree, or a torchvision folder; with ``download="auto"`` from
+    torchvision into ``cache_dir`` where ``data_path`` does not exist; see the
+    module docstring.
 
     ``subset_per_class``: keep the first n training images of each class;
     ``test_subset``: keep n test images, the first n // 10 (+1 for the first
@@ -348,6 +391,20 @@ def load_cifar10(data_path=None, cache_dir=None, subset_per_class=None, test_sub
     data_path = data_path or DEFAULT_DATA_PATH
     subset_per_class = None if subset_per_class is None else int(subset_per_class)
     test_subset = None if test_subset is None else int(test_subset)
+    download = download_mode(download)
+    if download == "auto":
+        if resolve_path(data_path).exists():
+            download = False
+        else:
+            root = auto_root(cache_dir)
+            key = ("torchvision", str(root), subset_per_class, test_subset)
+            if key not in _CACHE:
+                if not (root / "cifar-10-batches-py").is_dir():
+                    log.warning("CIFAR-10 is not at '%s': torchvision fetches it into %s "
+                                "(task.download=auto)", data_path, root)
+                _CACHE[key] = _take(_read_torchvision(root, True), subset_per_class,
+                                    test_subset)
+            return _CACHE[key]
     if download:
         root = resolve_path(data_path)
         key = ("torchvision", str(root), subset_per_class, test_subset)

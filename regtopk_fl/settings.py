@@ -6,11 +6,11 @@ the value and what is allowed; the launcher prints it and exits with 2.
 """
 from __future__ import annotations
 
-import math
 import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import checks
 from .paths import CONF_DIR, resolve_path
 
 
@@ -32,50 +32,10 @@ def uses_mu(sparsifier: str) -> bool:
     return cls is not None and issubclass(cls, RegTopK)
 
 
-class ConfigError(ValueError):
-    """A user setting is invalid; str(e) is the one-line message."""
-
-
-def _get(cfg, key, default=None):
-    return OmegaConf.select(cfg, key, default=default)
-
-
-def _fail(key, value, allowed):
-    raise ConfigError(f"{key}={value!r}: {allowed}")
-
-
-def _num(cfg, key, lo=None, hi=None, lo_open=False, hi_open=False, integer=False,
-         required=True, allowed=None):
-    v = _get(cfg, key)
-    if v is None:
-        if required:
-            _fail(key, v, allowed or "is required")
-        return None
-    ok_type = isinstance(v, int) and not isinstance(v, bool) if integer else (
-        isinstance(v, (int, float)) and not isinstance(v, bool))
-    if not ok_type or (not integer and not math.isfinite(float(v))):
-        _fail(key, v, allowed or f"must be {'an integer' if integer else 'a finite number'}")
-    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (
-        hi is not None and (v >= hi if hi_open else v > hi))
-    if bad:
-        _fail(key, v, allowed)
-    return v
-
-
-def _choice(cfg, key, options):
-    v = _get(cfg, key)
-    if v not in options:
-        _fail(key, v, f"must be one of {', '.join(map(str, options))}")
-    return v
-
-
-def _bool(cfg, key, default=False):
-    v = _get(cfg, key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        _fail(key, v, "must be true or false")
-    return v
+# the one-line checks (regtopk_fl/checks.py), shared with the config groups' classes
+ConfigError = checks.ConfigError
+_get, _fail, _num, _choice, _bool = checks.get, checks.fail, checks.num, checks.choice, \
+    checks.boolean
 
 
 def validate_trust(cfg, n: int, runtime: str) -> None:

@@ -209,7 +209,7 @@ def handle_train(msg: Message, context: Context, settings=None) -> Message:
     content = wire.reply_content(reply, replica)
     clock.mark("encode")
     content["client-timing"] = wire.timing_record(clock.seconds)
-    budget = sparsifier.budget(task.dim) if hasattr(sparsifier, "budget") else None
+    budget = sparsifier.budget(task.dim)  # None: no budget (dense)
     content = hostile.tamper(run.faults, pid, t, content, run.num_workers, task.dim,
                              budget)  # #11, #17
     node = ray_node_id()  # #12: which Ray node ran this client (cluster placement)

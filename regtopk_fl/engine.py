@@ -32,7 +32,7 @@ class InProcessRun:
         self.local_steps, self.local_lr = int(local_steps), local_lr
         self.seed, self.fault_cfg = int(seed), fault_cfg or {}
         # faults.hostile's upload attacks need the method's budget (over_budget)
-        self.budget = sparsifier.budget(task.dim) if hasattr(sparsifier, "budget") else None
+        self.budget = sparsifier.budget(task.dim)  # None: no budget (dense)
         params = task.init_params().to(device)
         buffers = task.init_buffers()
         self.coord = Coordinator(FedServer(

@@ -81,7 +81,7 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
     A dense sparsifier skips the context and commits a copy of ``a``."""
     a = memory.accumulate(grad, rows)
     ctx = (memory.context(weights, rows, worker_ids, round)
-           if getattr(sparsifier, "needs_context", True) else None)
+           if sparsifier.needs_context else None)  # the contract: compress/base.py
     sel = sparsifier.select(a, ctx)
     if observer is not None:
         observer(a, sel)
@@ -89,7 +89,7 @@ def sparsify(memory: ErrorFeedbackMemory, grad: torch.Tensor, sparsifier, weight
     counts = sel.counts.tolist()
     dim = memory.dim
     vals = values.split_with_sizes(counts)
-    if local is None or not getattr(sparsifier, "sends_indices", True):
+    if local is None or not sparsifier.sends_indices:
         return [Upload(v, None, dim) for v in vals]
     return [Upload(v, i, dim) for v, i in zip(vals, local.split_with_sizes(counts))]
 

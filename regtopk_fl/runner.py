@@ -43,9 +43,7 @@ def build(cfg: DictConfig):
 
 
 def identity(cfg: DictConfig, sparsifier) -> dict:
-    from .settings import uses_mu
-
-    mu = uses_mu(cfg.sparsifier.name)
+    mu = sparsifier.uses_mu  # mu and distortion are part of the method (compress/base.py)
     return {
         "experiment": OmegaConf.select(cfg, "experiment"),
         "task": cfg.task.name, "runtime": cfg.runtime.name, "sparsifier": cfg.sparsifier.name,

@@ -25,17 +25,40 @@ def group_options(group: str) -> tuple:
 
 
 def uses_mu(sparsifier: str) -> bool:
-    """Whether a sparsifier is regularised by mu (RegTop-k and its variants)."""
-    from .compress import SPARSIFIERS, RegTopK
+    """Whether a sparsifier is regularised by mu (its class's ``uses_mu``)."""
+    from .compress import SPARSIFIERS
 
     cls = SPARSIFIERS.get(sparsifier)
-    return cls is not None and issubclass(cls, RegTopK)
+    return cls is not None and cls.uses_mu
+
+
+def option_class(cfg, group: str, base: type):
+    """The class a config group's ``_target_`` names (``sparsifier``,
+    ``task``), which checks its own keys; it must be a ``base``."""
+    from hydra.utils import get_class
+
+    target = _get(cfg, f"{group}._target_")
+    try:
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001 - Hydra's errors: name the target
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        _fail(f"{group}._target_", target, f"must name a {base.__module__}.{base.__name__} "
+              f"(conf/{group}/*.yaml)")
+    return cls
 
 
 # the one-line checks (regtopk_fl/checks.py), shared with the config groups' classes
 ConfigError = checks.ConfigError
 _get, _fail, _num, _choice, _bool = checks.get, checks.fail, checks.num, checks.choice, \
     checks.boolean
+
+
+def sparsifier_class(cfg):
+    """The run's sparsifier class (a :class:`regtopk_fl.compress.Sparsifier`)."""
+    from .compress import Sparsifier
+
+    return option_class(cfg, "sparsifier", Sparsifier)
 
 
 def validate_trust(cfg, n: int, runtime: str) -> None:
@@ -79,9 +102,9 @@ def validate_trust(cfg, n: int, runtime: str) -> None:
                   "message: use runtime=flower (runtime=inprocess knows "
                   f"{', '.join(BOTH_RUNTIMES)})")
         budgeted = sorted({a for a in plan.values() if a in BUDGET_ATTACKS})
-        if budgeted and _get(cfg, "sparsifier.name") == "dense":
-            _fail("faults.hostile.attacks", spec, f"{budgeted[0]}: a dense run has no "
-                  "upload budget to exceed")
+        if budgeted and not sparsifier_class(cfg).has_budget:
+            _fail("faults.hostile.attacks", spec, f"{budgeted[0]}: a "
+                  f"{_get(cfg, 'sparsifier.name')} run has no upload budget to exceed")
         if plan and (who is None or who < 0):
             _fail("faults.hostile.worker", who, "must name the partition that makes the attacks")
 
@@ -106,21 +129,14 @@ def _aggregate(cfg) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every user-settable key; raise ConfigError on the first bad one."""
     from .broadcast import MODES
-    from .compress.regtopk import DISTORTIONS
     from .participation import STALE_POLICIES
     from .tasks.data import PARTITION_SCHEMES
     from .tasks.models import STEMS
 
     task = _choice(cfg, "task.name", group_options("task"))
-    sp = _choice(cfg, "sparsifier.name", group_options("sparsifier"))
+    _choice(cfg, "sparsifier.name", group_options("sparsifier"))
     runtime = _choice(cfg, "runtime.name", group_options("runtime"))
-    _num(cfg, "sparsifier.sparsity", 0, 1, lo_open=True, allowed="must be in (0, 1]")
-    if uses_mu(sp):
-        _num(cfg, "sparsifier.mu", 0, lo_open=True, allowed="must be a finite number > 0")
-        _choice(cfg, "sparsifier.distortion", DISTORTIONS)
-        _num(cfg, "sparsifier.q", 0, lo_open=True, allowed="must be a finite number > 0")
-    if _get(cfg, "sparsifier.budget_factor") is not None:  # Gaussian-k's upload budget (#17)
-        _num(cfg, "sparsifier.budget_factor", 1, allowed="must be a finite number >= 1")
+    sparsifier_class(cfg).check_settings(cfg, runtime)  # its own keys (compress/base.py)
     n = _num(cfg, "num_workers", 1, integer=True, allowed="must be an integer >= 1")
     tn = _get(cfg, "task.num_workers")  # ${num_workers} under Hydra; a run config sets both
     if tn is not None and tn != n:
@@ -161,9 +177,6 @@ def validate(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             _fail("device", "cuda", "no CUDA device is available here (use auto or cpu)")
     if runtime == "flower":
-        if sp == "global_topk":
-            _fail("sparsifier", sp, "the global top-k oracle needs every worker in one "
-                  "process: use runtime=inprocess")
         _num(cfg, "runtime.client_cpus", 0, lo_open=True, allowed="must be > 0")
         _ray_num_cpus(cfg)
         if _get(cfg, "runtime.client_gpus") != "auto":

@@ -306,14 +306,12 @@ class Guard:
 
 def budget_of(sparsifier, dim: int) -> tuple:
     """(most entries per upload or None, where that comes from) for the run's
-    own sparsifier (``budget(J)``; none for a sparsifier without one, e.g. dense)."""
-    fn = getattr(sparsifier, "budget", None)
-    budget = fn(int(dim)) if fn is not None else None
+    own sparsifier: its ``budget(J)`` and ``budget_note(J)`` (compress/base.py;
+    None for a sparsifier without a budget, e.g. dense)."""
+    budget = sparsifier.budget(int(dim))
     if budget is None:
         return None, ""
-    note = getattr(sparsifier, "budget_note", None)
-    return int(budget), (note(int(dim)) if note is not None else
-                         f"k of {sparsifier.name} at sparsity {sparsifier.sparsity:g}, J={dim}")
+    return int(budget), sparsifier.budget_note(int(dim))
 
 
 def install(server, cfg, task, recorder=None, sparsifier=None) -> Guard:

@@ -35,7 +35,8 @@ and the index part of both as a ratio to the information floor log2 C(J, k).
 calls) and ends with a summary of the passes per cell: the median over the
 runs and their spread (min-max), so that no single run is quoted; the
 verdicts (Top-k's step within 5 floors, RegTop-k's within 1.1x Top-k's, issue
-#19) use those medians. ``--methods`` times a subset (Top-k always runs).
+#19) use those medians. ``--methods`` times a subset, or any row-wise
+sparsifier of conf/sparsifier/ by its name (Top-k always runs).
 
     python scripts/bench_sparsifiers.py                      # full run, prints Markdown
     python scripts/bench_sparsifiers.py --out results/bench_sparsifiers.md
@@ -76,7 +77,9 @@ from regtopk_fl.payload import (coded_index_bytes, index_itemsize, info_floor_bi
 SIZES = (100_000, 1_000_000, 11_173_962)
 QUICK_SIZES = (20_000,)
 SPARSITIES = (0.0001, 0.001, 0.01)
-METHODS = ("dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk")
+METHODS = ("dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk")  # default
+# --methods takes any row-wise sparsifier of conf/sparsifier/ (the registry), e.g. dgc
+CHOICES = tuple(n for n, c in SPARSIFIERS.items() if not c.needs_all_workers)
 FLOOR, SORT = "floor (1 pass)", "sort (authors')"
 WEIGHT = 1.0 / 8.0  # the worker's aggregation weight, as with 8 equal workers
 CANCEL = 0.1  # share of last round's entries on which the global gradient is exactly 0
@@ -479,9 +482,10 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1, metavar="K",
                    help="K whole runs: the summary gives each cell's median and spread "
                         "(min-max) over them, and the verdicts use the medians (default 1)")
-    p.add_argument("--methods", nargs="+", choices=METHODS + ("sort",), default=None,
-                   help="methods to time (default: all, and the authors' sort); "
-                        "topk, the reference of every ratio, always runs")
+    p.add_argument("--methods", nargs="+", choices=CHOICES + ("sort",), default=None,
+                   help=f"methods to time, of {', '.join(CHOICES)} (default: "
+                        f"{', '.join(METHODS)}, and the authors' sort); topk, the "
+                        "reference of every ratio, always runs")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="override the J values")
     p.add_argument("--sparsities", type=float, nargs="+", default=None,
                    help="override the S values")

@@ -29,8 +29,9 @@ from regtopk_fl.fedround import sparsify
 from regtopk_fl.memory import ErrorFeedbackMemory, SelectContext
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
-ROW_WISE = ("dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank", "randomk")
-EXACT_K = ("topk", "regtopk", "randomk", "global_topk")
+# from conf/sparsifier/*.yaml (the registry): every method, as it is added
+ROW_WISE = tuple(n for n, c in SPARSIFIERS.items() if not c.needs_all_workers)
+EXACT_K = tuple(n for n, c in SPARSIFIERS.items() if c.exact_count)
 
 
 # -- helpers --------------------------------------------------------------------
@@ -132,11 +133,78 @@ def test_k_larger_than_dim_raises():
         num_selected(0.5, 0)
 
 
-def test_registry_holds_every_sparsifier():
-    assert set(SPARSIFIERS) == {"dense", "topk", "regtopk", "gaussiank", "regtopk_gaussiank",
-                                "randomk", "global_topk"}
+def _sparsifier_classes():
+    """Every concrete Sparsifier class defined in a module of regtopk_fl.compress."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import regtopk_fl.compress as pkg
+    from regtopk_fl.compress import Sparsifier
+
+    found = {}
+    for mod in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+        if mod.name.endswith("scan_kernels"):  # numba kernels, no classes
+            continue
+        for _, cls in inspect.getmembers(importlib.import_module(mod.name), inspect.isclass):
+            if (issubclass(cls, Sparsifier) and not inspect.isabstract(cls)
+                    and cls.__module__ == mod.name and cls.name):
+                found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return found
+
+
+def test_every_yaml_names_a_class_and_every_class_has_a_yaml():
+    """conf/sparsifier/*.yaml <-> the Sparsifier classes of regtopk_fl.compress,
+    one to one: a yaml's stem is its ``name`` and its class's ``name``; a
+    class without a yaml (or a yaml without a class) fails here."""
+    from omegaconf import OmegaConf
+
+    from regtopk_fl.compress import Sparsifier
+    from regtopk_fl.paths import CONF_DIR
+    from regtopk_fl.settings import group_options
+
+    classes = _sparsifier_classes()
+    by_yaml = {}
+    for path in sorted((CONF_DIR / "sparsifier").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        assert node.get("name") == path.stem, path
+        cls = SPARSIFIERS[path.stem]
+        assert issubclass(cls, Sparsifier) and cls.name == path.stem, path
+        by_yaml[path.stem] = cls
+    assert tuple(SPARSIFIERS) and set(SPARSIFIERS) == set(by_yaml) == set(
+        group_options("sparsifier"))
+    assert set(by_yaml.values()) == set(classes.values()), (
+        "classes without a yaml: "
+        f"{sorted(k for k, c in classes.items() if c not in by_yaml.values())}")
+    assert len(classes) >= 7
+
+
+def test_contract_of_every_sparsifier():
+    """The class attributes the engine, trust checks and analysis read
+    (compress/base.py), consistent with what an instance does."""
+    from regtopk_fl.compress import method_order
+
+    dim = 1000
     for name, cls in SPARSIFIERS.items():
-        assert cls.name == name
+        sp = cls(0.01)
+        assert sp.sparsity == (0.01 if cls.has_budget else 1.0)  # dense: all of J
+        budget = sp.budget(dim)
+        assert (budget is None) == (not cls.has_budget), name
+        if cls.exact_count:
+            assert budget == num_selected(0.01, dim), name
+        if budget is not None:
+            assert num_selected(sp.sparsity, dim) <= budget <= dim, name
+            assert str(dim) in sp.budget_note(dim), name
+        assert isinstance(cls.display_name(), str) and cls.display_name()
+        assert set(cls.runtimes) <= {"inprocess", "flower"} and cls.runtimes
+    order = method_order()
+    assert order == tuple(SPARSIFIERS)
+    assert [SPARSIFIERS[n].plot_order for n in order] == sorted(
+        SPARSIFIERS[n].plot_order for n in order)
+    # the order the recorded plots were made in (issue #32: kept, new methods placed between)
+    old = ("dense", "topk", "randomk", "global_topk", "gaussiank", "regtopk",
+           "regtopk_gaussiank")
+    assert [n for n in order if n in old] == list(old)
 
 
 # -- hand-computed selections ------------------------------------------------------
@@ -555,8 +623,9 @@ def test_selection_structure_and_exact_k(case):
                 assert sel.counts.tolist() == [k] * n, name
             elif name == "dense":
                 assert sel.counts.tolist() == [dim] * n
-            else:
-                assert all(0 <= c <= dim for c in sel.counts.tolist())
+            else:  # within the method's stated upload budget
+                budget = sp.budget(dim)
+                assert all(0 <= c <= budget <= dim for c in sel.counts.tolist()), name
             mem.commit(a, sel)
             mem.feedback_from_global(gg, weights)
 

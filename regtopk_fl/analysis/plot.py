@@ -51,8 +51,8 @@ from .stats import LEVEL
 METRIC_LABELS = {"gap": r"$\|w - w^\star\|$", "loss": "training loss",
                  "accuracy": "test accuracy (%)"}
 LOG_METRICS = {"gap", "loss"}
-METHOD_ORDER = ("dense", "topk", "randomk", "global_topk", "gaussiank", "regtopk",
-                "regtopk_gaussiank")
+# the methods' order in a plot: the sparsifier classes' plot_order, read from
+# conf/sparsifier/*.yaml (compress.method_order; names it does not know go last)
 # swept keys that the method label or the panels already show
 HANDLED = {"sparsifier", "sparsifier.name", "sparsifier.sparsity", "sparsifier.mu",
            "sparsifier.distortion", "seed", "experiment"}
@@ -194,7 +194,9 @@ def describe(jobs: pd.DataFrame, curves: pd.DataFrame, metric: str, band: str = 
     reg = is_regtopk(fin["sparsifier"])
     show_distortion = "distortion" in fin and fin.loc[reg, "distortion"].nunique() > 1
     fin["method"] = method_labels(fin, show_distortion)
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    from ..compress import method_order
+
+    rank = {m: i for i, m in enumerate(method_order())}
     fin["_rank"] = fin["sparsifier"].map(rank).fillna(len(rank))
     fin = fin.sort_values("_rank", kind="stable").drop(columns="_rank")
 

@@ -2,13 +2,16 @@
 
 The selection is dense (``Selection(None, counts)``): no index tensor is built,
 and the memory commits it as a copy of ``a`` plus a zeroing pass."""
-from .base import all_entries
+from .base import Sparsifier, all_entries
 
 
-class Dense:
+class Dense(Sparsifier):
     name = "dense"
+    plot_order = 0
     sends_indices = False  # a dense upload is the value vector alone
     needs_context = False  # select ignores ctx: the worker step does not build one
+    has_budget = False  # every upload is all of J
+    exact_count = False  # J entries, not k
 
     def __init__(self, sparsity: float = 1.0, **_):
         self.sparsity = 1.0

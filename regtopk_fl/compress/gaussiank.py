@@ -33,7 +33,8 @@ import math
 
 import torch
 
-from .base import Selection, SparsifierError, check_sparsity, num_selected
+from .. import checks
+from .base import Selection, Sparsifier, SparsifierError, check_sparsity, num_selected
 from .regtopk import RegTopK, off_mask_scale, prev_scores
 
 MAX_REFINE = 3
@@ -206,10 +207,19 @@ def budgeted_select(a: torch.Tensor, sparsity: float, score, factor=BUDGET_FACTO
                     gaussian_budget(sparsity, a.shape[1], factor))
 
 
-class GaussianBudget:
-    """The upload budget of a Gaussian-k method: ``budget_factor`` x k."""
+class GaussianBudget(Sparsifier):
+    """The upload budget of a Gaussian-k method: ``budget_factor`` x k
+    (``sparsifier.budget_factor``); the count varies below it."""
 
     budget_factor = BUDGET_FACTOR
+    exact_count = False
+
+    @classmethod
+    def check_settings(cls, cfg, runtime):
+        super().check_settings(cfg, runtime)
+        if checks.get(cfg, "sparsifier.budget_factor") is not None:  # the upload budget (#17)
+            checks.num(cfg, "sparsifier.budget_factor", 1,
+                       allowed="must be a finite number >= 1")
 
     def budget(self, dim: int) -> int:
         return gaussian_budget(self.sparsity, dim, self.budget_factor)
@@ -221,7 +231,7 @@ class GaussianBudget:
 
 class GaussianK(GaussianBudget):
     name = "gaussiank"
-    sends_indices = True
+    plot_order = 4
 
     def __init__(self, sparsity: float, budget_factor: float = BUDGET_FACTOR, **_):
         self.sparsity = check_sparsity(sparsity)
@@ -235,6 +245,7 @@ class RegTopKGaussianK(GaussianBudget, RegTopK):
     """RegTop-k's regularized score, selected with Gaussian-k's threshold."""
 
     name = "regtopk_gaussiank"
+    plot_order = 6
 
     def __init__(self, sparsity: float, budget_factor: float = BUDGET_FACTOR, **kw):
         super().__init__(sparsity, **kw)

@@ -3,15 +3,17 @@ worker sending those same entries. Needs every worker's a at once, so it only
 runs in the in-process engine; it is an upper bound, not a deployable method."""
 import torch
 
-from .base import Selection, check_sparsity, exact_budget, num_selected
+from .base import Selection, Sparsifier, check_sparsity, num_selected
 from .exact_topk import rows_topk
 
 
-class GlobalTopK:
+class GlobalTopK(Sparsifier):
     name = "global_topk"
-    budget = exact_budget  # exactly k entries per upload (the server's budget)
-    sends_indices = True
+    plot_order = 3
+    # exactly k entries per upload: the default budget (k) is what is sent
     needs_all_workers = True
+    runtimes = ("inprocess",)
+    runtime_note = "the global top-k oracle needs every worker in one process"
 
     def __init__(self, sparsity: float, **_):
         self.sparsity = check_sparsity(sparsity)

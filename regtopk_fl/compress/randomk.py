@@ -5,14 +5,14 @@ round draws the same entries in every runtime and after a resume.
 """
 import torch
 
-from .base import check_sparsity, exact_budget, num_selected
+from .base import Sparsifier, check_sparsity, num_selected
 from .exact_topk import rows_topk
 
 
-class RandomK:
+class RandomK(Sparsifier):
     name = "randomk"
-    budget = exact_budget  # exactly k entries per upload (the server's budget)
-    sends_indices = True
+    plot_order = 2
+    # exactly k entries per upload: the default budget (k) is what is sent
 
     def __init__(self, sparsity: float, seed: int = 0, **_):
         self.sparsity = check_sparsity(sparsity)

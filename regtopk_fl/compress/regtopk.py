@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from .base import SparsifierError, check_positive, check_sparsity, exact_budget, num_selected
+from .. import checks
+from .base import Sparsifier, SparsifierError, check_positive, check_sparsity, num_selected
 from .exact_topk import Lowered, rows_topk
 
 DISTORTIONS = ("reference", "paper")
@@ -66,10 +67,11 @@ def regularized_abs(a: torch.Tensor, ctx, mu: float, distortion: str, q: float) 
     return score
 
 
-class RegTopK:
+class RegTopK(Sparsifier):
     name = "regtopk"
-    budget = exact_budget  # exactly k entries per upload (the server's budget)
-    sends_indices = True
+    plot_order = 5
+    uses_mu = True
+    # exactly k entries per upload: the default budget (k) is what is sent
 
     def __init__(self, sparsity: float, mu: float = 1.0, distortion: str = "reference",
                  q: float = 1e8, **_):
@@ -79,6 +81,13 @@ class RegTopK:
         if distortion not in DISTORTIONS:
             raise SparsifierError(f"distortion={distortion!r}: must be one of {DISTORTIONS}")
         self.distortion = distortion
+
+    @classmethod
+    def check_settings(cls, cfg, runtime):
+        super().check_settings(cfg, runtime)
+        checks.num(cfg, "sparsifier.mu", 0, lo_open=True, allowed="must be a finite number > 0")
+        checks.choice(cfg, "sparsifier.distortion", DISTORTIONS)
+        checks.num(cfg, "sparsifier.q", 0, lo_open=True, allowed="must be a finite number > 0")
 
     def score(self, a, ctx):
         return regularized_abs(a, ctx, self.mu, self.distortion, self.q)

@@ -3,14 +3,14 @@
 ``|a|`` is never materialized: the exact selection (``exact_topk``) bounds
 blocks of ``a`` by their max and min and takes ``|.|`` only where a block can
 hold one of the k largest."""
-from .base import check_sparsity, exact_budget, num_selected
+from .base import Sparsifier, check_sparsity, num_selected
 from .exact_topk import rows_topk
 
 
-class TopK:
+class TopK(Sparsifier):
     name = "topk"
-    budget = exact_budget  # exactly k entries per upload (the server's budget)
-    sends_indices = True
+    plot_order = 1
+    # exactly k entries per upload: the default budget (k) is what is sent
 
     def __init__(self, sparsity: float, **_):
         self.sparsity = check_sparsity(sparsity)

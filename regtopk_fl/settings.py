@@ -6,12 +6,10 @@ the value and what is allowed; the launcher prints it and exits with 2.
 """
 from __future__ import annotations
 
-import os
-
 from omegaconf import DictConfig, OmegaConf
 
 from . import checks
-from .paths import CONF_DIR, resolve_path
+from .paths import CONF_DIR
 
 
 def config_groups() -> tuple:
@@ -59,6 +57,13 @@ def sparsifier_class(cfg):
     from .compress import Sparsifier
 
     return option_class(cfg, "sparsifier", Sparsifier)
+
+
+def task_class(cfg):
+    """The run's task class (a :class:`regtopk_fl.tasks.Task`)."""
+    from .tasks import Task
+
+    return option_class(cfg, "task", Task)
 
 
 def validate_trust(cfg, n: int, runtime: str) -> None:
@@ -130,10 +135,8 @@ def validate(cfg: DictConfig) -> None:
     """Check every user-settable key; raise ConfigError on the first bad one."""
     from .broadcast import MODES
     from .participation import STALE_POLICIES
-    from .tasks.data import PARTITION_SCHEMES
-    from .tasks.models import STEMS
 
-    task = _choice(cfg, "task.name", group_options("task"))
+    _choice(cfg, "task.name", group_options("task"))
     _choice(cfg, "sparsifier.name", group_options("sparsifier"))
     runtime = _choice(cfg, "runtime.name", group_options("runtime"))
     sparsifier_class(cfg).check_settings(cfg, runtime)  # its own keys (compress/base.py)
@@ -191,139 +194,7 @@ def validate(cfg: DictConfig) -> None:
         if sd is not None and (not isinstance(sd, str) or not sd.strip()):
             _fail("runtime.state_dir", sd, "must be auto, null or a directory path")
         _ray_address(cfg)
-    if task == "toy" and n != 2:
-        _fail("num_workers", n, "the toy task (Fig. 1) has exactly 2 workers")
-    if task == "linreg":
-        _num(cfg, "task.dim", 1, integer=True, allowed="must be an integer >= 1")
-        m = _num(cfg, "task.samples_per_worker", 1, integer=True, allowed="must be an integer >= 1")
-        for key in ("task.sigma2", "task.h2", "task.noise_var"):
-            _num(cfg, key, 0, allowed="must be >= 0")
-        _num(cfg, "task.size_ratio", 1, allowed="must be >= 1 (1 = equal sizes)")
-        ratio = _get(cfg, "task.size_ratio")
-        if ratio > 1 and m * n < 2 * n:
-            _fail("num_workers", n, f"more workers than data points ({m * n})")
-    if task in ("cifar10", "tiny_image"):
-        _num(cfg, "task.batch_size", 1, integer=True, allowed="must be an integer >= 1")
-        if _get(cfg, "task.batched") is not None:
-            from .tasks.batched import MODES as BATCHED
-
-            _choice(cfg, "task.batched", BATCHED)
-        _choice(cfg, "task.partition", PARTITION_SCHEMES)
-        if _get(cfg, "task.partition") == "dirichlet":
-            _num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")
-        if _get(cfg, "task.partition") == "unequal":
-            _num(cfg, "task.size_ratio", 1, allowed="must be >= 1")
-    if task in ("cifar10", "tiny_image"):
-        _fig3_switches(cfg, task)
-    if task == "tiny_image":
-        per = _num(cfg, "task.samples", 1, integer=True, allowed="must be an integer >= 1")
-        if n > per:
-            _fail("num_workers", n, f"more workers than data points ({per})")
-    if task == "cifar10":
-        _choice(cfg, "task.stem", STEMS)
-        _cifar_source(cfg)
-        off = _num(cfg, "task.subset_offset", 0, 4999, integer=True, required=False,
-                   allowed="must be an integer in [0, 4999] (images per class skipped)")
-        sub = _get(cfg, "task.subset_per_class")
-        if sub is not None:
-            _num(cfg, "task.subset_per_class", 1, integer=True, allowed="must be an integer >= 1")
-            if off and off + sub > 5000:
-                _fail("task.subset_per_class", sub, f"with task.subset_offset={off} it must be "
-                      f"<= {5000 - off} (5,000 training images per class)")
-            if n > 10 * sub:
-                _fail("num_workers", n, f"more workers than data points ({10 * sub})")
-        elif n > 50000:
-            _fail("num_workers", n, "more workers than data points (50000)")
-
-
-def _cifar_source(cfg) -> None:
-    """task.data_path exists, or task.download can fetch CIFAR-10: ``true``
-    always tries; ``auto`` (the default) needs torchvision's copy in
-    task.cache_dir or a reachable host; ``false`` needs the path."""
-    from .tasks import data as D
-
-    path = _get(cfg, "task.data_path")
-    try:
-        download = D.download_mode(_get(cfg, "task.download", False))
-    except ValueError:
-        _fail("task.download", _get(cfg, "task.download"), "must be one of true, false, auto")
-    if download is True or (path is not None and os.path.exists(resolve_path(path))):
-        return
-    where = "point it at cifar10-jpeg.tar.gz or a torchvision CIFAR-10 folder"
-    if download is False:
-        _fail("task.data_path", path, f"does not exist ({where}, or go online with "
-              "task.download=auto or true to fetch it with torchvision)")
-    root = D.auto_root(_get(cfg, "task.cache_dir"))
-    if (root / "cifar-10-batches-py").is_dir():
-        return  # fetched there before (torchvision checks the files)
-    blocker = D.download_blocker()
-    if blocker is not None:
-        _fail("task.data_path", path, f"does not exist, and task.download=auto cannot fetch "
-              f"CIFAR-10 offline ({blocker}): {where}, or go online to let "
-              f"task.download=auto fetch it with torchvision into {root}")
-
-
-def _fig3_switches(cfg, task: str) -> None:
-    """The authors' Fig. 3 switches of the image tasks (tasks/images.py)."""
-    from .tasks.images import EVAL_MODES, LOSSES, NORMALIZATIONS
-
-    if _get(cfg, "task.eval_mode") is not None:
-        _choice(cfg, "task.eval_mode", EVAL_MODES)
-    _init_from(cfg)
-    if _get(cfg, "task.resize") is not None:
-        _num(cfg, "task.resize", 8, integer=True, allowed="must be null or an integer >= 8")
-    if _get(cfg, "task.normalize") is not None:
-        _choice(cfg, "task.normalize", NORMALIZATIONS)
-    if _get(cfg, "task.loss") is not None:
-        _choice(cfg, "task.loss", LOSSES)
-    path = _get(cfg, "task.pretrained_weights")
-    if path == "required":  # a preset's placeholder (??? would not override the group's null)
-        _fail("task.pretrained_weights", path, "this preset needs the path of a local "
-              "torchvision ResNet-18 state_dict (or null: train from scratch, and say so)")
-    if path is None:
-        return
-    if task != "cifar10":
-        _fail("task.pretrained_weights", path, "only task=cifar10 has a ResNet-18 to load into")
-    if not isinstance(path, str) or not os.path.isfile(resolve_path(path)):
-        _fail("task.pretrained_weights", path, "is not a file (a torchvision ResNet-18 "
-              "state_dict saved with torch.save; nothing is downloaded)")
-    if _get(cfg, "task.stem") != "imagenet" or _get(cfg, "task.width") != 64:
-        _fail("task.pretrained_weights", path, "needs torchvision's ResNet-18: "
-              "task.stem=imagenet and task.width=64")
-    from .tasks.models import check_pretrained, read_state_dict, resnet18
-
-    try:
-        check_pretrained(resnet18(10, "imagenet", 0), read_state_dict(resolve_path(path)))
-    except ValueError as exc:
-        _fail("task.pretrained_weights", path, str(exc).split(": ", 1)[-1])
-
-
-def _init_from(cfg) -> None:
-    """task.init_from: a file whose model fits this run's network exactly
-    (models.load_init), checked on a model built as the task builds it."""
-    path = _get(cfg, "task.init_from")
-    if path is None:
-        return
-    if not isinstance(path, str) or not os.path.isfile(resolve_path(path)):
-        _fail("task.init_from", path, "is not a file (a run's model.pt, or a state_dict of "
-              "this network saved with torch.save)")
-    from .tasks.models import load_init, resnet18, tiny_cnn
-
-    if _get(cfg, "task.name") == "cifar10":
-        if _get(cfg, "task.pretrained_weights") is not None:
-            _fail("task.init_from", path, "set task.init_from or task.pretrained_weights, "
-                  "not both")
-        stem, width = _get(cfg, "task.stem"), _get(cfg, "task.width")
-        if int(width) != 64 and stem != "cifar":
-            return  # task.width's own error comes from the task
-        model = resnet18(10, stem, 0, width)
-    else:
-        size = _get(cfg, "task.resize") or _get(cfg, "task.image_size", 8)
-        model = tiny_cnn(3, 10, _get(cfg, "task.width", 16), size, 0)
-    try:
-        load_init(model, resolve_path(path))
-    except ValueError as exc:
-        _fail("task.init_from", path, str(exc).split(": ", 1)[-1])
+    task_class(cfg).check_settings(cfg, n, runtime)  # its own keys (tasks/base.py)
 
 
 def _participation(cfg, n: int, runtime: str, policies) -> None:

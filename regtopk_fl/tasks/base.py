@@ -16,12 +16,21 @@ Conventions:
   local minibatch, taken at the model after the first local_steps - 1 steps
   (the authors' ``ResNet18-CIFAR10.py``: it sparsifies ``param.grad`` after
   its 40 local steps). With one local step both are the gradient.
+
+**The contract with the settings.** A task is an option of the ``task``
+config group: ``conf/task/<name>.yaml`` names its class (``_target_``) and
+holds its own keys, which the constructor takes (keys of other tasks are
+ignored through ``**_``). :meth:`Task.check_settings` checks those keys in a
+config before any work (``settings.validate`` calls it, and knows no task by
+name), and ``runtimes`` / ``devices`` say where the task runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .. import checks
 
 
 @dataclass
@@ -35,12 +44,35 @@ UPLOADS = ("model_change", "last_gradient")
 
 
 class Task:
+    """A model, its data split across workers, local updates and evaluation.
+
+    Class attributes: ``name`` (the stem of its conf/task/*.yaml),
+    ``runtimes`` (where it runs: ``inprocess``, ``flower``), ``devices``
+    (``cpu``, ``cuda``: where its tensors may live), ``dtype``, ``upload``,
+    ``has_closed_form``."""
+
     name = "task"
+    runtimes = ("inprocess", "flower")
+    devices = ("cpu", "cuda")
     dtype = torch.float32
     upload = "model_change"  # or "last_gradient" (see the module doc)
     dim: int
     num_workers: int
     has_closed_form = False  # a known minimiser w*, so the gap ||w - w*|| is reported
+
+    @classmethod
+    def check_settings(cls, cfg, num_workers: int, runtime: str) -> None:
+        """Check the ``task.*`` keys of ``cfg`` (and ``num_workers``, the
+        runtime and the device against what the task supports); raise
+        :class:`regtopk_fl.checks.ConfigError` with the one-line message. A
+        task with keys of its own extends this (``super().check_settings``
+        first)."""
+        if runtime not in cls.runtimes:
+            checks.fail("task", cls.name, f"runs on runtime={' or '.join(cls.runtimes)}")
+        device = checks.get(cfg, "device")
+        if device in ("cpu", "cuda") and device not in cls.devices:
+            checks.fail("device", device, f"task={cls.name} runs on "
+                        f"{' or '.join(cls.devices)}")
 
     def num_examples(self) -> list:
         raise NotImplementedError

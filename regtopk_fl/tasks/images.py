@@ -43,16 +43,21 @@ two runs can train on disjoint slices.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import vector_to_parameters
 
+from .. import checks
 from ..device import resolve_device
+from ..paths import resolve_path
 from . import batched, graphed
 from . import data as D
 from .base import Task
-from .models import buffer_tensors, flat_buffers, flat_params, load_init, resnet18, tiny_cnn
+from .models import (STEMS, buffer_tensors, check_pretrained, flat_buffers, flat_params,
+                     load_init, read_state_dict, resnet18, tiny_cnn)
 
 _TENSORS: dict = {}  # process-level: (data key, device) -> tensors on that device
 
@@ -94,6 +99,81 @@ class _ImageTask(Task):
     dtype = torch.float32
     has_closed_form = False
     num_classes = 10
+    pretrained = False  # task.pretrained_weights: has a torchvision ResNet-18 to load into
+
+    # -- the settings (tasks/base.py's contract) ------------------------------------------
+    @classmethod
+    def check_settings(cls, cfg, num_workers, runtime):
+        """The image tasks' shared keys, then the Fig. 3 switches."""
+        super().check_settings(cfg, num_workers, runtime)
+        checks.num(cfg, "task.batch_size", 1, integer=True, allowed="must be an integer >= 1")
+        if checks.get(cfg, "task.batched") is not None:
+            checks.choice(cfg, "task.batched", batched.MODES)
+        checks.choice(cfg, "task.partition", D.PARTITION_SCHEMES)
+        if checks.get(cfg, "task.partition") == "dirichlet":
+            checks.num(cfg, "task.alpha", 0, lo_open=True, allowed="must be a finite number > 0")
+        if checks.get(cfg, "task.partition") == "unequal":
+            checks.num(cfg, "task.size_ratio", 1, allowed="must be >= 1")
+        cls._check_fig3_switches(cfg)
+
+    @classmethod
+    def _check_fig3_switches(cls, cfg) -> None:
+        """The authors' Fig. 3 switches (the module doc)."""
+        if checks.get(cfg, "task.eval_mode") is not None:
+            checks.choice(cfg, "task.eval_mode", EVAL_MODES)
+        cls._check_init_from(cfg)
+        if checks.get(cfg, "task.resize") is not None:
+            checks.num(cfg, "task.resize", 8, integer=True,
+                       allowed="must be null or an integer >= 8")
+        if checks.get(cfg, "task.normalize") is not None:
+            checks.choice(cfg, "task.normalize", NORMALIZATIONS)
+        if checks.get(cfg, "task.loss") is not None:
+            checks.choice(cfg, "task.loss", LOSSES)
+        path = checks.get(cfg, "task.pretrained_weights")
+        if path == "required":  # a preset's placeholder (??? would not override the group's null)
+            checks.fail("task.pretrained_weights", path, "this preset needs the path of a local "
+                        "torchvision ResNet-18 state_dict (or null: train from scratch, and say "
+                        "so)")
+        if path is None:
+            return
+        if not cls.pretrained:
+            checks.fail("task.pretrained_weights", path,
+                        "only task=cifar10 has a ResNet-18 to load into")
+        if not isinstance(path, str) or not os.path.isfile(resolve_path(path)):
+            checks.fail("task.pretrained_weights", path, "is not a file (a torchvision "
+                        "ResNet-18 state_dict saved with torch.save; nothing is downloaded)")
+        if checks.get(cfg, "task.stem") != "imagenet" or checks.get(cfg, "task.width") != 64:
+            checks.fail("task.pretrained_weights", path, "needs torchvision's ResNet-18: "
+                        "task.stem=imagenet and task.width=64")
+        try:
+            check_pretrained(resnet18(10, "imagenet", 0), read_state_dict(resolve_path(path)))
+        except ValueError as exc:
+            checks.fail("task.pretrained_weights", path, str(exc).split(": ", 1)[-1])
+
+    @classmethod
+    def _check_init_from(cls, cfg) -> None:
+        """task.init_from: a file whose model fits this run's network exactly
+        (models.load_init), checked on a model built as the task builds it."""
+        path = checks.get(cfg, "task.init_from")
+        if path is None:
+            return
+        if not isinstance(path, str) or not os.path.isfile(resolve_path(path)):
+            checks.fail("task.init_from", path, "is not a file (a run's model.pt, or a "
+                        "state_dict of this network saved with torch.save)")
+        model = cls._init_model(cfg, path)
+        if model is None:
+            return
+        try:
+            load_init(model, resolve_path(path))
+        except ValueError as exc:
+            checks.fail("task.init_from", path, str(exc).split(": ", 1)[-1])
+
+    @classmethod
+    def _init_model(cls, cfg, path):
+        """The network as this config builds it, seeded arbitrarily (None: the
+        config's own error about the network comes from the task)."""
+        size = checks.get(cfg, "task.resize") or checks.get(cfg, "task.image_size", 8)
+        return tiny_cnn(3, 10, checks.get(cfg, "task.width", 16), size, 0)
 
     def _setup(self, x_train, y_train, x_test, y_test, model, *, num_workers, seed,
                batch_size, local_steps, partition, alpha, size_ratio, min_partition_size,
@@ -322,6 +402,63 @@ class ImageTask(_ImageTask):
     archive by default (see :func:`regtopk_fl.tasks.data.load_cifar10`)."""
 
     name = "cifar10"
+    pretrained = True
+
+    @classmethod
+    def check_settings(cls, cfg, num_workers, runtime):
+        super().check_settings(cfg, num_workers, runtime)
+        n = num_workers
+        checks.choice(cfg, "task.stem", STEMS)
+        cls._check_source(cfg)
+        off = checks.num(cfg, "task.subset_offset", 0, 4999, integer=True, required=False,
+                         allowed="must be an integer in [0, 4999] (images per class skipped)")
+        sub = checks.get(cfg, "task.subset_per_class")
+        if sub is not None:
+            checks.num(cfg, "task.subset_per_class", 1, integer=True,
+                       allowed="must be an integer >= 1")
+            if off and off + sub > 5000:
+                checks.fail("task.subset_per_class", sub, f"with task.subset_offset={off} it "
+                            f"must be <= {5000 - off} (5,000 training images per class)")
+            if n > 10 * sub:
+                checks.fail("num_workers", n, f"more workers than data points ({10 * sub})")
+        elif n > 50000:
+            checks.fail("num_workers", n, "more workers than data points (50000)")
+
+    @classmethod
+    def _check_source(cls, cfg) -> None:
+        """task.data_path exists, or task.download can fetch CIFAR-10: ``true``
+        always tries; ``auto`` (the default) needs torchvision's copy in
+        task.cache_dir or a reachable host; ``false`` needs the path."""
+        path = checks.get(cfg, "task.data_path")
+        try:
+            download = D.download_mode(checks.get(cfg, "task.download", False))
+        except ValueError:
+            checks.fail("task.download", checks.get(cfg, "task.download"),
+                        "must be one of true, false, auto")
+        if download is True or (path is not None and os.path.exists(resolve_path(path))):
+            return
+        where = "point it at cifar10-jpeg.tar.gz or a torchvision CIFAR-10 folder"
+        if download is False:
+            checks.fail("task.data_path", path, f"does not exist ({where}, or go online with "
+                        "task.download=auto or true to fetch it with torchvision)")
+        root = D.auto_root(checks.get(cfg, "task.cache_dir"))
+        if (root / "cifar-10-batches-py").is_dir():
+            return  # fetched there before (torchvision checks the files)
+        blocker = D.download_blocker()
+        if blocker is not None:
+            checks.fail("task.data_path", path, f"does not exist, and task.download=auto "
+                        f"cannot fetch CIFAR-10 offline ({blocker}): {where}, or go online to "
+                        f"let task.download=auto fetch it with torchvision into {root}")
+
+    @classmethod
+    def _init_model(cls, cfg, path):
+        if checks.get(cfg, "task.pretrained_weights") is not None:
+            checks.fail("task.init_from", path, "set task.init_from or "
+                        "task.pretrained_weights, not both")
+        stem, width = checks.get(cfg, "task.stem"), checks.get(cfg, "task.width")
+        if int(width) != 64 and stem != "cifar":
+            return None  # task.width's own error comes from the task
+        return resnet18(10, stem, 0, width)
 
     def __init__(self, num_workers: int = 10, seed: int = 0, batch_size: int = 20,
                  local_steps: int = 1, partition: str = "iid", alpha: float = 0.5,
@@ -399,6 +536,13 @@ class TinyImageTask(_ImageTask):
     ``name`` are accepted and ignored so one config can switch tasks."""
 
     name = "tiny_image"
+
+    @classmethod
+    def check_settings(cls, cfg, num_workers, runtime):
+        super().check_settings(cfg, num_workers, runtime)
+        per = checks.num(cfg, "task.samples", 1, integer=True, allowed="must be an integer >= 1")
+        if num_workers > per:
+            checks.fail("num_workers", num_workers, f"more workers than data points ({per})")
 
     def __init__(self, num_workers: int = 4, seed: int = 0, batch_size: int = 20,
                  local_steps: int = 1, partition: str = "iid", alpha: float = 0.5,

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .. import checks
 from .base import Task
 
 
@@ -26,6 +27,20 @@ class LinRegTask(Task):
     name = "linreg"
     dtype = torch.float64
     has_closed_form = True
+
+    @classmethod
+    def check_settings(cls, cfg, num_workers, runtime):
+        super().check_settings(cfg, num_workers, runtime)
+        n = num_workers
+        checks.num(cfg, "task.dim", 1, integer=True, allowed="must be an integer >= 1")
+        m = checks.num(cfg, "task.samples_per_worker", 1, integer=True,
+                       allowed="must be an integer >= 1")
+        for key in ("task.sigma2", "task.h2", "task.noise_var"):
+            checks.num(cfg, key, 0, allowed="must be >= 0")
+        checks.num(cfg, "task.size_ratio", 1, allowed="must be >= 1 (1 = equal sizes)")
+        ratio = checks.get(cfg, "task.size_ratio")
+        if ratio > 1 and m * n < 2 * n:
+            checks.fail("num_workers", n, f"more workers than data points ({m * n})")
 
     def __init__(self, num_workers: int = 20, dim: int = 100, samples_per_worker: int = 500,
                  mean: float = 0.0, sigma2: float = 5.0, h2: float = 1.0, noise_var: float = 0.5,

@@ -7,12 +7,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from .base import Task
 
 
 class ToyTask(Task):
     name = "toy"
     dtype = torch.float64
+
+    @classmethod
+    def check_settings(cls, cfg, num_workers, runtime):
+        super().check_settings(cfg, num_workers, runtime)
+        if num_workers != 2:
+            checks.fail("num_workers", num_workers, "the toy task (Fig. 1) has exactly 2 workers")
 
     def __init__(self, w0=(0.0, 1.0), x1=(100.0, 1.0), x2=(-100.0, 1.0), seed: int = 0, **_):
         self.x = torch.tensor([list(x1), list(x2)], dtype=torch.float64)

@@ -26,7 +26,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .paths import CONF_DIR, PROJECT_ROOT, resolve_path
-from .settings import config_groups, to_run_config, validate
+from .settings import (EXTRA_KEY, config_groups, group_option_keys, to_run_config,
+                       validate)
 
 DEFAULT_CONNECTION = "regtopk-local"
 PATH_KEYS = ("task.data_path", "task.cache_dir")
@@ -45,15 +46,29 @@ def app_config_defaults() -> dict:
     """The flat ``[tool.flwr.app.config]`` defaults: the default config under
     runtime=flower, then every key that only other choices of a config group
     (task, sparsifier, aggregate, runtime, tracker, ...) or experiment presets
-    have (with that choice's value), then ``output_dir``."""
-    flat = to_run_config(compose_config(["runtime=flower"]))
+    have (with the first such choice's value, :func:`app_config_values`),
+    then ``output_dir`` and the carrier of undeclared keys
+    (settings.EXTRA_KEY)."""
+    flat = {key: values[0] for key, values in app_config_values().items()}
+    flat["output_dir"] = ""
+    flat[EXTRA_KEY] = ""
+    return flat
+
+
+def app_config_values() -> dict:
+    """``{key: [values]}``: each run-config key's value in the default config
+    under runtime=flower, then in every choice of a config group and every
+    experiment preset that has the key, in that order (groups and files
+    sorted by name)."""
+    out: dict = {}
+    for key, value in to_run_config(compose_config(["runtime=flower"])).items():
+        out.setdefault(key, []).append(value)
     groups = [g for g in config_groups() if g != "experiment"] + ["experiment"]
     for group in groups:
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
             for key, value in to_run_config(compose_config([f"{group}={path.stem}"])).items():
-                flat.setdefault(key, value)
-    flat["output_dir"] = ""
-    return flat
+                out.setdefault(key, []).append(value)
+    return out
 
 
 def toml_value(value) -> str:
@@ -161,16 +176,27 @@ def flwr_run_command(cfg: DictConfig, connection: str = DEFAULT_CONNECTION, *,
     ``connection`` in ``$FLWR_HOME/config.toml``. With ``only_changed`` (the
     default) only keys whose value differs from the pyproject.toml defaults
     are passed (Flower fuses them over the defaults, so the apps see the same
-    settings); else every key. Run it from the project root (``app``)."""
+    settings); else every key. Run it from the project root (``app``).
+
+    A key pyproject.toml does not declare, which the chosen option of a
+    config group has in its yaml (a sparsifier added with a key of its own),
+    travels in the one declared key ``extra_keys`` (JSON; the apps unpack it:
+    settings.from_run_config), so a new option needs no regenerated table.
+    Any other undeclared key is refused."""
     flat = deploy_run_config(cfg, output_dir)
     declared = pyproject_app_config(Path(app) / "pyproject.toml" if app != "." else None)
     if declared is not None:
         unknown = sorted(set(flat) - set(declared))
+        carried = {k: flat.pop(k) for k in unknown
+                   if EXTRA_KEY in declared and _option_key(flat, k)}
+        unknown = [k for k in unknown if k not in carried]
         if unknown:
             raise ValueError(f"run-config keys not declared in [tool.flwr.app.config]: "
                              f"{', '.join(unknown)} (python -m regtopk_fl.deploy pyproject)")
         if only_changed:
             flat = {k: v for k, v in flat.items() if not _same(v, declared[k])}
+        if carried:
+            flat[EXTRA_KEY] = json.dumps(carried, sort_keys=True)
     parts = ["flwr", "run", shlex.quote(app), shlex.quote(connection)]
     if flat:
         pairs = " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())
@@ -178,6 +204,15 @@ def flwr_run_command(cfg: DictConfig, connection: str = DEFAULT_CONNECTION, *,
     if stream:
         parts.append("--stream")
     return " ".join(parts)
+
+
+def _option_key(flat: dict, key: str) -> bool:
+    """Whether ``key`` ("sparsifier.sample_fraction") is a key of the chosen
+    option's yaml (conf/sparsifier/<flat["sparsifier.name"]>.yaml)."""
+    group, _, rest = key.partition(".")
+    if not rest or "." in rest or not (CONF_DIR / group).is_dir():
+        return False
+    return rest in group_option_keys(group).get(flat.get(f"{group}.name"), set())
 
 
 def main(argv=None) -> None:

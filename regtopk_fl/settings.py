@@ -307,13 +307,34 @@ def to_run_config(cfg: DictConfig) -> dict:
     return flat
 
 
+# The one run-config key that carries the others pyproject.toml does not declare
+# (a JSON object of flat pairs): a config group option added after pyproject.toml
+# was written (conf/<group>/<name>.yaml with keys of its own) runs under
+# `flwr run` without regenerating the table (deploy.flwr_run_command fills it).
+EXTRA_KEY = "extra_keys"
+
+
 def from_run_config(run_config: dict) -> DictConfig:
     """Inverse of :func:`to_run_config` ("" -> None).
 
     A Flower run config holds every key the app declares in pyproject.toml
     ([tool.flwr.app.config]: the union over all task/sparsifier/runtime
     choices), so keys that belong only to *other* choices of a group (e.g.
-    ``task.dim`` of linreg in a cifar10 run) are dropped here."""
+    ``task.dim`` of linreg in a cifar10 run) are dropped here. The keys that
+    travel in :data:`EXTRA_KEY` (undeclared ones) are unpacked first."""
+    import json
+
+    run_config = dict(run_config)
+    extra = run_config.pop(EXTRA_KEY, "")
+    if extra:
+        try:
+            carried = json.loads(extra)
+        except ValueError:
+            carried = None
+        if not isinstance(carried, dict):
+            _fail(EXTRA_KEY, extra, "must be a JSON object of run-config keys")
+        for key, value in carried.items():
+            run_config.setdefault(key, value)  # a declared key keeps its own value
     tree: dict = {}
     for key, value in run_config.items():
         node = tree

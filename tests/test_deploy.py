@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from regtopk_fl import deploy
 from regtopk_fl.paths import PROJECT_ROOT
-from regtopk_fl.settings import from_run_config, to_run_config
+from regtopk_fl.settings import EXTRA_KEY, from_run_config, to_run_config
 
 REPO = PROJECT_ROOT
 
@@ -39,14 +39,56 @@ def task_identity(monkeypatch):
 
 
 # -- pyproject.toml / flwr run --------------------------------------------------
+def check_declared_run_config(declared: dict) -> None:
+    """pyproject.toml's table against conf/: every key of the default config
+    (runtime=flower) declared with its value, and output_dir and extra_keys;
+    no key that conf/ no longer has; every other declared key holding the
+    value of some choice (or preset) that has it. A key that only an option
+    added since has need not be declared: it travels in extra_keys (#32)."""
+    hint = ("pyproject.toml [tool.flwr.app.config] is out of date: "
+            "python -m regtopk_fl.deploy pyproject --write")
+    values = deploy.app_config_values()
+    stale = sorted(set(declared) - set(values) - {"output_dir", EXTRA_KEY})
+    assert not stale, f"{hint} (keys conf/ no longer has: {stale})"
+    base = to_run_config(deploy.compose_config(["runtime=flower"]))
+    for key, value in {**base, "output_dir": "", EXTRA_KEY: ""}.items():
+        assert key in declared and deploy._same(declared[key], value), (hint, key)
+    for key, value in declared.items():
+        if key in values:
+            assert any(deploy._same(value, v) for v in values[key]), (hint, key, value)
+
+
 def test_pyproject_run_config_matches_conf():
     declared = deploy.pyproject_app_config()
-    assert declared == deploy.app_config_defaults(), (
-        "pyproject.toml [tool.flwr.app.config] is out of date: "
-        "python -m regtopk_fl.deploy pyproject --write")
+    check_declared_run_config(declared)
     for key in ("task.name", "sparsifier.sparsity", "runtime.round_timeout_s", "output_dir",
-                "num_workers", "rounds"):
+                "num_workers", "rounds", EXTRA_KEY):
         assert key in declared
+    # the generated table is the declared one, up to keys of options added since
+    generated = deploy.app_config_defaults()
+    assert {k: v for k, v in generated.items() if k in declared} == declared
+
+
+def test_undeclared_option_keys_travel_in_extra_keys(make_cfg, tmp_path):
+    """An option's own key that pyproject.toml does not declare (here
+    sparsifier.budget_factor, left out of a copy of the table) travels in
+    extra_keys, and the apps read it back; a key no option has is refused."""
+    flat = {k: v for k, v in deploy.pyproject_app_config().items()
+            if k != "sparsifier.budget_factor"}
+    (tmp_path / "pyproject.toml").write_text(
+        "[project]\nname = 'x'\n\n[tool.flwr.app]\npublisher = 'x'\n\n"
+        + deploy.render_app_config(flat))
+    cfg = make_cfg(["sparsifier=gaussiank", "sparsifier.budget_factor=4", "task=linreg"])
+    cmd = deploy.flwr_run_command(cfg, "mylink", app=str(tmp_path), output_dir=tmp_path / "o")
+    assert '"sparsifier.budget_factor": 4' in cmd and "extra_keys=" in cmd
+    argv = shlex.split(cmd)
+    fused = fuse_dicts(flat, parse_config_args([argv[argv.index("--run-config") + 1]]))
+    got = from_run_config(fused)
+    want = from_run_config(deploy.deploy_run_config(cfg, tmp_path / "o"))
+    assert OmegaConf.to_container(got) == OmegaConf.to_container(want)
+    assert got.sparsifier.budget_factor == 4 and EXTRA_KEY not in got
+    with pytest.raises(ValueError, match="not declared"):  # no option has this one
+        deploy.flwr_run_command(make_cfg(["+sparsifier.not_a_key=1"]), app=str(tmp_path))
 
 
 def _fused(cmd: str) -> dict:

@@ -136,6 +136,42 @@ def test_over_budget_uploads_are_refused_in_process(make_cfg, tmp_path, outcomes
     assert sent == [0, 40, 30, 30, 30, 40]
 
 
+def _budgeted():
+    from regtopk_fl.compress import SPARSIFIERS
+
+    return [n for n, c in SPARSIFIERS.items() if c.has_budget and not c.needs_all_workers]
+
+
+@pytest.mark.parametrize("name", _budgeted())
+def test_every_sparsifier_with_a_budget_refuses_uploads_over_it(make_cfg, tmp_path, outcomes,
+                                                                 name):
+    """For every method of conf/sparsifier/ with an upload budget (the
+    registry: a new one is covered as it is added), the server refuses one
+    entry more than its budget, all J dense and all J coded, naming the
+    budget and where it comes from. J = 300 and k = 2 keep each budget
+    (Gaussian-k's and trimmed top-k's caps are 128 k) below J."""
+    from regtopk_fl.compress import SPARSIFIERS
+
+    dim, s = 300, 0.005  # k = round(1.5) = 2
+    cfg = make_cfg(["task=linreg", f"task.dim={dim}", "num_workers=4", f"sparsifier={name}",
+                    f"sparsifier.sparsity={s}", "threads=1", "checkpoint.every=0",
+                    "rounds=4", "runtime=inprocess", "faults.hostile.worker=3",
+                    "faults.hostile.attacks=2:over_budget 3:dense_all 4:coded_all"])
+    sp = SPARSIFIERS[name](s)
+    budget, note = sp.budget(dim), sp.budget_note(dim)
+    assert budget < dim
+    summary = run_experiment(cfg, tmp_path / "run")
+    assert summary["status"] == "finished"
+    want = {2: f"a sparse upload of {budget + 1} entries", 3: f"a dense upload of {dim} entries",
+            4: f"a sparse upload of {dim} entries"}
+    for t, out in enumerate(outcomes, 1):
+        if t in want:
+            assert list(out.rejected) == [3], (name, t)
+            assert out.rejected[3] == f"{want[t]} is over the budget of {budget} ({note})"
+        else:
+            assert out.rejected == {} and out.accepted == [0, 1, 2, 3], (name, t)
+
+
 @pytest.mark.flower
 @pytest.mark.slow
 def test_byzantine_attacks_are_the_same_in_both_runtimes(make_cfg, tmp_path, outcomes):

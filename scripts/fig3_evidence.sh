@@ -17,7 +17,7 @@ CKPT=${CKPT:-100}
 LOG=${LOG:-$SW/fig3_evidence.log}
 DATA=${DATA:-$PWD/../shared/data/cifar10-jpeg.tar.gz}
 WARM=${WARM:-$SW/fig3_warm_init/model.pt}   # the dense-trained start (stage warm_init)
-HALF_ROUNDS=${HALF_ROUNDS:-300}
+HALF_ROUNDS=${HALF_ROUNDS:-200}
 mkdir -p "$SW"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 J="hydra/launcher=joblib hydra.launcher.n_jobs=$N_JOBS threads=1 progress=false checkpoint.every=$CKPT"

@@ -60,7 +60,7 @@ STAGES = {
                     "ABLATION=bn bash scripts/fig3_evidence.sh ablation"),
     "ablation_all": ("all five switches together (the authors' protocol)", None,
                      "ABLATION=all bash scripts/fig3_evidence.sh ablation"),
-    "scratch_half": ("from scratch, half of CIFAR-10 (width 16, S = 1e-3, 300 it.)", None,
+    "scratch_half": ("from scratch, half of CIFAR-10 (width 16, S = 1e-3, 200 it.)", None,
                      "bash scripts/fig3_evidence.sh scratch_half"),
     "warm": ("warm start: a dense-trained model (the other half), then the same as above",
              None, "bash scripts/fig3_evidence.sh warm_init warm"),
@@ -115,8 +115,9 @@ def verdict_word(lo: float, hi: float, size) -> str:
     return "not resolved"
 
 
-def _num(v, digits=2) -> str:
-    return f"{v:+.{digits}f}"
+def _num(v) -> str:
+    """As compare.md prints it (4 significant digits), with its sign."""
+    return ("+" if v > 0 else "") + f"{v:.4g}"
 
 
 def stage_row(stage: str) -> dict:
@@ -134,7 +135,7 @@ def stage_row(stage: str) -> dict:
                 f"{_num(last['ci_high'])}]")
     return {"claim": label, "measured": measured, "n": n,
             "verdict": verdict_word(c["ci_low"], c["ci_high"], size),
-            "link": f"[compare](fig3/{stage}/compare.md)",
+            "link": f"[compare](fig3/{stage}/compare.md), [fig3.md](fig3.md)",
             "_lo": c["ci_low"], "_hi": c["ci_high"]}
 
 
@@ -150,7 +151,7 @@ def earlier_rows() -> list:
         "measured": (f"loss after 100 it.: Top-1 {loss.get('topk')} (the initial loss), "
                      f"RegTop-1 {loss.get('regtopk (μ=1)')}, dense {loss.get('dense')}"),
         "n": "1 (deterministic)", "machine": "CPU, Flower", "verdict": "reproduced",
-        "link": "[fig1_toy](fig1_toy/table.md)"})
+        "link": "[fig1_toy](fig1_toy/table.md), [fig1.md](fig1.md)"})
     c = pd.read_csv(ROOT / "results" / "seeds" / "fig2_linreg" / "compare.csv")
     for _, r in c.iterrows():
         word = "reproduced" if r["ci_high"] < 0 else (
@@ -158,11 +159,11 @@ def earlier_rows() -> list:
         rows.append({
             "figure": "Fig. 2", "claim": f"linear regression, N = 20, S = {r['sparsifier.sparsity']:g}",
             "paper": "RegTop-k's gap ‖w − w*‖ below Top-k's",
-            "measured": (f"gap {r['diff_mean']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}], "
-                         f"p = {r['p_wilcoxon']:.3g}, RegTop-k better on {int(r['wins'])} of "
-                         f"{int(r['n'])}"),
+            "measured": (f"gap {_num(r['diff_mean'])} [{_num(r['ci_low'])}, "
+                         f"{_num(r['ci_high'])}], p = {r['p_wilcoxon']:.3g}, RegTop-k better on "
+                         f"{int(r['wins'])} of {int(r['n'])}"),
             "n": int(r["n"]), "machine": "CPU, in-process", "verdict": word,
-            "link": "[compare](seeds/fig2_linreg/compare.md)"})
+            "link": "[compare](seeds/fig2_linreg/compare.md), [fig2.md](fig2.md)"})
     return rows
 
 
@@ -229,6 +230,17 @@ RULE = ("Verdict from the 95 % CI of the paired difference: *reproduced*, the CI
         "`python scripts/fig3_verdict.py` from the committed runs.")
 
 
+def replace_block(page: Path, name: str, md: str) -> None:
+    """Put ``md`` between ``<!-- name:begin -->`` and ``<!-- name:end -->``
+    of ``page``; a page without both markers is left alone."""
+    text = page.read_text() if page.exists() else ""
+    b, e = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if b in text and e in text:
+        head, rest = text.split(b, 1)
+        _, tail = rest.split(e, 1)
+        page.write_text(f"{head}{b}\n{md}{e}{tail}")
+
+
 def main(argv=None) -> int:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -259,13 +271,9 @@ def main(argv=None) -> int:
                                     md.replace("](fig3/", "](").replace("](seeds/", "](../seeds/")
                                     .replace("](fig1_toy/", "](../fig1_toy/")
                                     .replace("](fig3.md)", "](../fig3.md)"))
-    index = args.index
-    text = index.read_text() if index.exists() else ""
-    b, e = "<!-- verdict:begin -->", "<!-- verdict:end -->"
-    if b in text and e in text:
-        head, rest = text.split(b, 1)
-        _, tail = rest.split(e, 1)
-        index.write_text(f"{head}{b}\n{md}{e}{tail}")
+    replace_block(args.index, "verdict", md)
+    # the detail page (beside the index: the same links) holds the same rows
+    replace_block(args.index.parent / "fig3.md", "verdict", md)
     print(md)
     return 0
 

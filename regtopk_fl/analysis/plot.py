@@ -93,8 +93,19 @@ def is_regtopk(sparsifier: pd.Series) -> pd.Series:
     return sparsifier.astype(str).str.startswith("regtopk")
 
 
+def display_names() -> dict:
+    """{sparsifier name: its display name} (the classes' ``label``; the name
+    itself where a class sets none, as the older ones do)."""
+    from ..compress import SPARSIFIERS
+
+    return {name: cls.display_name() for name, cls in SPARSIFIERS.items()}
+
+
 def method_labels(df: pd.DataFrame, show_distortion: bool) -> pd.Series:
-    """``topk``, ``regtopk (μ=4)``, ``regtopk (μ=4, paper)``..."""
+    """``topk``, ``regtopk (μ=4)``, ``regtopk (μ=4, paper)``, ``DGC``...: the
+    sparsifier's display name (compress/base.py), with RegTop-k's mu."""
+    shown = display_names()
+
     def label(row):
         name = _fmt(row.get("sparsifier")) or "?"
         details = []
@@ -103,7 +114,7 @@ def method_labels(df: pd.DataFrame, show_distortion: bool) -> pd.Series:
                 details.append(f"μ={_fmt(row.get('mu'))}")
             if show_distortion and _fmt(row.get("distortion")):
                 details.append(_fmt(row.get("distortion")))
-        return name + (f" ({', '.join(details)})" if details else "")
+        return shown.get(name, name) + (f" ({', '.join(details)})" if details else "")
     return df.apply(label, axis=1) if len(df) else pd.Series(dtype=str)
 
 

@@ -70,7 +70,7 @@ for stage in "$@"; do
     # both methods on the first half (disjoint from warm_init's), from the warm start and
     # from scratch, the same seeds
     warm) sweep fig3_warm $CPU3 rounds=$HALF_ROUNDS sparsifier.sparsity=0.001 \
-              task.subset_per_class=2500 task.init_from="$PWD/$WARM" ;;
+              task.subset_per_class=2500 task.init_from="$(realpath -m "$WARM")" ;;
     scratch_half) sweep fig3_scratch_half $CPU3 rounds=$HALF_ROUNDS sparsifier.sparsity=0.001 \
               task.subset_per_class=2500 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -62,7 +62,8 @@ def test_verdict_table_from_kept_runs(gpu_smoke, tmp_path):
     assert text.startswith("# results\n\n<!-- verdict:begin -->\n") and text.endswith("kept\n")
     assert "PLACEHOLDER" not in text
     row = next(ln for ln in text.splitlines() if "S = 1e-3, 1500 it." in ln)
-    assert f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]" in row and "| 2 |" in row
+    lo, hi = (("+" if v > 0 else "") + f"{v:.4g}" for v in (c["ci_low"], c["ci_high"]))
+    assert f"[{lo}, {hi}]" in row and "| 2 |" in row
     # a stage that did not run says so, with its command
     assert "not run (`bash scripts/fig3_evidence.sh paper_1e-4`)" in text
     # rerunning from the kept files alone gives the same table

@@ -182,7 +182,8 @@ def test_fig3_authors_shares_are_random_with_ratio_5():
     sizes = D.unequal_sizes(50000, cfg.num_workers, cfg.task.size_ratio, seed=cfg.seed)
     assert sum(sizes) == 50000 and max(sizes) / min(sizes) >= 5
     assert len(set(sizes)) == cfg.num_workers  # random, not equal
-    ablation = compose_cfg(["experiment=fig3_authors_ablation"])
+    ablation = compose_cfg(["experiment=fig3_ablation", "local_steps=10",
+                            "upload=last_gradient"])  # its local-steps cell
     validate(ablation)
     assert ablation.task.partition == "unequal" and ablation.local_steps > 1
 

@@ -230,6 +230,36 @@ RULE = ("Verdict from the 95 % CI of the paired difference: *reproduced*, the CI
         "`python scripts/fig3_verdict.py` from the committed runs.")
 
 
+def details() -> str:
+    """Per stage: its command, every seed's final accuracy and the wall time
+    of its jobs (from the kept summary.json files)."""
+    out = []
+    for stage, (label, _, cmd) in STAGES.items():
+        runs = OUT / stage / "runs"
+        summaries = [json.loads(f.read_text()) for f in sorted(runs.glob("*/summary.json"))] \
+            if runs.is_dir() else []
+        fin = [x for x in summaries if x.get("status") == "finished"]
+        out.append(f"### {label}")
+        if not fin:
+            out += ["", f"Not run: `{cmd}`.", ""]
+            continue
+        acc = {(x["seed"], x["sparsifier"]): x["final"]["accuracy"] for x in fin}
+        seeds = sorted({sd for sd, _ in acc})
+        wall = sorted(x["wall_time_s"] for x in fin)
+        out += ["", f"`{cmd}` ([compare](fig3/{stage}/compare.md), "
+                f"[last 5](fig3/{stage}/last5/compare.md), [curves](fig3/{stage}/curves.png), "
+                f"[per job](fig3/{stage}/table.md)); {len(fin)} jobs, "
+                f"{wall[0]:.0f}-{wall[-1]:.0f} s each.", "",
+                "| seed | Top-k | RegTop-k | RegTop-k − Top-k |", "| ---: | ---: | ---: | ---: |"]
+        for sd in seeds:
+            t, r = acc.get((sd, "topk")), acc.get((sd, "regtopk"))
+            d = "" if t is None or r is None else f"{r - t:+.2f}"
+            out.append(f"| {sd} | {'' if t is None else f'{t:.2f} %'} | "
+                       f"{'' if r is None else f'{r:.2f} %'} | {d} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def replace_block(page: Path, name: str, md: str) -> None:
     """Put ``md`` between ``<!-- name:begin -->`` and ``<!-- name:end -->``
     of ``page``; a page without both markers is left alone."""
@@ -274,6 +304,8 @@ def main(argv=None) -> int:
     replace_block(args.index, "verdict", md)
     # the detail page (beside the index: the same links) holds the same rows
     replace_block(args.index.parent / "fig3.md", "verdict", md)
+    replace_block(args.index.parent / "fig3.md", "details",
+                  "## Each stage, seed by seed\n\n" + details())
     print(md)
     return 0
 

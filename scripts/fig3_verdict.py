@@ -21,7 +21,8 @@ to the verdict table: raw files kept, paired comparisons, one row per claim.
 The verdict word of a row, from the 95 % CI of RegTop-k - Top-k:
 * reproduced: the CI lies above 0 and (where the paper states a size) reaches it;
 * not reproduced: the CI lies below the size the paper states, or below 0;
-* not resolved: the CI holds 0 (and the stated size, if any).
+* not resolved: the CI holds 0 (and the stated size, if any);
+  but a stage whose seeds all tie (the same final accuracy) is not reproduced.
 A stage without finished pairs says "not run" and how to run it.
 """
 from __future__ import annotations
@@ -133,8 +134,11 @@ def stage_row(stage: str) -> dict:
                 f"p = {c['p_wilcoxon']:.3g}, RegTop-k better on {int(c['wins'])} of {n}; "
                 f"last 5 evaluations: {_num(last['diff_mean'])} [{_num(last['ci_low'])}, "
                 f"{_num(last['ci_high'])}]")
-    return {"claim": label, "measured": measured, "n": n,
-            "verdict": verdict_word(c["ci_low"], c["ci_high"], size),
+    word = verdict_word(c["ci_low"], c["ci_high"], size)
+    if int(c["ties"]) == n:  # the same accuracy on every seed: no gap opens at all
+        measured += f"; tied on all {n} seeds"
+        word = "not reproduced"
+    return {"claim": label, "measured": measured, "n": n, "verdict": word,
             "link": f"[compare](fig3/{stage}/compare.md), [fig3.md](fig3.md)",
             "_lo": c["ci_low"], "_hi": c["ci_high"]}
 
@@ -224,7 +228,8 @@ def table(rows: list) -> str:
 
 RULE = ("Verdict from the 95 % CI of the paired difference: *reproduced*, the CI lies on the "
         "paper's side of 0 and reaches the size it states; *not reproduced*, the CI excludes "
-        "the stated size or lies on the other side of 0; *not resolved*, the CI holds 0. "
+        "the stated size or lies on the other side of 0, or every seed ties; *not resolved*, "
+        "the CI holds 0. "
         "Fig. 3 differences are test-accuracy points after the last round (positive: RegTop-k "
         "better), Fig. 2's the final gap ‖w − w*‖ (negative: RegTop-k better). Made by "
         "`python scripts/fig3_verdict.py` from the committed runs.")

@@ -95,3 +95,20 @@ def test_a_switch_is_a_cause_only_where_its_base_is_not_reproduced():
     assert v.overall(rows)["verdict"] == "**reproduced only under + local**"
     rows[1]["verdict"] = "reproduced"
     assert v.overall(rows)["verdict"] == "**not reproduced**"
+
+
+def test_a_stage_whose_seeds_all_tie_is_not_reproduced(tmp_path, monkeypatch):
+    """CI [0, 0] (RegTop-k's run bitwise Top-k's on every seed) opens no gap:
+    'not reproduced', not 'not resolved'."""
+    v = load_script("fig3_verdict")
+    monkeypatch.setattr(v, "OUT", tmp_path)
+    row = {"n": 5, "diff_mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_wilcoxon": float("nan"),
+           "wins": 0, "losses": 0, "ties": 5}
+    for d in (tmp_path / "ablation_sparsity", tmp_path / "ablation_sparsity" / "last5"):
+        d.mkdir(parents=True)
+        pd.DataFrame([row]).to_csv(d / "compare.csv", index=False)
+    r = v.stage_row("ablation_sparsity")
+    assert r["verdict"] == "not reproduced" and "tied on all 5 seeds" in r["measured"]
+    row.update(ties=2, wins=2, losses=1, ci_low=-0.1, ci_high=0.3)
+    pd.DataFrame([row]).to_csv(tmp_path / "ablation_sparsity" / "compare.csv", index=False)
+    assert v.stage_row("ablation_sparsity")["verdict"] == "not resolved"

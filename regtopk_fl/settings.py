@@ -139,7 +139,12 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "task.name", group_options("task"))
     _choice(cfg, "sparsifier.name", group_options("sparsifier"))
     runtime = _choice(cfg, "runtime.name", group_options("runtime"))
-    sparsifier_class(cfg).check_settings(cfg, runtime)  # its own keys (compress/base.py)
+    sparsifier = sparsifier_class(cfg)
+    name = _get(cfg, "sparsifier.name")
+    if sparsifier.name != name:  # the class runs; the name is what the run records
+        _fail("sparsifier.name", name, f"must be the name of the class sparsifier._target_ "
+              f"names ({_get(cfg, 'sparsifier._target_')} is {sparsifier.name!r})")
+    sparsifier.check_settings(cfg, runtime)  # its own keys (compress/base.py)
     n = _num(cfg, "num_workers", 1, integer=True, allowed="must be an integer >= 1")
     tn = _get(cfg, "task.num_workers")  # ${num_workers} under Hydra; a run config sets both
     if tn is not None and tn != n:

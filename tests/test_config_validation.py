@@ -65,6 +65,9 @@ BAD = [  # (overrides, key named in the message)
     (["task=cifar10", f"task.data_path={__file__}", "task.subset_per_class=1", "num_workers=11"],
      "num_workers=11"),
     (["sparsifier=global_topk", "runtime=flower"], "sparsifier='global_topk'"),
+    # the class sparsifier._target_ names runs; sparsifier.name is what the run records
+    (["sparsifier=regtopk", "sparsifier.name=topk"], "sparsifier.name='topk'"),
+    (["sparsifier=topk", "sparsifier._target_=regtopk_fl.compress.RegTopK"], "sparsifier.name='topk'"),
     (["runtime=flower", "runtime.client_gpus=2"], "runtime.client_gpus=2"),
     (["runtime=flower", "runtime.client_gpus=most"], "runtime.client_gpus='most'"),
     (["server.max_norm_ratio=0.5"], "server.max_norm_ratio=0.5"),

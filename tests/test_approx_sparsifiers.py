@@ -125,6 +125,16 @@ def test_dgc_sample_is_seeded_by_seed_worker_and_round():
     assert picks == again and len(picks) > 1
 
 
+def test_dgc_sample_offset_takes_any_seed():
+    # the seed words reduced to 64 bits: a large seed draws an offset (it overflowed the
+    # generator's seed from about 2e7 on), and a small one draws the offsets it always has
+    for seed in (20_000_000, 2**40, 2**63 - 1, 2**64 + 5, 10**30):
+        offsets = [DGC(0.01, seed=seed).offset(w, r, 101) for w in range(3) for r in (1, 7)]
+        assert all(0 <= o < 101 for o in offsets), (seed, offsets)
+    assert [DGC(0.01, seed=s).offset(w, 1, 101) for s in (0, 1, 7) for w in range(3)] == [
+        23, 85, 78, 57, 94, 82, 80, 43, 2]
+
+
 def test_dgc_selects_entries_above_its_threshold():
     # whatever the count, a row sends the count largest |a| (a threshold, or the top-k)
     gen = torch.Generator().manual_seed(2)

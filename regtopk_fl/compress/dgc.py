@@ -71,6 +71,7 @@ SAMPLE_FRACTION = 0.01  # DGC: 0.1 % to 1 % (the official default 1 %)
 UPPER_BOUND = 1.3  # DGC's compress_upper_bound (Shi et al.: 4/3)
 LOWER_BOUND = 0.8  # DGC's compress_lower_bound
 MAX_ADAPT = 10  # DGC's max_adaptation_iters
+_SEED_MASK = (1 << 64) - 1  # torch.Generator.manual_seed takes at most 64 bits
 
 
 def _number(name, value, lo, hi, lo_open, hi_open, allowed) -> float:
@@ -140,11 +141,13 @@ class DGC(Sparsifier):
                 f"k={num_selected(self.sparsity, dim)} at sparsity {self.sparsity:g}, J={dim}")
 
     def offset(self, worker: int, round: int, stride: int) -> int:
-        """The sample's offset in [0, stride) for this worker and round."""
+        """The sample's offset in [0, stride) for this worker and round. The
+        seed words are reduced to 64 bits (the generator's seed), so any
+        seed works; below 2**64 (every seed < ~1.8e7) nothing changes."""
         if stride == 1:
             return 0
         gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + int(worker)) * 1_000_033 + int(round))
+            ((self.seed * 1_000_003 + int(worker)) * 1_000_033 + int(round)) & _SEED_MASK)
         return int(torch.randint(stride, (1,), generator=gen))
 
     def select(self, a, ctx):

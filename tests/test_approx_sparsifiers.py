@@ -42,13 +42,30 @@ def idx(sel):
 # -- DGC ---------------------------------------------------------------------------------
 def test_dgc_sample_plan():
     # J = 1000, S = 0.01: k = 10, target max(ceil(10), ceil(2 / 0.01) = 200) = 200 samples,
-    # stride the odd prime >= 1000 // 200 = 5 -> 5, m = 200, rank ceil(10 * 200 / 1000) = 2
+    # stride the largest odd prime <= 1000 / 200 = 5 -> 5, m = 200, rank ceil(10 * 200 / 1000) = 2
     assert sample_plan(1000, 10, 0.01, 0.01) == (5, 200, 2)
-    # J = 11,173,962, S = 0.001: k = 11,174, target 111,740 -> stride >= 100 -> 101,
-    # m = 110,633, rank ceil(11174 * 110633 / 11173962) = ceil(110.63) = 111
-    assert sample_plan(11_173_962, 11_174, 0.001, 0.01) == (101, 110_633, 111)
+    # J = 11,173,962, S = 0.001: k = 11,174, target 111,740 -> stride <= 99.99 -> 97,
+    # m = 115,195, rank ceil(11174 * 115195 / 11173962) = ceil(115.2) = 116
+    assert sample_plan(11_173_962, 11_174, 0.001, 0.01) == (97, 115_195, 116)
     # a short row (J <= 2 / S) is sampled whole: the threshold is the k-th largest
     assert sample_plan(8, 2, 0.25, 0.01) == (1, 8, 2)
+
+
+def test_dgc_sample_is_at_least_its_target():
+    # J = 30,000, S = 1e-3: the target is 2 / S = 2000 entries; the stride, the largest odd
+    # prime <= 30000 / 2000 = 15, is 13: m = 2307 (a stride of 17, the smallest odd prime
+    # >= 15, drew 1764, fewer than DGC's 2 / S)
+    assert sample_plan(30_000, 30, 1e-3, 0.01)[:2] == (13, 2307)
+    for dim in (3, 10, 199, 200, 201, 599, 600, 601, 1000, 4096, 30_000, 65_536, 100_003,
+                1_000_000, 11_173_962):
+        for s in (1e-4, 1e-3, 1e-2, 0.05, 0.25):
+            for frac in (0.001, 0.01, 0.1):
+                target = min(dim, max(math.ceil(frac * dim), math.ceil(2 / s)))
+                k = num_selected(s, dim)
+                stride, m, rank = sample_plan(dim, k, s, frac)
+                assert m == dim // stride >= target and 1 <= rank <= m, (dim, s, frac, stride)
+                assert stride == 1 or (stride % 2 == 1 and all(
+                    stride % d for d in range(3, math.isqrt(stride) + 1, 2)))
 
 
 def test_dgc_whole_row_hand():

@@ -15,8 +15,9 @@ by the factor 0.8, at most 10 times in all. Here, for each row of ``a``
 (k = round(S J)):
 
 1. **Sample.** ``sample_fraction`` of the row (default 1 %, and at least
-   2 / S entries as in DGC, else the whole row): m entries at a stride s,
-   the smallest odd prime >= J / m, from an offset drawn in [0, s).
+   2 / S entries as in DGC, else the whole row): m = floor(J / s) entries
+   at a stride s, the largest odd prime <= J / target (1, the whole row,
+   when J < 3 target), so m >= target; from an offset drawn in [0, s).
    *Strided, not uniform at random*, as DGC's default: a strided sample is
    a stratified one (one entry per stretch of s), so its quantile varies
    less than that of m independent draws, and it costs one strided read of
@@ -54,18 +55,19 @@ this suite's error feedback is the plain accumulation of every sparsifier
 size, so its threshold admits about k / 0.01 entries and its exact top-k
 always runs; here the threshold is scaled, as in DGC.
 
-Passes over J: one strided read of m = J / 100 entries, one candidate scan
+Passes over J: one strided read of m >= J / 100 entries, one candidate scan
 per threshold tried (one, unless too few pass), and the selection on the
 candidates only. CPU and CUDA alike (no device-specific code here: the
 candidate scan chooses its kernels).
 """
+import functools
 import math
 
 import torch
 
 from .. import checks
 from .base import Selection, Sparsifier, SparsifierError, check_sparsity, num_selected
-from .exact_topk import _block_size, _candidates, _kth_largest, _odd_prime_from, _top_positions
+from .exact_topk import _block_size, _candidates, _kth_largest, _top_positions
 
 SAMPLE_FRACTION = 0.01  # DGC: 0.1 % to 1 % (the official default 1 %)
 UPPER_BOUND = 1.3  # DGC's compress_upper_bound (Shi et al.: 4/3)
@@ -86,13 +88,25 @@ def _number(name, value, lo, hi, lo_open, hi_open, allowed) -> float:
     return v
 
 
+@functools.lru_cache(maxsize=64)
+def _odd_prime_at_most(s: int) -> int:
+    """The largest odd prime <= ``s``; 1 when ``s`` < 3."""
+    if s < 3:
+        return 1
+    s -= 1 - s % 2  # odd
+    while any(s % d == 0 for d in range(3, math.isqrt(s) + 1, 2)):
+        s -= 2
+    return s
+
+
 def sample_plan(dim: int, k: int, sparsity: float, fraction: float) -> tuple:
     """(stride s, sample size m, rank k_s) for a row of ``dim`` entries: m
     = dim // s entries at stride s from an offset in [0, s), whose k_s-th
-    largest |a| is the threshold. The whole row (s = 1) when the target
-    size, max(ceil(fraction J), ceil(2 / S)), reaches J."""
+    largest |a| is the threshold. The target size is max(ceil(fraction J),
+    ceil(2 / S)); s is the largest odd prime <= J / target, so m >= target
+    (the whole row, s = 1, when the target reaches J / 3)."""
     target = max(math.ceil(fraction * dim), math.ceil(2.0 / sparsity))
-    stride = 1 if target >= dim else _odd_prime_from(dim // target)
+    stride = 1 if target >= dim else _odd_prime_at_most(dim // target)
     m = dim // stride
     return stride, m, min(m, max(1, math.ceil(k * m / dim)))
 

@@ -100,6 +100,28 @@ def test_linreg_flower_equals_inprocess(make_cfg, tmp_path, broadcast):
 
 @pytest.mark.flower
 @pytest.mark.slow
+def test_dgc_flower_equals_inprocess(make_cfg, tmp_path):
+    """DGC (#32) reads the round's context: its sample's offset is drawn from
+    (seed, worker id, round). A Flower client must build the same context as
+    the in-process engine (its partition as the worker id, the server's round),
+    or its rows are sampled elsewhere, pass another threshold and send other
+    counts. J = 100, S = 0.1: k = 10, a sample of 20 at stride 5."""
+    ip, fl = _both(make_cfg, tmp_path, ["task=linreg", "num_workers=3", "rounds=3",
+                                        "sparsifier=dgc", "sparsifier.sparsity=0.1",
+                                        "task.size_ratio=3"])
+    assert _rel(_final_model(fl)["params"], _final_model(ip)["params"]) <= 1e-6
+    r_ip, r_fl = _rows(ip), _rows(fl)
+    assert len(r_ip) == len(r_fl) == 4
+    for a, b in zip(r_ip, r_fl):
+        for key in COUNTS:
+            assert a[key] == b[key], (key, a["round"])
+    # the sampled threshold ran (not exactly k a row), so the counts follow the offsets
+    assert [int(r["sent"]) for r in r_ip[1:]] != [3 * 10] * 3
+    assert float(r_ip[-1]["gap"]) < float(r_ip[0]["gap"])  # it trained
+
+
+@pytest.mark.flower
+@pytest.mark.slow
 def test_flower_replicas_stay_bitwise_equal_for_100_rounds(make_cfg, tmp_path):
     """broadcast=gradient under Flower's Simulation Runtime for 100 rounds with
     momentum, weight decay and 20 % injected drops. Every reply names the

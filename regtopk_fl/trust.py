@@ -10,12 +10,16 @@ this module refuses well-formed ones that lie or overreach.
   client knows its data size, ``trust_num_examples=true`` uses the reported
   counts, but no worker gets more than ``max_weight_share`` of the total
   (water-filling: the capped shares are fixed and the rest renormalised).
-* **Budget.** An upload may carry at most the run's budget of entries: k =
+* **Budget.** An upload may carry at most the run's budget of entries,
+  which every sparsifier states through the contract (compress/base.py,
+  ``Sparsifier.budget(J)``, a bound its own selection never exceeds): k =
   max(1, round(S * J)) for Top-k, RegTop-k, Random-k and the global Top-k;
-  Gaussian-k's stated bound (compress/gaussiank.py, ``BUDGET_FACTOR`` x k,
-  which its workers never exceed: they cap their count there). The server
-  takes the budget from its own sparsifier config (``sparsifier.budget(J)``),
-  never from a reply. A dense upload of all J entries, a coded one of all J,
+  where the count varies, the cap the method enforces: ``budget_factor`` x
+  k for Gaussian-k, RegTop-k on Gaussian-k and trimmed top-k
+  (``sparsifier.budget_factor``, default 128), floor(``upper_bound`` x k)
+  for DGC (1.3 k by default: more candidates are cut to the exact top-k).
+  The server takes the budget from its own sparsifier config
+  (``sparsifier.budget(J)``), never from a reply. A dense upload of all J entries, a coded one of all J,
   or k + 1 entries is rejected; ``dense`` runs have no budget. (An upload
   over budget once made ``sent`` 250 where four honest workers sent 200, and
   gained its worker influence over the model.)

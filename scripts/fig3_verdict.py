@@ -84,7 +84,7 @@ def keep(sweeps: Path) -> None:
                 shutil.copy2(job / name, d / name)
             if (job / ".hydra").is_dir():
                 shutil.copytree(job / ".hydra", d / ".hydra", dirs_exist_ok=True)
-        if (src / "multirun.yaml").exists():
+        if (src / "multirun.yaml").exists() and dst.is_dir():
             shutil.copy2(src / "multirun.yaml", dst / "multirun.yaml")
     init = sweeps / "fig3_warm_init"
     if (init / "summary.json").exists():
@@ -265,6 +265,19 @@ def details() -> str:
     return "\n".join(out)
 
 
+def relink(md: str) -> str:
+    """The links of a results/ page, as results/fig3/verdict.md needs them."""
+    import re
+
+    def fix(m):
+        target = m.group(1)
+        if target.startswith(("http:", "https:", "#")):
+            return m.group(0)
+        return "](" + (target[len("fig3/"):] if target.startswith("fig3/") else "../" + target) + ")"
+
+    return re.sub(r"\]\(([^)]+)\)", fix, md)
+
+
 def replace_block(page: Path, name: str, md: str) -> None:
     """Put ``md`` between ``<!-- name:begin -->`` and ``<!-- name:end -->``
     of ``page``; a page without both markers is left alone."""
@@ -303,9 +316,7 @@ def main(argv=None) -> int:
     md = table(rows) + "\n\n" + RULE + "\n"
     (OUT / "verdict.md").parent.mkdir(parents=True, exist_ok=True)
     (OUT / "verdict.md").write_text("# The verdict on the paper's figures\n\n" +
-                                    md.replace("](fig3/", "](").replace("](seeds/", "](../seeds/")
-                                    .replace("](fig1_toy/", "](../fig1_toy/")
-                                    .replace("](fig3.md)", "](../fig3.md)"))
+                                    relink(md))
     replace_block(args.index, "verdict", md)
     # the detail page (beside the index: the same links) holds the same rows
     replace_block(args.index.parent / "fig3.md", "verdict", md)

@@ -22,6 +22,7 @@ def gpu_smoke(tmp_path_factory):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_data.py"), "synthetic", str(data),
                     "--train", "100", "--test", "10"], check=True, capture_output=True)
     env = dict(os.environ, OUT=str(tmp / "out"), DEVICE="cpu", ROUNDS="2", SEEDS="2", PAR="2",
+               CELLS="paper cause",
                DATA=str(data), BUNDLE=str(tmp / "none"), PY=sys.executable, CAP_S="400",
                EXTRA="task.width=4 task.test_subset=10 eval_every=1 threads=1")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_fig3_verdict.sh")], env=env,

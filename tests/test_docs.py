@@ -115,10 +115,15 @@ def test_a_missing_archive_or_weights_file_is_not_the_commands_fault():
 # -- numbers of the results index --------------------------------------------------
 
 def _copy_results(tmp_path):
-    res = tmp_path / "results"
-    res.mkdir()
-    for p in (PROJECT_ROOT / "results").glob("*.md"):
-        shutil.copy(p, res / p.name)
+    """Every Markdown page of results/ (sub-folders too: the index links
+    compare tables there), in the same layout."""
+    src, res = PROJECT_ROOT / "results", tmp_path / "results"
+    for p in src.rglob("*.md"):
+        rel = p.relative_to(src)
+        if rel.parts[0] in ("sweeps", "runs", "cache"):
+            continue
+        (res / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, res / rel)
     return res
 
 

@@ -6,8 +6,9 @@ to the verdict table: raw files kept, paired comparisons, one row per claim.
 
 1. keep: every job of each stage's sweep (``results/sweeps/fig3_<stage>/<n>/``)
    is copied to ``results/fig3/<stage>/runs/<n>/``: ``metrics.csv``,
-   ``summary.json`` and ``.hydra/`` (what ``regtopk-plot`` reads); the warm
-   start's ``model.pt`` too (the file the warm runs name in ``init_from``).
+   ``summary.json`` and ``.hydra/`` (what ``regtopk-plot`` reads); of the warm
+   start its run files, not its 2.8 MB ``model.pt``: ``fig3_evidence.sh
+   warm_init`` remakes it, and the warm runs' ``summary.json`` holds its sha256.
 2. compare: for each stage, ``regtopk-plot results/fig3/<stage>/runs --metric
    accuracy --compare regtopk:topk --out results/fig3/<stage>/`` (the final
    accuracy) and the same with ``--last 5`` into ``.../last5/`` (the mean of
@@ -90,7 +91,7 @@ def keep(sweeps: Path) -> None:
     if (init / "summary.json").exists():
         d = OUT / "warm_init"
         d.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.csv", "summary.json", "model.pt"):
+        for name in ("metrics.csv", "summary.json"):  # model.pt (2.8 MB) stays out of git
             if (init / name).exists():
                 shutil.copy2(init / name, d / name)
         if (init / ".hydra").is_dir():

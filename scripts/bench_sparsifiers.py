@@ -41,6 +41,8 @@ sparsifier of conf/sparsifier/ by its name (Top-k always runs).
     python scripts/bench_sparsifiers.py                      # full run, prints Markdown
     python scripts/bench_sparsifiers.py --out results/bench_sparsifiers.md
     python scripts/bench_sparsifiers.py --quick              # smoke test (seconds)
+    python scripts/bench_sparsifiers.py --shi --threads 2 --sizes 11173962 --repeat 3 \
+        --out results/bench_shi.md                         # Shi et al.'s set (issue #32)
     python scripts/bench_sparsifiers.py --device cuda --sizes 11173962 --out $OUT/bench.md
     python scripts/bench_sparsifiers.py --threads 2 --device cpu --sizes 11173962 \
         --methods topk regtopk --repeat 5                  # passes per S, 5 runs
@@ -85,7 +87,7 @@ WEIGHT = 1.0 / 8.0  # the worker's aggregation weight, as with 8 equal workers
 CANCEL = 0.1  # share of last round's entries on which the global gradient is exactly 0
 COLUMNS = ("device", "J", "S", "k", "method", "select_ms", "select_x_topk",
            "select_cpu_x_topk", "select_passes", "step_ms", "step_x_topk", "step_cpu_x_topk",
-           "step_passes", "mean_sent",
+           "step_passes", "mean_sent", "sent_x_k_median", "sent_x_k_min", "sent_x_k_max",
            "raw_bytes", "coded_bytes", "raw_idx_x_floor", "coded_idx_x_floor")
 
 
@@ -297,6 +299,7 @@ def bench_cell(device: str, dim: int, sparsity: float, repeats: int, seed: int =
                    step_ms=step[name][0], step_x_topk=step[name][1],
                    step_cpu_x_topk=step[name][2], step_passes=step[name][3],
                    mean_sent=statistics.fmean(st["sent"][1:] or st["sent"]),
+                   **sent_over_k(st["sent"][1:] or st["sent"], k),
                    raw_bytes=raw_bytes(up), coded_bytes=coded_bytes(up))
         floor_bits = info_floor_bits(dim, up.sent)
         if up.indices is not None and floor_bits > 0:
@@ -310,6 +313,13 @@ def bench_cell(device: str, dim: int, sparsity: float, repeats: int, seed: int =
                          select_cpu_x_topk=select[SORT][2], select_passes=select[SORT][3],
                          mean_sent=float(k)))
     return rows
+
+
+def sent_over_k(sent, k: int) -> dict:
+    """The count each timed worker step sent, over k: median and range (Shi et
+    al.'s approximate selections send "about k"; trimmed top-k may send more)."""
+    x = [n / k for n in sent]
+    return dict(sent_x_k_median=statistics.median(x), sent_x_k_min=min(x), sent_x_k_max=max(x))
 
 
 def bench_global(device: str, dim: int, sparsity: float, repeats: int, workers: int = 8):
@@ -356,7 +366,7 @@ def markdown(rows, env: dict, global_rows=None, note: str = "") -> str:
               "log2 C(J, sent) bits; `mean sent` is over the timed steps.", ""]
     head = ("device", "J", "S", "k", "method", "select ms", "select x topk",
             "select cpu x topk", "select passes", "step ms", "step x topk", "step cpu x topk",
-            "step passes", "mean sent",
+            "step passes", "mean sent", "sent/k med", "sent/k min", "sent/k max",
             "raw B", "coded B", "raw idx/floor", "coded idx/floor")
     keys = COLUMNS
     lines.append("| " + " | ".join(head) + " |")
@@ -435,6 +445,35 @@ def summary(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHI = ("topk", "gaussiank", "dgc", "trimmed_topk", "randomk")  # Shi et al.'s comparison set
+
+
+def comparison(runs) -> str:
+    """Shi et al.'s selection-time comparison, per (device, J, S): each
+    selection's passes over the gradient (select time in one-pass floors),
+    its count over k (median and range over the timed worker steps of every
+    run) and its select time over Top-k's (median over the runs); empty when
+    fewer than two of its methods ran."""
+    rows = [r for rows in runs for r in rows]
+    methods = [m for m in SHI if any(r["method"] == m for r in rows)]
+    if len(methods) < 2:
+        return ""
+    cells = dict.fromkeys((r["device"], r["J"], r["S"], r["k"]) for r in runs[0])
+    lines = ["Shi et al.'s comparison (select on [1, J]; count over the worker steps; "
+             + ("median (min-max) over the runs" if len(runs) > 1 else "one run") + "):", "",
+             "| device | J | S | k | method | passes over the gradient | count ÷ k, median |"
+             " count ÷ k, range | time ÷ Top-k |", "|---|---|---|---|---|---|---|---|---|"]
+    for device, dim, s, k in cells:
+        for m in methods:
+            v = lambda key: _values(runs, device, dim, s, m, key)  # noqa: E731
+            lo, hi = v("sent_x_k_min"), v("sent_x_k_max")
+            rng = f"{_fmt(min(lo))}-{_fmt(max(hi))}" if lo else "-"
+            lines.append(f"| {device} | {dim} | {s} | {k} | {m} | {_spread(v('select_passes'))} | "
+                         f"{_spread(v('sent_x_k_median'))} | {rng} | "
+                         f"{_spread(v('select_x_topk'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def targets(runs) -> list:
     """This project's targets at the largest J, per device, on the medians
     over the runs: the Top-k worker step within ``TOPK_PASSES`` one-pass
@@ -486,6 +525,9 @@ def parse_args(argv=None):
                    help=f"methods to time, of {', '.join(CHOICES)} (default: "
                         f"{', '.join(METHODS)}, and the authors' sort); topk, the "
                         "reference of every ratio, always runs")
+    p.add_argument("--shi", action="store_true",
+                   help="Shi et al.'s comparison set: " + ", ".join(SHI)
+                        + " (overrides --methods; no authors' sort)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="override the J values")
     p.add_argument("--sparsities", type=float, nargs="+", default=None,
                    help="override the S values")
@@ -516,7 +558,9 @@ def main(argv=None) -> list:
     if args.repeat < 1:
         raise SystemExit(f"--repeat={args.repeat}: must be >= 1")
     methods = tuple(m for m in (args.methods or METHODS) if m != "sort")
-    sort = args.methods is None or "sort" in args.methods
+    if args.shi:
+        methods = SHI
+    sort = not args.shi and (args.methods is None or "sort" in args.methods)
 
     env = environment(devices)
     env["repeats"] = repeats
@@ -555,6 +599,9 @@ def main(argv=None) -> list:
                             f"Full table of the last run ({args.repeat} of {args.repeat}):\n\n"
                             "| device | J | S | k | method |", 1)
     text += "\n" + summary(runs)
+    shi = comparison(runs)
+    if shi:
+        text += "\n" + shi
     checks = targets(runs)
     if checks:
         text += ("\nTargets and verdicts (largest J" + (", medians over the runs" if

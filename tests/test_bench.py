@@ -87,3 +87,22 @@ def test_repeat_reports_median_and_spread_per_cell(bench, capsys, tmp_path):
 def test_bad_repeat_is_rejected(bench):
     with pytest.raises(SystemExit, match="--repeat=0"):  # ours, not argparse's unknown flag
         bench.main(["--quick", "--repeat", "0"])
+
+
+def test_shi_comparison_counts_and_ratios(bench, capsys):
+    """--shi times Shi et al.'s five selections and reports each one's count
+    over k from the worker steps: exact for top-k and random-k, about k for
+    DGC (within its bounds), at least k for trimmed top-k."""
+    rows = bench.main(["--quick", "--shi", "--repeats", "2", "--device", "cpu",
+                       "--sparsities", "0.01"])
+    text = capsys.readouterr().out
+    assert "Shi et al.'s comparison" in text
+    by = {r["method"]: r for r in rows}
+    assert set(bench.SHI) <= set(by) and "sort (authors')" not in by
+    for m in ("topk", "randomk"):
+        assert by[m]["sent_x_k_min"] == by[m]["sent_x_k_max"] == 1.0
+    assert 0.8 * 0.8 <= by["dgc"]["sent_x_k_min"] and by["dgc"]["sent_x_k_max"] <= 1.3
+    assert by["trimmed_topk"]["sent_x_k_min"] >= 1.0
+    assert by["topk"]["select_x_topk"] == 1.0
+    shi = [line for line in text.splitlines() if line.startswith("| cpu |") and "| dgc |" in line]
+    assert len(shi) == 2  # the full table's row and the comparison's row

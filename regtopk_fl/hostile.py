@@ -70,11 +70,17 @@ ATTACKS = {
     "sign_flip": "its honest upload, sign-flipped and scaled to c x the round's median norm",
     "scaled_copy": "c x the upload of another worker (the next partition that replied)",
     "random_direction": "a random direction on its honest indices, at the round's median norm",
+    "ipm": "inner-product manipulation: minus the others' mean upload on its largest entries "
+           "(as many as its honest upload), scaled to c x the round's median norm",
+    "alie": "a little is enough, on the sent entries: on the others' mean's largest entries, "
+            "each the senders' mean moved c of their standard deviations toward 0 and beyond",
     "absent": "nothing: the worker sits the round out",
 }
 UPLOAD_ATTACKS = ("nan", "inf", "huge_norm", "inflate_examples", "over_budget", "dense_all",
                   "coded_all")
-BYZANTINE = ("sign_flip", "scaled_copy", "random_direction")
+BYZANTINE = ("sign_flip", "scaled_copy", "random_direction", "ipm", "alie")
+# the attacks made to defeat a robust rule (issue #33): c is chosen knowing the rule
+ADAPTIVE = ("ipm", "alie")
 BUDGET_ATTACKS = ("over_budget", "dense_all", "coded_all")
 # what either runtime can do; the rest are Flower messages (runtime=flower)
 BOTH_RUNTIMES = ("absent", *UPLOAD_ATTACKS, *BYZANTINE)
@@ -201,7 +207,56 @@ def byzantine(attack: str, reply, others: list, c: float, seed: int, round: int,
         zn = float(torch.linalg.vector_norm(z))
         v = (z * (median / zn if zn > 0 else 0.0)).to(up.values.dtype).to(up.values.device)
         return dataclasses.replace(reply, upload=Upload(v, up.indices, up.dim))
+    if attack in ADAPTIVE:
+        return dataclasses.replace(reply, upload=_adaptive(attack, up, others, c, median))
     raise ValueError(f"{attack!r} is not a Byzantine attack")
+
+
+def _adaptive(attack: str, up, others: list, c: float, median: float):
+    """The upload of ``ipm`` or ``alie``. The others' uploads are spread on
+    all J entries (0 where one sent nothing); their plain mean mu is what the
+    paper's rule would make of them (equal weights). The attacker keeps its
+    honest count of entries (the budget holds) and sends the entries where
+    |mu| is largest (all J for a dense upload).
+
+    * ``ipm`` (inner-product manipulation, Xie et al. 2020): -mu there,
+      scaled to c x the round's median norm. Knowing a norm rule's radius
+      (``upload_clip``'s clip_ratio, ``centered_clip``'s), it sets c to it:
+      the largest push against the honest direction that passes unclipped.
+    * ``alie`` ("a little is enough", Baruch et al. 2019, on the sent
+      entries): at entry j, with mean_j and std_j over the others that sent
+      j (a statistic of the senders, as a rule made for sparse uploads would
+      keep), the value mean_j - c std_j sign(mu_j): inside the senders'
+      spread for small c, so that no per-entry or per-upload outlier test
+      sees it, but every entry pushed against the aggregate."""
+    dim = up.dim
+    dtype, device = up.values.dtype, up.values.device
+    x = torch.zeros(len(others), dim, dtype=torch.float64)
+    sent = torch.zeros(len(others), dim, dtype=torch.bool)
+    for i, r in enumerate(others):
+        o = r.upload
+        idx = (torch.arange(dim) if o.indices is None else o.indices.to(torch.int64).cpu())
+        x[i, idx] = o.values.detach().to(torch.float64).cpu()
+        sent[i, idx] = True
+    mu = x.mean(0)
+    count = up.values.numel()
+    if up.indices is None:
+        idx = None
+        pick = torch.arange(dim)
+    else:
+        pick = torch.sort(torch.topk(mu.abs(), min(count, dim)).indices).values
+        idx = pick.to(up.indices.dtype).to(up.indices.device)
+    if attack == "ipm":
+        v = -mu[pick]
+        vn = float(torch.linalg.vector_norm(v))
+        v = v * (c * median / vn if vn > 0 else 0.0)
+    else:
+        n = sent[:, pick].sum(0).clamp_min(1).to(torch.float64)
+        xs = x[:, pick]
+        mean = xs.sum(0) / n
+        var = ((xs - mean) ** 2 * sent[:, pick]).sum(0) / n
+        v = mean - c * var.sqrt() * torch.sign(mu[pick])
+    return Upload(v.to(dtype).to(device), idx, dim)
 
 
 def tamper_round(fault_cfg, seed: int, round: int, replies: list, budget=None,

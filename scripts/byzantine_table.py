@@ -32,8 +32,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-RULES = ("mean", "trimmed_mean", "median", "centered_clip")
-ATTACKS = ("honest", "absent", "sign_flip", "scaled_copy", "random_direction")
+RULES = ("mean", "trimmed_mean", "median", "centered_clip", "upload_clip")
+ATTACKS = ("honest", "absent", "sign_flip", "scaled_copy", "random_direction", "ipm", "alie")
+# the columns and rows of the first table (issue #17): always shown, so that its
+# kept rows rebuild its page unchanged; the others only where the rows have them
+FIRST_RULES, FIRST_ATTACKS = RULES[:4], ATTACKS[:5]
+ADAPTIVE = ("ipm", "alie")  # regtopk_fl.hostile.ADAPTIVE
+# The adaptive attacks know the rule (issue #33): ipm's c is the largest norm
+# ratio the rule lets through at full weight (a norm rule's clip_ratio; the
+# mean: the guard's 15, as sign_flip; the coordinate-wise rules have no norm
+# radius: 1, an upload of the median norm); alie's c is z = 1 standard deviation.
+IPM_SCALE = {"mean": 15.0, "trimmed_mean": 1.0, "median": 1.0}
+ALIE_Z = 1.0
 # linreg: N = 10 (one Byzantine worker = 10%: trimmed_mean's default 0.1 cuts
 # one value per side), RegTop-k S = 0.5; tiny_image: N = 10, Top-k S = 0.05,
 # pixel noise 2 (as sweep_tiny_flower: keeps the methods apart).
@@ -48,6 +58,23 @@ TASKS = {
 HOSTILE = 9  # the last partition
 
 
+def attack_scale(rule: str, attack: str, cfg, extra: list) -> float:
+    """The c the attack runs with: ``faults.hostile.scale`` where ``--set``
+    gives it or the attack is not adaptive, else the one that knows the rule
+    (IPM_SCALE, ALIE_Z)."""
+    from omegaconf import OmegaConf
+
+    from regtopk_fl import hostile
+
+    if any(o.startswith("faults.hostile.scale=") for o in extra) or attack not in ADAPTIVE:
+        return hostile.scale(cfg.faults)
+    if attack == "alie":
+        return ALIE_Z
+    if rule in IPM_SCALE:
+        return IPM_SCALE[rule]
+    return float(OmegaConf.select(cfg, "aggregate.clip_ratio"))  # a norm rule's radius
+
+
 def run_one(task: str, rule: str, attack: str, seed: int, rounds: int, extra: list) -> dict:
     from regtopk_fl.compress import SparsifierError
     from regtopk_fl.deploy import compose_config
@@ -58,6 +85,10 @@ def run_one(task: str, rule: str, attack: str, seed: int, rounds: int, extra: li
           "checkpoint.every=0", "progress=false", *extra]
     if attack != "honest":
         ov += [f"faults.hostile.worker={HOSTILE}", f"faults.hostile.attacks=1-{rounds}:{attack}"]
+    cfg = compose_config(ov)
+    c = None if attack in ("honest", "absent") else attack_scale(rule, attack, cfg, extra)
+    if attack in ADAPTIVE and not any(o.startswith("faults.hostile.scale=") for o in extra):
+        ov.append(f"faults.hostile.scale={c}")
     with tempfile.TemporaryDirectory(prefix="byz-") as tmp:
         t0 = time.perf_counter()
         try:
@@ -70,7 +101,7 @@ def run_one(task: str, rule: str, attack: str, seed: int, rounds: int, extra: li
         rejected = sum(int(r["rejected"]) for r in rows)
     return {"task": task, "rule": rule, "attack": attack, "seed": seed, "metric": metric,
             "final": final, "rejected": rejected, "status": status, "rounds": len(rows) - 1,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1), "scale": c}
 
 
 def read_rows(path: Path) -> list:
@@ -80,6 +111,8 @@ def read_rows(path: Path) -> list:
     for r in rows:
         r["seed"], r["rejected"], r["rounds"] = int(r["seed"]), int(r["rejected"]), int(r["rounds"])
         r["final"], r["seconds"] = float(r["final"]), float(r["seconds"])
+        if r.get("scale") not in (None, ""):
+            r["scale"] = float(r["scale"])
     return rows
 
 
@@ -91,12 +124,14 @@ def markdown(rows: list, task: str) -> str:
         by.setdefault((r["attack"], r["rule"]), []).append(r["final"])
     fmt = (lambda v: f"{v:.3g}") if metric == "gap" else (lambda v: f"{v:.1f}")
     diverged = {(r["attack"], r["rule"]) for r in rows if math.isnan(r["final"])}
+    rules = [r for r in RULES if r in FIRST_RULES or any(x["rule"] == r for x in rows)]
+    attacks = [a for a in ATTACKS if a in FIRST_ATTACKS or any(x["attack"] == a for x in rows)]
     lines = [f"final {metric} ({better} is better), mean over seeds {seeds} (n = {len(seeds)})"
              " [min-max]", "",
-             "| attack | " + " | ".join(RULES) + " |", "| --- |" + " ---: |" * len(RULES)]
-    for attack in ATTACKS:
+             "| attack | " + " | ".join(rules) + " |", "| --- |" + " ---: |" * len(rules)]
+    for attack in attacks:
         cells = []
-        for rule in RULES:
+        for rule in rules:
             v = by.get((attack, rule))
             if not v:
                 cells.append("")
@@ -123,18 +158,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--rules", nargs="+", default=list(RULES))
-    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    ap.add_argument("--rules", nargs="+", default=list(FIRST_RULES), choices=RULES)
+    ap.add_argument("--attacks", nargs="+", default=list(FIRST_ATTACKS), choices=ATTACKS)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None, help="write <out>.csv and <out>.md")
-    ap.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
-                    help="rebuild CSV's .md from its kept rows (runs nothing)")
+    ap.add_argument("--from-csv", type=Path, nargs="+", default=None, metavar="CSV",
+                    help="rebuild CSV's .md from its kept rows (runs nothing); several CSVs "
+                         "make one table, written to <out>.md (--out is then required)")
     args = ap.parse_args(argv)
 
     if args.from_csv is not None:
-        text = markdown(read_rows(args.from_csv), args.task)
+        if len(args.from_csv) > 1 and args.out is None:
+            print(f"--out=None: required with {len(args.from_csv)} CSVs", file=sys.stderr)
+            return 2
+        rows = [r for path in args.from_csv for r in read_rows(path)]
+        text = markdown(rows, args.task)
         print(text)
-        args.from_csv.with_suffix(".md").write_text(text)
+        (args.out or args.from_csv[0]).with_suffix(".md").write_text(text)
         return 0
 
     import torch

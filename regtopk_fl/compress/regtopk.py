@@ -33,10 +33,14 @@ from .exact_topk import Lowered, rows_topk
 DISTORTIONS = ("reference", "paper")
 
 
-def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float, pos=None):
+def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float, pos=None,
+                scale=None, noise=None):
     """The regularized score on last round's mask only: ``(flat idx, score)``,
     O(k); ``pos`` (positions into the mask) restricts it to those entries.
-    Every other entry's score is ``|a| * tanh(|1 + Q| / mu)``."""
+    Every other entry's score is ``|a| * tanh(|1 + Q| / mu)``. ``scale``
+    (None: 1, no operation) multiplies Delta before the guard and ``noise``
+    (None: 0, no operation) replaces |1 + Delta| by sqrt((1 + Delta)^2 +
+    noise^2), for regtopk_sampled (compress/regtopk_sampled.py)."""
     idx, sent, fb_g, fb_w = ctx.prev_flat, ctx.prev_sent, ctx.fb_g, ctx.fb_w
     if pos is not None:
         idx, sent, fb_g, fb_w = (x.index_select(0, pos) for x in (idx, sent, fb_g, fb_w))
@@ -44,10 +48,15 @@ def prev_scores(a: torch.Tensor, ctx, mu: float, distortion: str, q: float, pos=
     contrib = fb_w * sent
     den = contrib if distortion == "reference" else fb_w * a_prev
     delta = (fb_g - contrib).div_(den)
+    if scale is not None:
+        delta.mul_(scale)
     # a zero denominator gives +-inf or NaN (x / 0, 0 / 0), unknown feedback
     # (fb_g NaN) NaN: every non-finite Delta is Q (in delta's dtype)
     delta.nan_to_num_(nan=q, posinf=q, neginf=q)
-    return idx, delta.add_(1.0).abs_().div_(mu).tanh_().mul_(a_prev.abs_())
+    delta.add_(1.0)
+    if noise is not None:
+        delta.square_().add_(noise * noise).sqrt_()
+    return idx, delta.abs_().div_(mu).tanh_().mul_(a_prev.abs_())
 
 
 def off_mask_scale(mu: float, q: float) -> float:
@@ -55,14 +64,15 @@ def off_mask_scale(mu: float, q: float) -> float:
     return math.tanh(abs(1.0 + q) / mu)
 
 
-def regularized_abs(a: torch.Tensor, ctx, mu: float, distortion: str, q: float) -> torch.Tensor:
+def regularized_abs(a: torch.Tensor, ctx, mu: float, distortion: str, q: float,
+                    scale=None, noise=None) -> torch.Tensor:
     """|a| * tanh(|1 + Delta| / mu) for a [N, J] batch (a fresh tensor)."""
     score = a.abs()
     base = off_mask_scale(mu, q)
     if base != 1.0:  # only for a huge mu: keeps the off-mask scale exact
         score.mul_(base)
     if ctx.prev_flat.numel():
-        idx, vals = prev_scores(a, ctx, mu, distortion, q)
+        idx, vals = prev_scores(a, ctx, mu, distortion, q, scale=scale, noise=noise)
         score.view(-1)[idx] = vals
     return score
 

@@ -112,6 +112,9 @@ def _as_before(keep: dict) -> None:
                 old["aggregate"], old["trim_fraction"] = agg["name"], agg.get("trim_fraction", 0.1)
             old[key] = value
         keep["server"] = old
+    faults = keep.get("faults")
+    if isinstance(faults, dict) and "missing" in faults and faults["missing"] is None:
+        del faults["missing"]  # #35's twin schedule, unset: what ran before it
     hostile = (keep.get("faults") or {}).get("hostile")
     if isinstance(hostile, dict) and hostile.get("scale") == 15.0:
         del hostile["scale"]

@@ -14,7 +14,7 @@ import torch
 from . import faults, hostile
 from .client_states import ClientStates
 from .fedround import Coordinator, FedServer, worker_round
-from .memory import ErrorFeedbackMemory
+from .memory import ErrorFeedbackMemory, restore_rows
 
 
 def corrupt(reply):
@@ -47,6 +47,9 @@ class InProcessRun:
         if participation is not None and (not participation.full
                                           or participation.stale_feedback != "keep"):
             self.memory, self.clients = None, ClientStates(task.dim, task.dtype, device)
+        # faults.missing's "lost" replies: these workers put that upload back
+        # into their residual the next round they compute
+        self.restore_due: set = set()
 
     @property
     def server(self):
@@ -55,14 +58,25 @@ class InProcessRun:
     def round(self, t: int, observer=None) -> dict:
         n_all = (list(range(self.task.num_workers)) if self.participation is None
                  else self.participation.clients(t))  # #12: the sampled clients
-        plan = self.coord.plan(n_all)  # only the sampled clients are sent anything
+        off = faults.offline(self.fault_cfg, n_all, t)  # faults.missing: no node online
+        # only the sampled clients are sent anything (and of them, those online)
+        plan = self.coord.plan([n for n in n_all if n not in off] if off else n_all)
         alive = faults.survivors(self.fault_cfg, self.seed, n_all, t)
+        lost = faults.lost(self.fault_cfg, alive, t)
+        if lost and self.clients is not None:
+            raise ValueError("faults.missing: lost replies are not modelled under client sampling")
         replies = []
         if alive:
             total = float(sum(self.sizes[n] for n in alive))
             weights = [self.sizes[n] / total for n in alive]
             memory, rows = self.memory, None if len(alive) == self.task.num_workers else alive
             feedbacks = self.coord.feedback_for(alive)
+            back = [n for n in alive if n in self.restore_due]
+            if back:  # a lost upload: back into the residual, the feedback is about an older one
+                restore_rows(self.memory, back)
+                feedbacks = [None if n in self.restore_due else fb
+                             for n, fb in zip(alive, feedbacks)]
+                self.restore_due -= set(back)
             if self.clients is not None:  # #12: a batch of just these clients' states
                 feedbacks = self.clients.usable(feedbacks, alive, t, self.participation)
                 memory, rows = self.clients.gather(alive, feedbacks), None
@@ -77,18 +91,25 @@ class InProcessRun:
                 r.replica_round = t - 1
             nan = faults.corrupted(self.fault_cfg, self.seed, alive, t)
             replies = [corrupt(r) if r.worker in nan else r for r in replies]
+            if lost:  # computed, never arrived
+                replies = [r for r in replies if r.worker not in lost]
+                self.restore_due |= lost
             # faults.hostile: upload and Byzantine attacks (the Flower runtime makes
             # them in the ClientApp and in strategies/hostile_grid.py)
             replies = hostile.tamper_round(self.fault_cfg, self.seed, t, replies, self.budget,
                                            self.task.num_workers)
         out = self.coord.collect(replies)
         return {"outcome": out, "plan": plan,
-                "missing": len(n_all) - len(alive), "replies": len(replies), "sampled": len(n_all)}
+                "missing": len(n_all) - len(alive) + len(lost), "replies": len(replies), "sampled": len(n_all)}
 
     def state_dict(self) -> dict:
         mem = self.memory if self.clients is None else self.clients
-        return {"coord": self.coord.state_dict(), "memory": mem.state_dict()}
+        state = {"coord": self.coord.state_dict(), "memory": mem.state_dict()}
+        if self.restore_due:
+            state["restore_due"] = sorted(self.restore_due)
+        return state
 
     def load_state_dict(self, state) -> None:
         self.coord.load_state_dict(state["coord"])
         (self.memory if self.clients is None else self.clients).load_state_dict(state["memory"])
+        self.restore_due = set(state.get("restore_due", ()))

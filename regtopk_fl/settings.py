@@ -164,6 +164,7 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "upload", UPLOADS)
     _num(cfg, "faults.drop_prob", 0, 1, hi_open=True, allowed="must be in [0, 1)")
     _num(cfg, "faults.nan_prob", 0, 1, allowed="must be in [0, 1]")
+    _missing(cfg, n, runtime)
     if _get(cfg, "checkpoint.every") != "auto":
         _num(cfg, "checkpoint.every", 0, integer=True,
              allowed="must be auto or an integer >= 0 (0 = off)")
@@ -200,6 +201,35 @@ def validate(cfg: DictConfig) -> None:
             _fail("runtime.state_dir", sd, "must be auto, null or a directory path")
         _ray_address(cfg)
     task_class(cfg).check_settings(cfg, n, runtime)  # its own keys (tasks/base.py)
+
+
+def _missing(cfg, n: int, runtime: str) -> None:
+    """faults.missing: a readable ROUND WORKER [absent|offline|lost] file, in-process
+    only (a deployed run's twin, regtopk_fl/faults.py)."""
+    from .faults import parse_missing
+
+    path = _get(cfg, "faults.missing")
+    if path is None:
+        return
+    if not isinstance(path, str) or not path.strip():
+        _fail("faults.missing", path, "must be null or the path of a ROUND WORKER "
+              "[absent|offline|lost] file")
+    if runtime != "inprocess":
+        _fail("faults.missing", path, "replays a deployed run's missing workers in its twin: "
+              "runtime=inprocess only")
+    try:
+        text = open(path).read()
+    except OSError as exc:
+        _fail("faults.missing", path, f"cannot be read ({exc.strerror})")
+    try:
+        sched = parse_missing(text)
+    except ValueError as exc:
+        _fail("faults.missing", path, str(exc))
+    for (r, w), _ in sched.items():
+        if not 0 <= w < n:
+            _fail("faults.missing", path, f"round {r}: worker {w} is not in 0..{n - 1}")
+        if r < 1:
+            _fail("faults.missing", path, f"round {r}: rounds count from 1")
 
 
 def _participation(cfg, n: int, runtime: str, policies) -> None:

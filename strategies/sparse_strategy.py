@@ -145,7 +145,8 @@ class SparseAggregation(Strategy):
             nodes, sampled = self._sampled_nodes(grid, nodes, server_round)
         workers = [self.node_worker.get(n) for n in nodes]
         plan = self.coord.plan(workers)
-        self._round_info = {"nodes": len(nodes), "plan": plan, "sampled": sampled}
+        self._round_info = {"nodes": len(nodes), "plan": plan, "sampled": sampled,
+                            "sent": dict(zip(nodes, workers))}  # node -> worker (#35)
         server, downlink = self.coord.server, self.coord.downlink
         step = downlink.step
         shared = None  # the delta records, built once and sent to every node
@@ -215,6 +216,10 @@ class SparseAggregation(Strategy):
         if no_reply or nodes < sampled:
             log.info("round %d: %d of %d nodes online, %d replies, %d without reply in time",
                      server_round, nodes, sampled, len(replies), no_reply)
+        why = self._missing_why(replies, server_round)
+        if why:  # which worker is missing, and why (#35)
+            log.info("round %d: missing %s", server_round, "; ".join(
+                f"worker {w}: {r}" for w, r in sorted(why.items(), key=lambda x: str(x[0]))))
         info = {"outcome": outcome, "plan": self._round_info.get("plan"),
                 "missing": failed + no_reply + max(0, sampled - nodes), "sampled": sampled,
                 "replies": len(good) + len(rejected) + undecodable,
@@ -238,6 +243,28 @@ class SparseAggregation(Strategy):
         parity with in-process nor ``wait_for_nodes_s``.)"""
         chosen = set(self.participation.clients(t))
         return [n for n in nodes if self.node_worker.get(n) in chosen], len(chosen)
+
+    def _missing_why(self, replies: list, t: int) -> dict:
+        """worker -> why round t has no reply of it: an error reply (its code
+        and reason, e.g. Flower's for a node that went offline or a message
+        that expired), no reply within the round's timeout, or no online
+        node holding that partition (#35)."""
+        sent = self._round_info.get("sent", {})
+        why, heard = {}, set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            heard.add(node)
+            if msg.has_error():
+                why[sent.get(node, f"? (node {node})")] = (
+                    f"failed [code {msg.error.code}] {msg.error.reason}")
+        for node, worker in sent.items():
+            if node not in heard:
+                why[worker] = f"no reply within the round's timeout (node {node})"
+        sampling = self.participation is not None and not self.participation.full
+        expected = set(self.participation.clients(t)) if sampling else set(range(self.num_nodes))
+        for worker in expected - set(sent.values()):
+            why[worker] = "no online node holds it"
+        return why
 
     # -- the evaluate phase: checkpoints (evaluation itself is central) --------
     def configure_evaluate(self, server_round, arrays, config, grid):

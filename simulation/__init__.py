@@ -25,7 +25,7 @@ from regtopk_fl.device import resolve_device  # noqa: E402
 from regtopk_fl.gpu_share import client_share  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
 
-from .delivery import prompt_delivery  # noqa: E402
+from .delivery import node_directory, prompt_delivery  # noqa: E402
 
 
 # how often the ServerApp looks for the clients' replies (Flower's default 0.1 s
@@ -53,12 +53,16 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
     # no silent CPU (#21): a client with a GPU share computes on cuda, one
     # without on the CPU; a client that says otherwise stops the run
     expect = "cuda" if gpus > 0 else "cpu"
+    # node id -> partition id, as Flower's Simulation Runtime registers its
+    # nodes: whom the server identifies first under sampling (#34)
+    directory: dict = {}
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         if hasattr(grid, "pull_interval"):  # the in-memory grid looks for replies every 0.1 s
             grid.pull_interval = min(float(grid.pull_interval), PULL_INTERVAL_S)
-        run_server(grid, cfg, task, recorder, ckpt, device, expect_client_device=expect)
+        run_server(grid, cfg, task, recorder, ckpt, device, expect_client_device=expect,
+                   node_hint=directory)
 
     level = str(cfg.runtime.log_level).upper()
     logging.getLogger("flwr").setLevel(level)
@@ -80,7 +84,8 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
             settings["runtime"]["state_inplace"] = True  # scratch: clients/state_files.py
     prompt = bool(OmegaConf.select(cfg, "runtime.prompt_delivery", default=True))
     try:
-        with prompt_delivery() if prompt else contextlib.nullcontext():
+        with prompt_delivery() if prompt else contextlib.nullcontext(), \
+                node_directory(directory):
             flwr_run_simulation(server_app=server_app, client_app=make_client_app(settings),
                                 num_supernodes=int(cfg.num_workers), backend_config=backend)
     finally:

@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 
 
 def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
-               expect_client_device: str | None = None) -> FedServer:
+               expect_client_device: str | None = None, node_hint=None) -> FedServer:
     """All rounds of a run (or the rest of them, after a checkpoint).
     ``expect_client_device``: the device every client must compute on (None:
-    not checked); another one stops the run before round 1 (#21)."""
+    not checked); another one stops the run before round 1 (#21).
+    ``node_hint``: node id -> the partition it probably holds (the launcher's
+    simulation fills it from Flower's own table): whom to identify first
+    under client sampling, never believed (strategies/sparse_strategy.py)."""
     faults = OmegaConf.to_container(cfg.faults) if "faults" in cfg else {}
     if hostile_grid.needed(faults):  # faults.hostile's omniscient attacker (#17)
         grid = hostile_grid.HostileGrid(grid, faults, int(cfg.seed), task.dim,
@@ -85,7 +88,7 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                                  identity=identity,
                                  participation=participation_from_cfg(cfg, task.num_examples()),
                                  expect_device=expect_client_device,  # no silent CPU (#21)
-                                 device_setting=_gpu_setting(cfg))
+                                 device_setting=_gpu_setting(cfg), node_hint=node_hint)
     recorder.extras.append(lambda: {"client_threads": strategy.threads_in_use()})
     if state is not None:
         strategy.load_state_dict(state)

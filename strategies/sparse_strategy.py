@@ -25,12 +25,22 @@ loop, which this strategy does not need for evaluation (that is central):
 after a due round every node is asked for its error-feedback memory
 (``query.checkpoint``) and the server writes one checkpoint with the model,
 optimizer, pending feedback and all memories, or none when a node did not
-answer. A resumed run starts at the checkpoint's next round: it first asks the
+answer (nodes not identified yet are identified first). A resumed run
+starts at the checkpoint's next round: it first asks the
 nodes who they are (``query.identify``: partition, and the round and digest
 of the replica each holds, which the server checks against its digest
 table) and hands each its memory back (``query.restore``); each node is then
 patched from its replica's round (from model_0 when it has none, or one
 ahead of the checkpoint), or sent the full model where that is smaller.
+
+A fresh run identifies a node (``query.identify``) before its first train
+message, not every node before round 1 (#34): without client sampling every
+node is needed in round 1 and all are asked then; under sampling only the
+nodes of the round's sampled partitions, found through the Simulation
+Runtime's node table where there is one (``node_hint``), else in batches of
+the round's size. So a start at N = 10,000, m = 10 asks 10 nodes, not
+10,000. Each identify batch logs one INFO line ("round 3: 10 new nodes
+patched from model_0"), the per-node decisions go to DEBUG.
 """
 from __future__ import annotations
 
@@ -61,7 +71,7 @@ class SparseAggregation(Strategy):
                  first_round: int = 1, checkpointer=None, recorder=None,
                  identity: NodeBinding | None = None, participation=None,
                  expect_device: str | None = None,
-                 device_setting: str = "runtime.client_gpus"):
+                 device_setting: str = "runtime.client_gpus", node_hint=None):
         self.coord = coordinator
         # no silent CPU (#21): the device every node must compute on, and the
         # setting the refusal names (strategies/devices.py)
@@ -78,6 +88,9 @@ class SparseAggregation(Strategy):
         self.wait_for_nodes_s = wait_for_nodes_s
         # Flower node id -> worker (partition id): bound once, every claim checked (#11)
         self.identity = identity or NodeBinding(num_nodes)
+        # node id -> the partition it probably holds (or a callable returning
+        # that dict): whom to identify first under sampling (#34); never believed
+        self.node_hint = node_hint
         self.ray_nodes: dict = {}  # Ray node id -> replies computed there (#12, under Ray)
         self.client_threads: dict = {}  # node -> the torch threads it said it computes with
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
@@ -85,6 +98,7 @@ class SparseAggregation(Strategy):
         self._started = False
         self._restore: dict | None = None  # worker -> memory, to hand back after a resume
         self._checkpoint_round = None
+        self._threads_said = None
 
     @property
     def node_worker(self) -> dict:
@@ -133,16 +147,18 @@ class SparseAggregation(Strategy):
             self.identity.pin(grid.get_nodes())
         if self._restore is not None:
             self._restore_memories(grid, nodes)
-        unknown = [n for n in nodes if n not in self.node_worker]
-        if unknown:  # which partition each new node holds decides what it is sent
-            self._identify(grid, unknown)
-        # only nodes bound to a partition are sent anything: the model never
-        # goes to a node the server cannot place (asked again next round)
-        nodes = [n for n in nodes if n in self.node_worker]
         server_round = self._t(server_round)
+        sampling = self.participation is not None and not self.participation.full  # #12
+        chosen = set(self.participation.clients(server_round)) if sampling else None
+        # which partition each new node holds decides what it is sent: every
+        # node before its first train message, the sampled ones only (#34)
+        self._identify_needed(grid, nodes, chosen, server_round)
+        # only nodes bound to a partition are sent anything: the model never
+        # goes to a node the server cannot place (asked again when needed)
+        nodes = [n for n in nodes if n in self.node_worker]
         sampled = self.num_nodes
-        if self.participation is not None and not self.participation.full:  # #12
-            nodes, sampled = self._sampled_nodes(grid, nodes, server_round)
+        if sampling:
+            nodes, sampled = [n for n in nodes if self.node_worker[n] in chosen], len(chosen)
         workers = [self.node_worker.get(n) for n in nodes]
         plan = self.coord.plan(workers)
         self._round_info = {"nodes": len(nodes), "plan": plan, "sampled": sampled,
@@ -233,16 +249,49 @@ class SparseAggregation(Strategy):
         # configure_train, which builds its messages from the Coordinator
         return None, metrics
 
-    def _sampled_nodes(self, grid: Grid, nodes: list, t: int) -> tuple:
-        """(the online, identified nodes of round t's sampled partitions, how
-        many were sampled). The seeded choice of partitions decides, as
-        in-process (nodes are identified before this, in configure_train). A
-        sampled partition without an online node is counted as missing.
-        (flwr's ``sample_nodes`` would pick random node ids with the unseeded
-        ``random`` module and wait without a deadline, so it fits neither the
-        parity with in-process nor ``wait_for_nodes_s``.)"""
-        chosen = set(self.participation.clients(t))
-        return [n for n in nodes if self.node_worker.get(n) in chosen], len(chosen)
+    # (Under sampling the round's nodes are the online, identified nodes of
+    # round t's sampled partitions: the seeded choice of partitions decides, as
+    # in-process. A sampled partition without an online node is counted as
+    # missing. flwr's ``sample_nodes`` would pick random node ids with the
+    # unseeded ``random`` module and wait without a deadline, so it fits
+    # neither the parity with in-process nor ``wait_for_nodes_s``.)
+
+    def _identify_needed(self, grid: Grid, nodes: list, chosen: set | None, t: int) -> None:
+        """Identify the unbound nodes this round needs (#34). Without sampling
+        (``chosen`` None) that is every unbound node, as before. Under
+        sampling only the nodes of the sampled partitions: first the nodes
+        the directory (``node_hint``: the Simulation Runtime's own node ->
+        partition table) names for a sampled partition that no online node
+        holds yet; then, while a sampled partition is still unplaced (no
+        directory, a node that did not answer, or one that claimed another
+        partition), the other unbound nodes in batches of the round's size,
+        each asked at most once a round. A node is thus identified before its
+        first train message, never later, and a start costs m identify
+        queries instead of N. The directory only decides whom to ask first:
+        binding, the device check and the replica claim come from the node's
+        own answer, as before."""
+        unknown = [n for n in nodes if n not in self.node_worker]
+        if not unknown:
+            return
+        if chosen is None:
+            self._identify(grid, unknown, t)
+            return
+        hint = self.node_hint() if callable(self.node_hint) else (self.node_hint or {})
+        placed = lambda: {self.node_worker[n] for n in nodes if n in self.node_worker}  # noqa: E731
+        need = chosen - placed()
+        first = [n for n in unknown if hint.get(n) in need]
+        if first:
+            self._identify(grid, first, t)
+            need -= placed()
+        asked = set(first)
+        batch = max(1, len(chosen))
+        while need:
+            rest = [n for n in unknown if n not in asked and n not in self.node_worker]
+            if not rest:
+                break
+            self._identify(grid, rest[:batch], t)
+            asked.update(rest[:batch])
+            need -= placed()
 
     def _missing_why(self, replies: list, t: int) -> dict:
         """worker -> why round t has no reply of it: an error reply (its code
@@ -274,6 +323,9 @@ class SparseAggregation(Strategy):
             return []
         self._checkpoint_round = t
         nodes = sorted(grid.get_node_ids())
+        unknown = [n for n in nodes if n not in self.node_worker]
+        if unknown:  # every memory is asked for: its node must be placed first (#34)
+            self._identify(grid, unknown, t)
         return [Message(content=RecordDict({}), dst_node_id=n, ttl=self.message_ttl_s,
                         message_type=f"{MessageType.QUERY}.checkpoint") for n in nodes]
 
@@ -319,7 +371,7 @@ class SparseAggregation(Strategy):
         if "identity" in state:
             self.identity.load_state_dict(state["identity"])
 
-    def _identify(self, grid: Grid, nodes: list) -> None:
+    def _identify(self, grid: Grid, nodes: list, t: int | None = None) -> None:
         """Ask these nodes which partition they hold, which device they
         compute on and which model replica they hold (``query.identify``). A
         clean claim on the run's device binds the node to its partition
@@ -342,9 +394,13 @@ class SparseAggregation(Strategy):
                 except Exception as exc:  # noqa: BLE001 - believed nothing: as no replica
                     log.warning("node %s: unreadable replica claim: %s", node, exc)
                     replicas[node] = None
-        log.info("torch CPU threads of the nodes: %s", self.threads_in_use())
+        threads = self.threads_in_use()
+        if threads != self._threads_said:  # said once, and again when it changes
+            log.info("torch CPU threads of the nodes: %s", threads)
+            self._threads_said = threads
         claims = screen_devices(claims, devices, self.expect_device, self.device_setting,
                                 first_contact=not self._trained)
+        outcomes: dict = {}
         for node, why in self.identity.resolve(claims).items():
             if why is not None:
                 log.warning("node %s not identified: %s", node, why)
@@ -352,7 +408,12 @@ class SparseAggregation(Strategy):
                 claim = replicas[node]
                 worker = self.identity.partition_of(node)
                 said = self.coord.downlink.claim(worker, *(claim or (None, None)))
-                log.info("node %s (worker %s): %s", node, worker, said)
+                log.debug("node %s (worker %s): %s", node, worker, said)  # the detail
+                outcomes[_outcome(said)] = outcomes.get(_outcome(said), 0) + 1
+        if outcomes:  # one line per identify batch (#34), not one per node
+            when = "" if t is None else f"round {t}: "
+            log.info("%s%s", when, "; ".join(
+                f"{k} new node{'s' * (k != 1)} {what}" for what, k in outcomes.items()))
 
     def threads_in_use(self) -> list:
         """The distinct torch CPU thread counts the nodes said they compute
@@ -363,7 +424,7 @@ class SparseAggregation(Strategy):
     def _restore_memories(self, grid: Grid, nodes: list) -> None:
         memories, self._restore = self._restore, None
         self.identity.forget_unless_connected(nodes)
-        self._identify(grid, nodes)
+        self._identify(grid, nodes, self.first_round)  # a resume asks every node
         contents = {n: wire.memory_content(w, memories[w]) for n, w in self.node_worker.items()
                     if n in nodes and w in memories}
         done = {wire.read_identity(m.content)
@@ -375,3 +436,16 @@ class SparseAggregation(Strategy):
 
     def summary(self) -> None:
         log.info("SparseAggregation: %d nodes, sparse scatter-add, server SGD", self.num_nodes)
+
+
+def _outcome(said: str) -> str:
+    """Downlink.claim's decision, shortened for the per-batch line:
+    "patched from model_0", "patched from their replica", "sent the full
+    model", or the decision itself."""
+    if "patched from model_0" in said:
+        return "patched from model_0"
+    if said.endswith("matches the server's digest"):
+        return "patched from their replica"
+    if said.endswith("the full model"):
+        return "sent the full model"
+    return said

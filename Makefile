@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test test-kernels setup bench federation-test cluster-test launcher-test gpu-bundle gpu-smoke clean
+.PHONY: run test test-kernels setup bench federation-test netns-test cluster-test launcher-test gpu-bundle gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench: $(STAMP)
 # where tests/test_deploy.py's loopback test is skipped unless REGTOPK_DEPLOY_TESTS=1).
 federation-test: $(STAMP)
 	$(BIN)/python scripts/federation_test.py
+
+# The same across a network boundary, as root (scripts/netns_test.py, docs/deploy.md
+# "Real networks"): SuperLink and 3 SuperNodes in their own network namespaces on a
+# private bridge, TLS for the SuperLink's namespace address, a userspace fault proxy on
+# every link; faults (a)-(e), each run against its in-process twin with the same
+# missing workers; every namespace, process and temp file removed (prints one
+# "skipped" line when not root or without `ip`; results/netns.md has its wall time).
+netns-test: $(STAMP)
+	$(BIN)/python scripts/netns_test.py
 
 # runtime=flower attached to a real two-node Ray cluster on 127.0.0.1 (head + worker,
 # scripts/cluster_test.py, docs/ray-cluster.md): clients run on both nodes and the

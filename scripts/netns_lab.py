@@ -155,6 +155,15 @@ class NetLab:
                        for p in _ip("netns", "pids", ns, check=False).stdout.split()]
 
 
+def root_links(lab: "NetLab") -> list:
+    """Links of the root namespace that belong to the lab (there should be none:
+    the veths are made inside the lab's namespaces)."""
+    out = _ip("-o", "link", "show").stdout
+    names = [ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines() if ":" in ln]
+    return [n for n in names if n.startswith(PREFIX) or n in ("br0",)
+            or (n.startswith("p") and n[1:].isdigit())]
+
+
 def clean_stale() -> list:
     """Delete the labs whose owner (the pid in the tag) is no longer alive."""
     gone = []
@@ -203,11 +212,13 @@ class FaultProxy:
         self.t0 = time.time()
         self.servers: list = []
 
-    def record(self, link: str, direction: str, n: int) -> None:
-        self.links[link].stats[direction] += n
+    def record(self, link: str, direction: str, n: int, t_in: float | None = None) -> None:
+        """A chunk delivered now; ``t_in``: when the proxy read it (wall clock)."""
+        self.links[link].stats[direction] = self.links[link].stats.get(direction, 0) + n
         if self.log is not None:
-            self.log.write(f'{{"t": {time.time():.6f}, "link": "{link}", "dir": "{direction}", '
-                           f'"bytes": {n}}}\n')
+            now = time.time()
+            self.log.write(f'{{"t": {now:.6f}, "t_in": {t_in or now:.6f}, "link": "{link}", '
+                           f'"dir": "{direction}", "bytes": {n}}}\n')
 
     async def start(self) -> None:
         for host, port, name in self.listens:
@@ -260,7 +271,7 @@ class FaultProxy:
         async def deliver():
             free = 0.0  # when the shaped "wire" is free again
             while True:
-                due, data = await queue.get()
+                due, t_in, data = await queue.get()
                 if data is None:
                     return
                 while link.stall:
@@ -275,7 +286,7 @@ class FaultProxy:
                     return
                 writer.write(data)
                 await writer.drain()
-                self.record(link.name, direction, len(data))
+                self.record(link.name, direction, len(data), t_in)
 
         sender = asyncio.create_task(deliver())
         last_due = 0.0
@@ -288,6 +299,7 @@ class FaultProxy:
                         and len(data) >= link.cut_on_down_bytes):
                     # a message in flight: half of it goes out, then the link is cut
                     link.cut_on_down_bytes = None
+                    link.stats["cut_chunk_bytes"] = len(data)
                     writer.write(data[:len(data) // 2])
                     self.record(link.name, "down_partial", len(data) // 2)
                     self.cut(link.name, link.cut_refuse_s)
@@ -296,8 +308,8 @@ class FaultProxy:
                                            if link.jitter_ms else 0.0)
                 due = max(last_due, time.monotonic() + max(0.0, delay) / 1000.0)
                 last_due = due
-                await queue.put((due, data))
-            await queue.put((0.0, None))
+                await queue.put((due, time.time(), data))
+            await queue.put((0.0, 0.0, None))
             await sender
             if pair in link.conns and writer.can_write_eof():
                 writer.write_eof()

@@ -345,6 +345,32 @@ class NetnsTest(FederationTest):
                                   "no worker missing at 1 MB/s", f"missing {why}")))
         self.results["d"]["network"] = self.network_model("d", "n0", info)
 
+    def fault_d_cifar(self):
+        """(d)'s link with a model of a few MB: ResNet-18 at width 16 on
+        CIFAR-10 (701,466 parameters: 2.8 MB in fp32), broadcast=model, so each round sends
+        every node the whole model; the network-model comparison's second task."""
+        data = (REPO / self.args.cifar_data).resolve()
+        task = ["task=cifar10", "task.width=16", "task.stem=cifar", f"task.data_path={data}",
+                f"task.cache_dir={self.work / 'cache'}", "task.test_subset=500",
+                f"eval_every={self.args.cifar_rounds}", "sparsifier.sparsity=0.01",
+                "broadcast=model", "device=cpu"]
+        base = [o for o in BASE_OVERRIDES if not o.startswith(("task=", "sparsifier.sparsity"))]
+        overrides = base + task + [f"rounds={self.args.cifar_rounds}",
+                                   "runtime.round_timeout_s=180", "checkpoint.every=0",
+                                   "network.uplink_mbps=8", "network.downlink_mbps=8",
+                                   "network.latency_ms=50"]
+
+        def before():
+            self.proxy(link="*", op="set", latency_ms=50, jitter_ms=10)
+            self.proxy(link="n0", op="set", rate_Bps=1_000_000)
+
+        rounds, self.args.rounds = self.args.rounds, self.args.cifar_rounds
+        try:
+            info = self.fault_run("d_cifar", overrides, before=before)
+        finally:
+            self.args.rounds = rounds
+        self.results["d_cifar"]["network"] = self.network_model("d_cifar", "n0", info)
+
     def fault_e(self):
         overrides = self.base(60, every=3)
         out = self.work / "run_e"
@@ -425,12 +451,13 @@ class NetnsTest(FederationTest):
 
     @staticmethod
     def _burst(win: list, direction: str) -> dict:
-        """The largest message of the window in one direction: consecutive
-        chunks read within 20 ms of each other; its time from the first read
-        to the last delivery."""
+        """The largest message of the window in one direction: chunks read
+        within 20 ms of the previous one, or before it was delivered (queued
+        behind it: the same transfer); its time from the first read to the
+        last delivery."""
         groups, cur = [], []
         for c in sorted((c for c in win if c["dir"] == direction), key=lambda c: c["t_in"]):
-            if cur and c["t_in"] - cur[-1]["t_in"] > 0.02:
+            if cur and c["t_in"] - cur[-1]["t_in"] > 0.02 and c["t_in"] > cur[-1]["t"]:
                 groups.append(cur)
                 cur = []
             cur.append(c)
@@ -448,7 +475,8 @@ class NetnsTest(FederationTest):
         log(f"work dir {self.work}")
         try:
             self.setup()
-            for f in self.args.faults:
+            faults = list(self.args.faults) + (["d_cifar"] if self.args.cifar_rounds else [])
+            for f in faults:
                 log(f"== fault ({f})")
                 try:
                     if f == "c":
@@ -500,6 +528,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cut-bytes", type=int, default=800,
                     help="(c): a server-to-node chunk this large, after round 4, is a train "
                          "message (linreg: ~580 coded bytes + ~240 B of gRPC/HTTP2/TLS framing)")
+    ap.add_argument("--cifar-rounds", type=int, default=0,
+                    help="> 0: also (d)'s link with ResNet-18 (width 16) on CIFAR-10, "
+                         "broadcast=model, this many rounds (the network-model comparison)")
+    ap.add_argument("--cifar-data", default="../shared/data/cifar10-jpeg.tar.gz",
+                    help="the CIFAR-10 archive (relative: to the project root)")
     ap.add_argument("--workdir", default=None, help="default: a fresh temp dir (removed if all pass)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir even if all pass")
     ap.add_argument("--report", default=None, help="also write the report (JSON) here")

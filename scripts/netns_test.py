@@ -351,6 +351,7 @@ class NetnsTest(FederationTest):
         every node the whole model; the network-model comparison's second task."""
         data = (REPO / self.args.cifar_data).resolve()
         task = ["task=cifar10", "task.width=16", "task.stem=cifar", f"task.data_path={data}",
+                "task.download=false",  # the archive only: never a lookup outside the lab
                 f"task.cache_dir={self.work / 'cache'}", "task.test_subset=500",
                 f"eval_every={self.args.cifar_rounds}", "sparsifier.sparsity=0.01",
                 "broadcast=model", "device=cpu"]

@@ -202,7 +202,8 @@ def test_upload_clip_bounds_the_attacks_in_a_run(make_cfg, tmp_path):
 
 @pytest.mark.flower
 @pytest.mark.slow
-def test_upload_clip_under_the_adaptive_attacks_is_the_same_in_both_runtimes(make_cfg, tmp_path):
+def test_upload_clip_under_the_adaptive_attacks_is_the_same_in_both_runtimes(make_cfg, tmp_path,
+                                                                            monkeypatch):
     """ipm, alie and sign_flip (c = 1.5: clipped or in the band) under
     upload_clip: the Grid wrapper makes them under Flower, the engine
     in-process; the server's rule gives the same model within 1e-6."""
@@ -215,17 +216,15 @@ def test_upload_clip_under_the_adaptive_attacks_is_the_same_in_both_runtimes(mak
         got.append(out)
         return out
 
-    fedround.Coordinator.collect = recording
-    try:
-        for runtime in ("flower", "inprocess"):
-            got.clear()
-            s = run_experiment(make_cfg([*BASE, *CLIP, f"runtime={runtime}", SPEC,
-                                         "faults.hostile.scale=1.5"]), tmp_path / runtime)
-            assert s["status"] == "finished"
-            assert all(o.rejected == {} and o.accepted == [0, 1, 2, 3] for o in got)
-            runs[runtime] = torch.load(tmp_path / runtime / "model.pt",
-                                       weights_only=False)["params"]
-    finally:
-        fedround.Coordinator.collect = collect
+    monkeypatch.setattr(fedround.Coordinator, "collect", recording)
+    for runtime in ("flower", "inprocess"):
+        got.clear()
+        s = run_experiment(make_cfg([*BASE, *CLIP, f"runtime={runtime}", SPEC,
+                                     "faults.hostile.scale=1.5"]), tmp_path / runtime)
+        assert s["status"] == "finished", (runtime, s["status"])
+        assert len(got) == 6, (runtime, len(got))
+        assert all(o.rejected == {} and o.accepted == [0, 1, 2, 3] for o in got), \
+            (runtime, [(o.accepted, o.rejected) for o in got])
+        runs[runtime] = torch.load(tmp_path / runtime / "model.pt", weights_only=False)["params"]
     a, b = runs["flower"], runs["inprocess"]
     assert float((a - b).abs().max() / b.abs().max()) < 1e-6

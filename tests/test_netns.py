@@ -1,7 +1,7 @@
 """The namespaces and the fault proxy of `make netns-test` (scripts/netns_lab.py):
 a lab is made and removed without leftovers, also after SIGINT, and the proxy
-adds latency, caps the rate and cuts / refuses. Root only (skipped otherwise);
-a few seconds."""
+adds latency, caps the rate and cuts / refuses (root only, skipped otherwise;
+~20 s); without namespaces the target prints one skip line."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import netns_lab  # noqa: E402
 
 WHY = netns_lab.skip_reason()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"netns: {WHY}")
+root = pytest.mark.skipif(WHY is not None, reason=f"netns: {WHY}")
 
 
 def _procs_naming(text: str) -> list:
@@ -34,6 +34,7 @@ def _procs_naming(text: str) -> list:
     return out
 
 
+@root
 def test_lab_and_proxy(tmp_path):
     out = netns_lab.selftest(tmp_path)
     assert out["plain"][0] == 200_000
@@ -49,6 +50,7 @@ def test_lab_and_proxy(tmp_path):
     assert sum(r["bytes"] for r in log if r["dir"] == "up") == out["stats"]["up"]
 
 
+@root
 def test_sigint_removes_everything(tmp_path):
     """SIGINT while the lab, an echo server and the proxy run: every
     namespace of the lab and every process in it are gone afterwards."""
@@ -82,6 +84,7 @@ def test_sigint_removes_everything(tmp_path):
     assert not [pid for pid in _procs_naming(f"{netns_lab.PREFIX}{tag}-")]
 
 
+@root
 def test_clean_removes_only_dead_owners_labs():
     dead = str(int(Path("/proc/sys/kernel/pid_max").read_text()) + 1)  # never a pid
     lab = netns_lab.NetLab(1, tag=dead)
@@ -97,3 +100,13 @@ def test_clean_removes_only_dead_owners_labs():
     finally:
         lab.down()
     assert not netns_lab.lab_namespaces(dead)
+
+
+def test_without_namespaces_one_skip_line(monkeypatch, capsys):
+    """Not root (or no `ip`): `make netns-test` says why in one line and passes."""
+    import netns_test
+
+    monkeypatch.setattr(netns_lab, "skip_reason", lambda: "network namespaces need root")
+    assert netns_test.main([]) == 0
+    out = capsys.readouterr().out
+    assert out == "netns-test: skipped: network namespaces need root\n"

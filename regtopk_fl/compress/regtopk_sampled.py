@@ -35,14 +35,33 @@ is unbiased for O_n (any weights omega), and the sampling-aware distortion is
 
     Delta_n^HT = O_n^P / (pi omega_n ghat_n) = c Delta_n^P,   c = (N - 1)/(m - 1).
 
-* m = N: c = 1 and the multiplication is skipped: **bitwise RegTop-k**
-  (tests/test_regtopk_sampled.py).
-* m = 1: the cohort holds no other worker, O_n is unknown: Delta = Q for every
-  entry (Top-k's scores).
-* The estimate's variance grows as (1 - pi)/pi; a noisy |1 + Delta| is mostly
-  large, where tanh saturates, so the rule falls back towards Top-k where it
-  knows little, and keeps RegTop-k's suppression where the estimated population
-  aggregate itself is small.
+**Its noise.** O_n^P is a sum over m - 1 of the N - 1 others drawn without
+replacement; if their contributions omega_i ghat_i[j] spread with standard
+deviation tau, Var(O_n^P) = (m - 1) tau^2 (1 - pi) (finite population), so
+
+    sd(1 + Delta_n^HT) = sigma = rho sqrt((N - 1)(N - m)/(m - 1)),
+    rho = tau / |omega_n ghat_n[j]|
+
+(``spread`` = rho, default 1: the others spread as much as one's own
+contribution; the worker cannot see tau). A score that takes |1 + Delta^HT| at
+face value suppresses entries whose estimate is small *by chance*. With a flat
+prior the true 1 + Delta given the estimate x is N(x, sigma^2), whose root mean
+square is sqrt(x^2 + sigma^2); the rule scores
+
+    |a_n^t[j]| tanh( sqrt((1 + Delta_n^HT[j])^2 + sigma^2) / mu ).
+
+The cost over RegTop-k is one multiplication and one hypot on the previous
+mask's entries.
+
+* m = N: c = 1 and sigma = 0, and both operations are skipped: **bitwise
+  RegTop-k** (tests/test_regtopk_sampled.py).
+* m = 1: the cohort holds no other worker, O_n is unknown (c, sigma infinite):
+  Top-k's scores.
+* In between, the floor sigma only raises a score towards |a| (Top-k's): the
+  rule keeps RegTop-k's suppression only where the estimated population
+  aggregate is small beyond its sampling noise. With mu = 4 and N = 100,
+  sigma = 10 / 20 / 31 at m = 50 / 20 / 10 (rho = 1) leaves every score within
+  1.3 % of |a|; ``spread=0`` is the Horvitz-Thompson factor alone.
 * Feedback older than the previous round (a worker that sat out) is an estimate
   of that round's population; ``participation.stale_feedback`` (keep / forget)
   still decides whether it is used.
@@ -50,7 +69,6 @@ is unbiased for O_n (any weights omega), and the sampling-aware distortion is
   probabilities that depend on data size) is refused. Drops
   (``faults.drop_prob``) shrink a cohort below m: c is then slightly small.
 
-The cost over RegTop-k is one multiplication on the previous mask's entries.
 m and N come from the run's settings (the yaml interpolates ``num_workers``
 and ``participation.*``), so both runtimes build the same rule.
 """

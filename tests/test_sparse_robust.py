@@ -66,7 +66,7 @@ def test_an_outlier_is_clipped_then_ignored_and_its_reach_is_bounded():
     honest = torch.zeros(60, dtype=torch.float64)
     for r in replies[:5]:
         honest.index_add_(0, r.upload.indices, r.upload.values * (r.num_examples / total))
-    rule = UploadClip(clip_ratio=2.0, reject_ratio=5.0)
+    rule = UploadClip(clip_ratio=2.0, reject_ratio=5.0)  # no rate limit: one round's reach
     reach = []
     for factor in (1.0, 3.0, 10.0, 30.0, 100.0, 1e6):
         bad = [*replies[:5], _scaled(replies[5], factor)]
@@ -111,6 +111,10 @@ def test_the_median_norm_moves_at_most_f_ranks():
     ({"clip_ratio": "abc"}, "aggregate.clip_ratio='abc'"),
     ({"reject_ratio": math.inf}, "aggregate.reject_ratio=inf"),
     ({"clip_ratio": 4.0, "reject_ratio": 4.0}, "aggregate.reject_ratio=4.0"),
+    ({"clip_ratio": 2.0, "sustained_ratio": 3.0}, "aggregate.sustained_ratio=3.0"),
+    ({"sustained_ratio": -1}, "aggregate.sustained_ratio=-1"),
+    ({"burst": -1}, "aggregate.burst=-1"),
+    ({"burst": "x"}, "aggregate.burst='x'"),
 ])
 def test_bad_parameters_are_named(kw, named):
     with pytest.raises(AggregateError) as err:
@@ -122,11 +126,52 @@ def test_the_rule_is_a_config_choice_and_bad_values_fail_validation(make_cfg):
     assert "upload_clip" in group_options("aggregate")
     rule = from_cfg(make_cfg(["aggregate=upload_clip", "aggregate.clip_ratio=3"]))
     assert isinstance(rule, UploadClip) and (rule.clip_ratio, rule.reject_ratio) == (3.0, 8.0)
+    assert (rule.sustained, rule.burst) == (3.0, 10.0)  # the yaml's rate limit
     assert not UploadClip.paper
     cfg = make_cfg(["aggregate=upload_clip", "aggregate.reject_ratio=2"])
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).startswith("aggregate.reject_ratio=2:") and "\n" not in str(err.value)
+
+
+def _round(rule, ratios, dim=30):
+    """One round of sparse uploads whose norms are ``ratios`` (worker n's
+    upload: entry n at value ratios[n]); g and each worker's delivered ratio."""
+    replies = [Reply(n, Upload(torch.tensor([float(r)], dtype=torch.float64), torch.tensor([n]),
+                               dim), 10) for n, r in enumerate(ratios)]
+    g = _g(rule, replies, dim)
+    return g, [float(g[n]) * len(ratios) for n in range(len(ratios))]
+
+
+def test_the_rate_limit_holds_an_attacker_at_the_radius_to_the_sustained_ratio():
+    """Four workers at the median norm 1, worker 4 at 4 medians every round:
+    it delivers 4 while its balance lasts (burst 2 / (4 - 3) = 2 rounds),
+    then 3 a round; without the limit 4 a round for ever."""
+    limited = UploadClip(clip_ratio=4.0, reject_ratio=8.0, sustained_ratio=3.0, burst=2.0)
+    static = UploadClip(clip_ratio=4.0, reject_ratio=8.0)
+    got, plain = [], []
+    for _ in range(6):
+        got.append(_round(limited, [1, 1, 1, 1, 4])[1][4])
+        plain.append(_round(static, [1, 1, 1, 1, 4])[1][4])
+    assert got == pytest.approx([4, 4, 3, 3, 3, 3]) and plain == pytest.approx([4] * 6)
+    assert limited.balance[4] == 0.0 and limited.balance[0] == 2.0
+    # its state goes through the checkpoint: a fresh rule with it goes on at 3
+    again = UploadClip(clip_ratio=4.0, reject_ratio=8.0, sustained_ratio=3.0, burst=2.0)
+    again.load_state_dict(limited.state_dict())
+    assert _round(again, [1, 1, 1, 1, 4])[1][4] == pytest.approx(3.0)
+    assert UploadClip().state_dict() == {}  # no limit (the class's default), no state
+
+
+def test_the_rate_limit_lets_an_honest_spike_through_bitwise():
+    """A worker above the sustained ratio for a few rounds, then below it
+    (an early transient): every round is the paper's mean, bit for bit."""
+    rule = UploadClip(clip_ratio=4.0, reject_ratio=8.0, sustained_ratio=3.0, burst=10.0)
+    for spike in (3.5, 3.9, 3.9, 3.2, 2.0, 1.0, 3.9, 3.9):
+        ratios = [1, 1, 1, 1, spike]
+        replies = [Reply(n, Upload(torch.tensor([float(r)], dtype=torch.float64),
+                                   torch.tensor([n]), 30), 10) for n, r in enumerate(ratios)]
+        assert torch.equal(_g(rule, replies, 30), _g(Mean(), replies, 30))
+    assert 0 < rule.balance[4] < 10.0
 
 
 # -- the adaptive attacks ----------------------------------------------------------------------
@@ -177,7 +222,8 @@ def test_the_adaptive_attacks_keep_the_budget_and_a_dense_upload_stays_dense():
 # -- in a run, both runtimes -------------------------------------------------------------------
 BASE = ["task=linreg", "task.dim=40", "num_workers=4", "sparsifier=topk", "sparsifier.sparsity=0.25",
         "threads=1", "checkpoint.every=0", "faults.hostile.worker=3", "rounds=6"]
-CLIP = ["aggregate=upload_clip", "aggregate.clip_ratio=1.5", "aggregate.reject_ratio=3"]
+CLIP = ["aggregate=upload_clip", "aggregate.clip_ratio=1.5", "aggregate.reject_ratio=3",
+        "aggregate.sustained_ratio=1.2", "aggregate.burst=0.5"]
 SPEC = "faults.hostile.attacks=2:ipm 3:alie 4:sign_flip 5-6:ipm"
 
 

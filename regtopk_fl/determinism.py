@@ -30,6 +30,7 @@ there.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -42,7 +43,15 @@ def apply(enabled: bool, tf32: bool = False) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    if (enabled != torch.are_deterministic_algorithms_enabled()
+            or (enabled and not torch.is_deterministic_algorithms_warn_only_enabled())
+            or "torch._inductor.config" in sys.modules):
+        # torch.use_deterministic_algorithms imports torch._inductor.config
+        # (and with it torch._dynamo and sympy: about 1.2 s of a process's
+        # start, #34) to set inductor's switch too; where the process is
+        # already in the asked state and inductor is not loaded, there is
+        # nothing to set (inductor's own default is off)
+        torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
 

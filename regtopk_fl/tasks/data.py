@@ -512,12 +512,65 @@ def make_partitioner(labels, num_workers: int, scheme: str = "iid", seed: int = 
 
 def partition_indices(labels, num_workers: int, scheme: str = "iid", seed: int = 0,
                       alpha: float = 0.5, min_partition_size: int = 10,
-                      size_ratio: float = 5.0) -> list:
+                      size_ratio: float = 5.0, cache_dir=None) -> list:
     """One sorted int64 index array (into ``labels``) per worker;
-    deterministic given the seed."""
+    deterministic given the seed. ``cache_dir``: keep the result there
+    (``partition-<key>.npz``, the key made of the labels, every argument and
+    the flwr-datasets version), so that a later run reads it back instead of
+    importing flwr-datasets (datasets, pyarrow, pandas, scipy: seconds of a
+    process's start, #34)."""
+    f = None
+    if cache_dir is not None:
+        f = _cache_dir(cache_dir) / f"partition-{_partition_key(labels, num_workers, scheme, seed, alpha, min_partition_size, size_ratio)}.npz"  # noqa: E501
+        parts = _load_partitions(f, num_workers)
+        if parts is not None:
+            return parts
     p = make_partitioner(labels, num_workers, scheme, seed, alpha, min_partition_size,
                          size_ratio)
-    return [np.sort(_column(p.load_partition(i), "idx")) for i in range(num_workers)]
+    parts = [np.sort(_column(p.load_partition(i), "idx")) for i in range(num_workers)]
+    if f is not None:
+        _save_partitions(f, parts)
+    return parts
+
+
+def _partition_key(labels, *args) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fds = version("flwr-datasets")
+    except PackageNotFoundError:  # pragma: no cover - a dependency
+        fds = "?"
+    h = hashlib.sha256(np.ascontiguousarray(np.asarray(labels, np.int64)).tobytes())
+    num_workers, scheme, seed, alpha, min_size, ratio = args
+    h.update(repr((1, fds, int(num_workers), str(scheme), int(seed), float(alpha), int(min_size),
+                   float(ratio))).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_partitions(f: Path, num_workers: int):
+    if not f.exists():
+        return None
+    try:
+        with np.load(f) as z:
+            idx, bounds = z["idx"], z["bounds"]
+        if len(bounds) != num_workers + 1:
+            raise ValueError(f"{len(bounds) - 1} partitions, not {num_workers}")
+        return [idx[a:b].copy() for a, b in zip(bounds[:-1], bounds[1:])]
+    except Exception as e:  # noqa: BLE001 - a broken cache is rebuilt
+        warnings.warn(f"ignoring unreadable partition cache {f}: {e}", stacklevel=2)
+        return None
+
+
+def _save_partitions(f: Path, parts: list) -> None:
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npz")
+        bounds = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        idx = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        np.savez(tmp, idx=idx, bounds=bounds)
+        os.replace(tmp, f)
+    except OSError as e:
+        warnings.warn(f"could not write the partition cache {f}: {e}", stacklevel=2)
 
 
 def _column(ds, name) -> np.ndarray:

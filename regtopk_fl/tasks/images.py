@@ -178,7 +178,8 @@ class _ImageTask(Task):
     def _setup(self, x_train, y_train, x_test, y_test, model, *, num_workers, seed,
                batch_size, local_steps, partition, alpha, size_ratio, min_partition_size,
                augment, eval_batch_size, device, mean=None, std=None, resize=None,
-               loss="ce", batched_mode="auto", init_from=None, eval_mode="eval"):
+               loss="ce", batched_mode="auto", init_from=None, eval_mode="eval",
+               partition_cache=None):
         """x_*: uint8 or float tensors [N, C, H, W] already on ``device``; y_*: int64.
         ``batched_mode``: the ``batched`` setting (auto | true | false; tasks/batched.py);
         ``init_from``: a file the model starts from (models.load_init)."""
@@ -213,7 +214,7 @@ class _ImageTask(Task):
         parts = D.partition_indices(y_train.cpu().numpy(), self.num_workers, partition,
                                     seed=self.seed, alpha=alpha,
                                     min_partition_size=min_partition_size,
-                                    size_ratio=size_ratio)
+                                    size_ratio=size_ratio, cache_dir=partition_cache)
         self.partitions = [torch.from_numpy(p) for p in parts]
         self.partition_scheme = partition
         self.model = model.to(device=device, dtype=self.dtype)
@@ -494,7 +495,8 @@ class ImageTask(_ImageTask):
                     size_ratio=size_ratio, min_partition_size=min_partition_size,
                     augment=augment, eval_batch_size=eval_batch_size, device=dev,
                     mean=norm and norm[0], std=norm and norm[1], resize=resize, loss=loss,
-                    batched_mode=batched, init_from=init_from, eval_mode=eval_mode)
+                    batched_mode=batched, init_from=init_from, eval_mode=eval_mode,
+                    partition_cache=cache_dir if cache_dir is not None else D.DEFAULT_CACHE_DIR)
 
 
 def make_tiny_images(num_train: int = 2000, num_test: int = 500, image_size: int = 8,

@@ -39,16 +39,47 @@ def _seeded(seed: int, build):
         return build()
 
 
+class _BasicBlock(nn.Module):
+    """ResNet-18's residual block: 3x3 convolution, BatchNorm, ReLU, 3x3
+    convolution, BatchNorm, plus the shortcut (``downsample`` or the input),
+    ReLU. Its modules have torchvision's names and are made in torchvision's
+    order, so the state_dict and the seeded init are torchvision's
+    (tests/test_startup.py checks the network against one built from
+    torchvision's block, bit for bit). Here so that the narrow network needs
+    no torchvision, whose import loads torch._dynamo (torchvision.ops):
+    about 1.2 s of a process's start (#34)."""
+
+    def __init__(self, inp: int, out: int, stride: int = 1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, out, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out, out, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y += x if self.downsample is None else self.downsample(x)
+        return self.relu(y)
+
+
+def _conv1x1(inp: int, out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inp, out, kernel_size=1, stride=stride, bias=False)
+
+
 def _narrow_resnet18(num_classes: int, width: int) -> nn.Module:
     """ResNet-18 (CIFAR stem) with base width ``width`` instead of 64: the same
     18-layer topology, every channel count scaled by width/64 (the CPU preset)."""
-    from torchvision.models.resnet import BasicBlock, conv1x1
+    block, conv1x1 = _BasicBlock, _conv1x1
 
     def layer(inp, out, stride):
         down = None
         if stride != 1 or inp != out:
             down = nn.Sequential(conv1x1(inp, out, stride), nn.BatchNorm2d(out))
-        return nn.Sequential(BasicBlock(inp, out, stride, down), BasicBlock(out, out))
+        return nn.Sequential(block(inp, out, stride, down), block(out, out))
 
     w = int(width)
     m = nn.Sequential()
@@ -161,8 +192,6 @@ def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: i
              pretrained=None) -> nn.Module:
     """ResNet-18 with a seeded init; ``pretrained``: a local torchvision
     state_dict file loaded over it (all but ``fc``; needs stem=imagenet, width 64)."""
-    import torchvision
-
     if pretrained is not None:
         if stem != "imagenet" or int(width) != 64:
             raise ValueError(f"pretrained weights need torchvision's ResNet-18: stem=imagenet "
@@ -174,6 +203,8 @@ def resnet18(num_classes: int = 10, stem: str = "cifar", seed: int = 0, width: i
         return _seeded(seed, lambda: _narrow_resnet18(num_classes, width))
 
     def build():
+        import torchvision  # width 64: torchvision's own network
+
         m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         if stem == "cifar":
             m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

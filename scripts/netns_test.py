@@ -231,7 +231,8 @@ class NetnsTest(FederationTest):
             if m:
                 for item in m.group(2).split("; worker "):
                     w, _, why = item.removeprefix("worker ").partition(": ")
-                    out.setdefault(int(m.group(1)), {})[int(w)] = why.strip()
+                    if w.strip().isdigit():
+                        out.setdefault(int(m.group(1)), {})[int(w)] = why.strip()
         return out
 
     def fault_run(self, label: str, overrides: list, on_round=None, before=None,

@@ -295,20 +295,25 @@ class SparseAggregation(Strategy):
 
     def _missing_why(self, replies: list, t: int) -> dict:
         """worker -> why round t has no reply of it: an error reply (its code
-        and reason, e.g. Flower's for a node that went offline or a message
-        that expired), no reply within the round's timeout, or no online
-        node holding that partition (#35)."""
+        and reason; Flower's own for a message that expired comes from the
+        SuperLink, not the node, and is given to a node without a reply), no
+        reply within the round's timeout, or no online node holding that
+        partition (#35)."""
         sent = self._round_info.get("sent", {})
-        why, heard = {}, set()
+        why, heard, theirs = {}, set(), []
         for msg in replies:
             node = msg.metadata.src_node_id
-            heard.add(node)
             if msg.has_error():
-                why[sent.get(node, f"? (node {node})")] = (
-                    f"failed [code {msg.error.code}] {msg.error.reason}")
+                text = f"failed [code {msg.error.code}] {msg.error.reason}"
+                if node in sent:
+                    why[sent[node]] = text
+                else:  # the SuperLink's own error (an expired message): whose is not said
+                    theirs.append(text)
+            heard.add(node)
         for node, worker in sent.items():
             if node not in heard:
-                why[worker] = f"no reply within the round's timeout (node {node})"
+                why[worker] = (f"{theirs.pop()} (node {node})" if theirs else
+                               f"no reply within the round's timeout (node {node})")
         sampling = self.participation is not None and not self.participation.full
         expected = set(self.participation.clients(t)) if sampling else set(range(self.num_nodes))
         for worker in expected - set(sent.values()):

@@ -14,9 +14,17 @@ default 15: under the default norm guard of 20x). Writes ``<out>.csv`` (one
 row per run) and ``<out>.md`` (mean over seeds, and the spread).
 
 ``--from-csv <out>.csv`` rebuilds ``<out>.md`` from the kept per-run rows
-without running anything:
+without running anything; several CSVs make one table (``--out`` names it):
 
     python scripts/byzantine_table.py --task linreg --from-csv results/byzantine/linreg.csv
+
+The defaults are the first table's rules and attacks (issue #17); issue #33
+added the rule ``upload_clip`` and the attacks ``ipm`` and ``alie``, which
+know the rule (their c: IPM_SCALE, ALIE_Z, unless ``--set
+faults.hostile.scale=...``), e.g.
+
+    python scripts/byzantine_table.py --task linreg --seeds 0 1 2 3 4 --attacks ipm alie \
+        --rules mean trimmed_mean median centered_clip upload_clip --out /tmp/adaptive
 """
 from __future__ import annotations
 

@@ -274,3 +274,54 @@ def test_upload_clip_under_the_adaptive_attacks_is_the_same_in_both_runtimes(mak
         runs[runtime] = torch.load(tmp_path / runtime / "model.pt", weights_only=False)["params"]
     a, b = runs["flower"], runs["inprocess"]
     assert float((a - b).abs().max() / b.abs().max()) < 1e-6
+
+
+# -- the table's script ------------------------------------------------------------------------
+def _row(rule, attack, seed, final):
+    return {"task": "linreg", "rule": rule, "attack": attack, "seed": seed, "metric": "gap",
+            "final": final, "rejected": 0, "status": "finished", "rounds": 300, "seconds": 1.0}
+
+
+def test_the_table_keeps_the_first_pages_shape_and_adds_what_the_rows_have(tmp_path):
+    """The first table's kept rows rebuild its page unchanged (its four
+    rules and five attacks, empty cells included); upload_clip, ipm and
+    alie appear where rows have them; several CSVs need --out (exit 2)."""
+    import csv
+
+    from conftest import load_script
+
+    mod = load_script("byzantine_table")
+    first = mod.markdown([_row("centered_clip", "honest", 0, 1.0)], "linreg")
+    assert "| attack | mean | trimmed_mean | median | centered_clip |\n" in first
+    assert "| random_direction |  |  |  |  |\n" in first and "ipm" not in first
+    both = mod.markdown([_row("centered_clip", "honest", 0, 1.0),
+                         _row("upload_clip", "ipm", 0, 2.0)], "linreg")
+    assert "| centered_clip | upload_clip |" in both and "| ipm |  |  |  |  | 2 |" in both
+    assert "alie" not in both
+    paths = []
+    for name, row in (("a", _row("mean", "honest", 0, 1.0)), ("b", _row("upload_clip", "alie", 0, 3.0))):
+        paths.append(tmp_path / f"{name}.csv")
+        with open(paths[-1], "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            w.writeheader()
+            w.writerow(row)
+    assert mod.main(["--task", "linreg", "--from-csv", *map(str, paths)]) == 2
+    assert mod.main(["--task", "linreg", "--from-csv", *map(str, paths),
+                     "--out", str(tmp_path / "ab")]) == 0
+    text = (tmp_path / "ab.md").read_text()
+    assert "| alie |" in text and text.splitlines()[2].endswith("| centered_clip | upload_clip |")
+
+
+def test_the_adaptive_attacks_know_the_rule(make_cfg):
+    from conftest import load_script
+
+    mod = load_script("byzantine_table")
+    for rule, want in (("mean", 15.0), ("median", 1.0), ("trimmed_mean", 1.0),
+                       ("centered_clip", 2.0), ("upload_clip", 4.0)):
+        cfg = make_cfg([f"aggregate={rule}"])
+        assert mod.attack_scale(rule, "ipm", cfg, []) == want, rule
+        assert mod.attack_scale(rule, "alie", cfg, []) == 1.0
+        assert mod.attack_scale(rule, "sign_flip", cfg, []) == 15.0
+    cfg = make_cfg(["aggregate=upload_clip", "aggregate.clip_ratio=5", "faults.hostile.scale=7"])
+    assert mod.attack_scale("upload_clip", "ipm", cfg, []) == 5.0  # the rule's radius
+    assert mod.attack_scale("upload_clip", "ipm", cfg, ["faults.hostile.scale=7"]) == 7.0

@@ -225,3 +225,27 @@ def test_sampled_flower_equals_inprocess(make_cfg, tmp_path):
     assert run_experiment(cfg, tmp_path / "plain")["status"] == "finished"
     plain = torch.load(tmp_path / "plain" / "model.pt", weights_only=False)["params"]
     assert not torch.equal(plain, p_ip)
+
+
+def test_sampled_compare_pairs_forget_runs_with_topk(tmp_path, capsys):
+    """scripts/sampled_compare.py on the kept screen runs: a forget run pairs
+    with Top-k's run of the same seed and m (regtopk-plot --by cannot)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = root / "results/sweep_participation/sampled/runs"
+    if not (runs / "ht_forget_screen").exists():
+        pytest.skip("the kept runs are not in this checkout")
+    spec = importlib.util.spec_from_file_location("sampled_compare",
+                                                  root / "scripts/sampled_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "t.md"
+    assert mod.main([str(runs / "ht_forget_screen"), str(runs / "topk_seeds0-2"), "--a", "f",
+                     "--b", "topk", "--last", "500", "--out", str(out)]) == 0
+    import pandas as pd
+    t = pd.read_csv(tmp_path / "t.csv")
+    assert sorted(t["participation.clients_per_round"]) == [10, 20, 50]
+    assert (t["n"] == 3).all() and (t["unpaired"] == 0).all()
+    assert mod.main(["x", "y", "--a", "same", "--b", "same"]) == 2

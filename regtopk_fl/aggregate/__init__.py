@@ -13,6 +13,11 @@ whatever ``_target_`` names (tests/test_aggregate.py adds one that way).
 * ``trimmed_mean``, ``median`` (coordinate-wise) and ``centered_clip`` (norm
   clipping) are Byzantine-robust baselines and **a deviation from the paper**.
   RegTop-k's feedback is then the g that was applied, whichever rule made it.
+* ``upload_clip`` (upload_clip.py, issue #33) is made for sparse uploads:
+  each upload's norm on its own entries against the round's lower median,
+  the paper's mean bit for bit when no upload is an outlier. It was added as
+  one file and its yaml, so it is not imported here (``_target_`` names its
+  module).
 
 Every rule runs on the server (both runtimes call the same FedServer) and
 writes g only on the union of the accepted uploads' supports, which is what

@@ -400,6 +400,21 @@ class NetnsTest(FederationTest):
                    and killed_after < self.args.rounds, f"after round {killed_after}")
         time.sleep(5)
         self.start_link()
+        # Flower 1.41: a SuperNode whose TLS handshake ends in EOF (the proxy
+        # accepted it while the SuperLink was down, as any TCP front would)
+        # gives up reconnecting and its heartbeat thread dies, while the
+        # process lives on. A supervisor restarts it; so does this test, once
+        # the restarted SuperLink (whose database still says "online") has
+        # marked it offline: Flower refuses to activate a node listed online.
+        for i in range(N):
+            self.procs.stop(f"node{i}")
+        deadline = time.monotonic() + 300
+        while self.online_nodes():
+            if time.monotonic() > deadline:
+                raise Failed("(e) the stopped SuperNodes still online after 300 s")
+            time.sleep(5)
+        for i in range(N):
+            self.start_node(i)
         self.wait_online(N, 300)
         self.flwr("stop", first, CONN, check=False)
         second = self.submit(overrides, out)

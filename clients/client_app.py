@@ -130,8 +130,17 @@ def usable_feedback(fb, content: RecordDict, memory: ErrorFeedbackMemory, pid: i
     (the node died or timed out before its reply arrived): it goes back into
     the residual, exactly as a rejected upload does. Feedback whose length does
     not match the memory's last upload (a fresh node without saved state) is
-    ignored; the node goes on as one without feedback."""
+    ignored; the node goes on as one without feedback. A message without
+    any feedback while the memory holds an upload means the server never
+    received this worker's first upload (#35: a reply after its round's
+    timeout): it goes back into the residual too."""
     if fb is None:
+        last = getattr(memory, "last_round", None)
+        if "feedback-meta" not in content and last is not None and last >= 0:
+            log.warning("worker %d round %d: no feedback although the last upload was round "
+                        "%d, which the server never received; restoring it into the residual",
+                        pid, t, last)
+            restore_rows(memory, [0])
         return None
     _, fb_round = wire.read_feedback(content)
     last = getattr(memory, "last_round", None)

@@ -56,8 +56,8 @@ from federation_test import (BASE_OVERRIDES, CONN, N, REPO, FederationTest,  # n
 
 LINK_PORT, PROXY_PORT = 9093, 9200
 MISSING_RE = re.compile(r"round (\d+): missing (.*)$")
-LOST_RE = re.compile(r"worker (\d+) round \d+: feedback is about round -?\d+ but the last upload "
-                     r"was round (\d+), which the server never received")
+LOST_RE = re.compile(r"worker (\d+) round \d+: (?:feedback is about round -?\d+ but|no feedback "
+                     r"although) the last upload was round (\d+), which the server never received")
 
 
 def log(msg: str) -> None:

@@ -80,3 +80,19 @@ def test_schedule_parse_and_default():
         (1, 0): "absent", (3, 2): "lost", (4, 1): "offline"}
     assert faults.missing_schedule({"missing": None}) == {}
     assert faults.survivors({}, 0, [0, 1, 2], 1) == [0, 1, 2]
+
+
+def test_a_lost_first_upload_goes_back_too(make_cfg, task_identity, tmp_path, caplog):  # noqa: F811
+    """Worker 0's first reply never arrives: the server has no feedback for it
+    next round, and the node still restores that upload (found by
+    `make netns-test`: a reply after round 1's timeout); the twin agrees."""
+    sched = tmp_path / "missing.txt"
+    sched.write_text("1 0 lost\n")
+    fed = _Federation(_linreg_cfg(make_cfg))
+    with caplog.at_level("WARNING", logger="clients.client_app"):
+        fed.round(1, lose=(0,))
+        for t in (2, 3, 4):
+            fed.round(t)
+    assert "no feedback although the last upload was round 1" in caplog.text
+    _, run = _inprocess(make_cfg, sched, 4)
+    torch.testing.assert_close(run.server.params, fed.server.params, rtol=1e-6, atol=0)

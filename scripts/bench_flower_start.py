@@ -20,6 +20,18 @@ and the peak of the summed resident sets of its whole process tree (Ray's
 processes and the ClientApp actors included; sampled every 0.2 s from
 /proc, pages shared between processes counted in each).
 
+``--set KEY=VALUE``: an override for every case. On a loaded machine Ray's
+own start can fail (its raylet must register within a hard-coded 30 s);
+``--set runtime.ray_address=HOST:PORT`` attaches every case to a Ray started
+once (``ray start --head``), which takes Ray's start out of both N alike.
+
+``--parts``: without Ray, in one process per N, what a start does that
+grows with N: building the linear regression's data, Flower's registration
+of N nodes and their contexts, one pass of Flower's own message thread over
+the N nodes (the launcher's asks only the nodes that were sent something),
+and the strategy's round 1 under sampling (identify queries and time), with
+Flower's node table and in batches of m.
+
 ``--root DIR``: run the suite in another checkout (e.g. a git worktree of an
 older commit, for a before/after in one session); the venv is this one.
 """
@@ -58,8 +70,11 @@ main()
 """
 
 
+EXTRA: list = []  # --set KEY=VALUE overrides, added to every case
+
+
 def overrides(n: int, m: int, run_dir: Path) -> list:
-    return ["runtime=flower", "task=linreg", f"num_workers={n}",
+    return EXTRA + ["runtime=flower", "task=linreg", f"num_workers={n}",
             f"participation.clients_per_round={m}", "rounds=1", "sparsifier=regtopk",
             "sparsifier.sparsity=0.6", "sparsifier.mu=4", "checkpoint.every=0",
             "progress=false", f"hydra.run.dir={run_dir}"]
@@ -186,7 +201,15 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=str(ROOT), help="the checkout to run (default: this one)")
     ap.add_argument("--tag", default=None, help="label of the checkout in the table")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override added to every case (e.g. runtime.ray_address=HOST:PORT "
+                         "to attach to a running Ray instead of starting one per case)")
+    ap.add_argument("--parts", action="store_true",
+                    help="without Ray: time and memory of what a start does per node")
     args = ap.parse_args(argv)
+    EXTRA[:] = list(args.set)
+    if args.parts:
+        return parts(args.n, args.m, args.out)
     root = Path(args.root).resolve()
     tag = args.tag or ("this checkout" if root == ROOT else root.name)
     rows = []
@@ -232,6 +255,103 @@ def report(rows, args, argv, load, tag) -> list:
                      f"{', '.join(format(r['load'], '.1f') for r in mine)} | "
                      f"{sum(r['failed_tries'] for r in mine)} |")
     return lines
+
+
+
+
+# -- --parts: what of the start grows with N, without Ray ---------------------------
+PARTS_CHILD = r"""
+import json, resource, sys, time
+n, m = int(sys.argv[1]), int(sys.argv[2])
+import torch
+torch.set_num_threads(1)
+out = {"N": n}
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+base = rss()
+# 1. the task's data (both runtimes build it; the Flower clients once more)
+from regtopk_fl.tasks.linreg import LinRegTask
+t = time.perf_counter(); task = LinRegTask(num_workers=n); out["task_s"] = time.perf_counter() - t
+out["task_mb"] = rss() - base
+# 2. Flower's Simulation Runtime registers N nodes and N node contexts
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.supercore.run import Run
+before = rss()
+factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+t = time.perf_counter()
+mapping = vce_api._register_nodes(n, factory)
+stores = vce_api._register_node_info_stores(mapping, Run.create_empty(1))
+out["register_s"] = time.perf_counter() - t
+out["register_mb"] = rss() - before
+# 3. one idle pass of Flower's message thread (asks every node) against the
+#    launcher's (asks the nodes a message was stored for: none here)
+state = factory.state()
+t = time.perf_counter()
+for node in mapping:
+    state.get_message_ins(node_id=node, limit=1)
+out["flower_pass_s"] = time.perf_counter() - t
+# 4. the strategy's round 1 with sampling: identify queries and the time to make round 1's messages
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 1
+from protocol import wire
+from regtopk_fl.compress import RegTopK
+from regtopk_fl.fedround import Coordinator, FedServer
+from regtopk_fl.participation import Participation
+from strategies.sparse_strategy import SparseAggregation
+class Grid:
+    asked = 0
+    def get_node_ids(self): return list(mapping)
+    def send_and_receive(self, msgs, timeout=None):
+        msgs = list(msgs); Grid.asked += len(msgs)
+        return [Message(wire.identity_content(mapping[x.metadata.dst_node_id], device="cpu"),
+                        reply_to=x) for x in msgs]
+coord = Coordinator(FedServer(task.init_params(), None, lr=0.01), "gradient", verify=True)
+coord.start(range(n))
+for label, hint in (("identify_hinted", mapping), ("identify_batches", None)):
+    Grid.asked = 0
+    s = SparseAggregation(coord, n, wait_for_nodes_s=0, participation=Participation(n, m),
+                          expect_device="cpu", node_hint=hint)
+    t = time.perf_counter()
+    msgs = s.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
+    out[label + "_s"], out[label + "_queries"] = time.perf_counter() - t, Grid.asked
+    assert len(list(msgs)) == m
+out["peak_mb"] = rss()
+print(json.dumps(out))
+"""
+
+
+def parts(ns, m: int, out) -> int:
+    rows = []
+    for n in ns:
+        proc = subprocess.run([sys.executable, "-c", PARTS_CHILD, str(n), str(m)], cwd=ROOT,
+                              capture_output=True, text=True, env=dict(os.environ,
+                                                                       PYTHONPATH=str(ROOT)))
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows[-1]["load"] = os.getloadavg()[0]
+        print(json.dumps(rows[-1]), flush=True)
+    lines = [f"# What of a Flower start grows with N, without Ray (`python scripts/"
+             f"bench_flower_start.py --parts --n {' '.join(map(str, ns))} --m {m}`)", "",
+             f"Machine: {os.cpu_count()} CPU cores ({cpu_name()}); {time.strftime('%Y-%m-%d %H:%M')}"
+             f"; 1-min load average {', '.join(format(r['load'], '.1f') for r in rows)} after "
+             "each N.", "",
+             "| N | linreg task's data (s / MB) | Flower registers N nodes and contexts (s / MB) "
+             "| one pass of Flower's message thread over N nodes (s) | round 1's identify: "
+             "queries (s), table | same, batches of m | peak RSS (MB) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['N']} | {r['task_s']:.2f} / {r['task_mb']:.0f} | "
+                     f"{r['register_s']:.2f} / {r['register_mb']:.0f} | {r['flower_pass_s']:.3f} | "
+                     f"{r['identify_hinted_queries']} ({r['identify_hinted_s']:.3f}) | "
+                     f"{r['identify_batches_queries']} ({r['identify_batches_s']:.2f}) | "
+                     f"{r['peak_mb']:.0f} |")
+    emit(lines, out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -510,7 +510,10 @@ def main(argv=None) -> int:
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
+    # SIGINT too, explicitly: a process started with SIGINT ignored (a background
+    # job, or a parent that ignores it) inherits that, and would never clean up
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     with tempfile.TemporaryDirectory(prefix="regtopk-netns-") as tmp:
         print(json.dumps(selftest(Path(tmp), args.hold)), flush=True)
     return 0

@@ -120,8 +120,12 @@ def test_subset_offset_takes_disjoint_slices():
         assert second.x_train[second.y_train == c][:, 0, 0, 0].tolist() == ids[3:6].tolist()
 
 
-def test_subset_offset_validation(make_cfg):
-    base = ["experiment=fig3_cifar10_cpu"]
+def test_subset_offset_validation(make_cfg, tmp_path):
+    # an archive path that exists, so that the check reached is the subset's,
+    # also on a clone without ../shared/data (CI)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"")
+    base = ["experiment=fig3_cifar10_cpu", f"task.data_path={archive}", "task.download=false"]
     with pytest.raises(ConfigError, match=r"task.subset_per_class=3000: with task.subset_offset"):
         validate(make_cfg([*base, "task.subset_offset=2500", "task.subset_per_class=3000"]))
     with pytest.raises(ConfigError, match=r"task.subset_offset=-1"):

@@ -54,8 +54,11 @@ def test_lab_and_proxy(tmp_path):
 def test_sigint_removes_everything(tmp_path):
     """SIGINT while the lab, an echo server and the proxy run: every
     namespace of the lab and every process in it are gone afterwards."""
+    # started with SIGINT ignored, as a background job or a parent that ignores it
+    # would start it: the lab must still clean up on SIGINT
     p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "netns_lab.py"), "selftest",
-                          "--hold"], stdout=subprocess.PIPE, text=True)
+                          "--hold"], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     tag = None
     try:
         deadline = time.monotonic() + 60

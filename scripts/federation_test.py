@@ -362,15 +362,22 @@ class FederationTest:
         self.check("none of the refused SuperNodes joined", len(online) == N, f"{len(online)} online")
         self.timings["negative_s"] = time.perf_counter() - t0
 
+    SUBMIT_NEW_SESSION = False  # run `flwr run` in a session of its own
+
+    def submit_shell(self, cmd: str) -> str:
+        """The shell line that submits ``cmd`` (a subclass may wrap it)."""
+        return cmd + " --format json"
+
     def submit(self, overrides: list, out: Path) -> str:
         from regtopk_fl.deploy import compose_config, flwr_run_command
 
         cmd = flwr_run_command(compose_config(overrides), CONN, output_dir=out)
         log(f"submit: {cmd}")
         t0 = time.perf_counter()
-        r = subprocess.run(cmd + " --format json", shell=True, cwd=REPO, capture_output=True,
+        r = subprocess.run(self.submit_shell(cmd), shell=True, cwd=REPO, capture_output=True,
                            text=True, timeout=300,
-                           env=dict(self.env, FLWR_HOME=str(self.cli_home)))
+                           env=dict(self.env, FLWR_HOME=str(self.cli_home)),
+                           start_new_session=self.SUBMIT_NEW_SESSION)
         if r.returncode != 0:
             raise Failed(f"flwr run failed: {r.stdout}\n{r.stderr}")
         info = json.loads(r.stdout[r.stdout.index("{"):])

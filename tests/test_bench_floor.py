@@ -1,0 +1,87 @@
+"""scripts/bench_floor.py: its plain-PyTorch floors compute the suite's round
+(the same sampled clients, batches and step), so that its ratios measure
+the suite's overhead and nothing else; and its report's pairwise ratios.
+Timing itself is the script's job, never a test's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_cfg, load_script
+
+
+@pytest.fixture(scope="module")
+def floor():
+    return load_script("bench_floor")
+
+
+TINY = ["task=tiny_image", "task.samples=400", "num_workers=10",
+        "participation.clients_per_round=4", "lr=0.05", "rounds=4", "eval_every=4",
+        "checkpoint.every=0", "runtime=inprocess", "threads=1", "seed=3"]
+
+
+def _suite_params(tmp_path, overrides):
+    from regtopk_fl.runner import run_experiment
+
+    run_experiment(compose_cfg(TINY + overrides), tmp_path)
+    return torch.load(tmp_path / "model.pt")["params"]
+
+
+def _floor_params(floor, overrides, topk):
+    from regtopk_fl import participation
+    from regtopk_fl.runner import build
+
+    cfg = compose_cfg(TINY + overrides)
+    task, sparsifier = build(cfg)
+    k = sparsifier.budget(task.dim) if topk else None
+    f = floor.Floor(task, participation.from_cfg(cfg), float(cfg.lr), k)
+    start = f.flat.clone()
+    for t in range(1, 5):
+        f.round(t)
+    return f, start
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("dense", ["sparsifier=dense"]),
+    ("topk", ["sparsifier=topk", "sparsifier.sparsity=0.05"]),
+])
+def test_floor_computes_the_suites_round(floor, tmp_path, method, overrides):
+    suite = _suite_params(tmp_path, overrides)
+    f, start = _floor_params(floor, overrides, topk=method == "topk")
+    assert not torch.equal(f.flat, start)  # it trained
+    # the model's parameters are views of the floor's flat vector
+    assert f.params[0].data_ptr() == f.flat.data_ptr()
+    # the same trajectory: only the order of float additions differs
+    torch.testing.assert_close(f.flat, suite, rtol=1e-5, atol=1e-6)
+    if method == "topk":  # every sampled client kept a residual of J - k entries
+        k = max(1, round(0.05 * f.flat.numel()))
+        assert f.memory and all(int((a != 0).sum()) <= f.flat.numel() - k
+                                for a in f.memory.values())
+
+
+def test_floor_differs_from_a_wrong_step(floor, tmp_path):
+    """The comparison above can fail: twice the learning rate is not the suite's run."""
+    suite = _suite_params(tmp_path, ["sparsifier=dense"])
+    f, _ = _floor_params(floor, ["sparsifier=dense", "lr=0.1"], topk=False)
+    assert not torch.allclose(f.flat, suite, rtol=1e-5, atol=1e-6)
+
+
+def test_report_ratios_are_pairwise_to_the_right_floor(floor):
+    import argparse
+
+    rows = [{"case": c, "rep": rep, "s_per_round": s, "total_s": 10.0, "load": 1.0}
+            for rep, vals in enumerate([(1.0, 2.0, 1.2, 2.2), (2.0, 4.0, 2.2, 4.2)])
+            for c, s in zip(("floor dense", "floor topk", "inprocess dense", "inprocess topk"),
+                            vals)]
+    args = argparse.Namespace(threads=2, rounds=30, set=[])
+    text = "\n".join(floor.report(rows, args, " --repeat 2"))
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in text.splitlines() if line.startswith("| ") and "case" not in line}
+    assert cells["inprocess dense"][3] == "1.15x"  # median of 1.2 and 1.1
+    assert cells["inprocess topk"][3] == "1.08x"  # 2.2/2.0 = 1.1, 4.2/4.0 = 1.05
+    assert cells["inprocess dense"][4] == "1.10x-1.20x"
+
+
+def test_median_step_skips_the_first_two_rounds(floor):
+    wall = [10.0, 11.0, 12.0, 12.5, 13.0, 13.5]  # steps 1, 1, 0.5, 0.5, 0.5
+    assert floor.median_step(wall) == 0.5

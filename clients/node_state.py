@@ -182,12 +182,12 @@ def save_memory(context: Context, mem: ErrorFeedbackMemory, last_round: int | No
     if path is not None and _inplace(context, cfg):
         # eps: written only if it is not the mapping already (a GPU client's
         # is copied into it, device to host, without a second host copy)
-        state_files.save(path, {k: v.detach() for k, v in mem.state_dict(copy=False).items()},
+        state_files.save(path, {k: v.detach() for k, v in mem.state_dict(copy=False, lazy=True).items()},
                          {"last_round": -1 if last_round is None else int(last_round)})
         if MEMORY_KEY in context.state:
             del context.state[MEMORY_KEY]
         return
-    state = {k: v.detach().cpu() for k, v in mem.state_dict(copy=False).items()}
+    state = {k: v.detach().cpu() for k, v in mem.state_dict(copy=False, lazy=True).items()}
     if path is not None:
         saved = {"memory": state, "last_round": -1 if last_round is None else int(last_round)}
         atomic_write(path, lambda fh: torch.save(saved, fh), "wb")

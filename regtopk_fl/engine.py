@@ -79,7 +79,8 @@ class InProcessRun:
                 self.restore_due -= set(back)
             if self.clients is not None:  # #12: a batch of just these clients' states
                 feedbacks = self.clients.usable(feedbacks, alive, t, self.participation)
-                memory, rows = self.clients.gather(alive, feedbacks), None
+                memory, rows = self.clients.gather(
+                    alive, feedbacks, context=self.sparsifier.needs_context), None
                 feedbacks = [None] * len(alive)  # applied by gather
             replies = worker_round(
                 self.task, memory, self.sparsifier, self.server.params, self.server.buffers,

@@ -320,8 +320,10 @@ class FedServer:
         sparse, idx, _, counts = packed
         g = out.grad
         fb = iter(g.index_select(0, idx).split_with_sizes(counts)) if sparse else iter(())
-        for r in ok:
-            out.feedback[r.worker] = g.clone() if r.upload.indices is None else next(fb)
+        for r in ok:  # a dense upload's feedback is g itself, shared: nothing writes into
+            # a round's g after its step (FedServer._zero_g reuses a buffer only
+            # once nothing else holds it), so m dense uploads cost no m copies of J
+            out.feedback[r.worker] = g if r.upload.indices is None else next(fb)
 
     def _count(self, out: RoundOutcome, ok, weights, packed) -> None:
         """6. What the accepted uploads sent and cost (coded: as they travel)."""

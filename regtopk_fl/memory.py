@@ -211,18 +211,33 @@ class ErrorFeedbackMemory:
     # -- persistence (Flower context.state, checkpoints) ----------------------
     STATE_KEYS = ("eps", "prev_local", "prev_counts", "prev_sent", "fb_g", "fb_w")
 
-    def state_dict(self, copy: bool = True) -> dict:
-        """The state's tensors (``copy=False``: the live ones, for writing out)."""
+    def state_dict(self, copy: bool = True, lazy: bool = False) -> dict:
+        """The state's tensors (``copy=False``: the live ones, for writing out).
+        ``lazy=True``: after a dense upload, leave out what it keeps implicit
+        (the mask, every entry: J int64 a row; the feedback, unknown so far),
+        which :meth:`load_state_dict` then leaves implicit again."""
+        skip = ({"prev_local"} if self._prev_local is None else set()) | (
+            {"fb_g"} if self._fb_g is None else set()) if lazy else set()
         return {k: getattr(self, k).clone() if copy else getattr(self, k)
-                for k in self.STATE_KEYS}
+                for k in self.STATE_KEYS if k not in skip}
 
     def load_state_dict(self, state: dict, copy: bool = True) -> None:
         """Take ``state``'s tensors (``copy=False``: adopt them where dtype and
-        device already match, for state just read from a file)."""
+        device already match, for state just read from a file). A state with
+        the sent values but no mask (``state_dict(lazy=True)`` after a dense
+        upload) leaves the mask, and the feedback if absent, implicit."""
         for k, v in state.items():
             ref = getattr(self, k)
             t = torch.as_tensor(v).to(dtype=ref.dtype, device=ref.device)
             setattr(self, k, t.clone() if copy else t)
+        if "prev_sent" in state and "prev_local" not in state:
+            if self.prev_sent.numel() != self.num_rows * self.dim:
+                raise SparsifierError(f"a state without prev_local holds "
+                                      f"{self.prev_sent.numel()} sent values: only a dense "
+                                      f"upload ({self.num_rows} x {self.dim}) leaves it implicit")
+            self._prev_local = None
+            if "fb_g" not in state:
+                self._fb_g = None
         self._flat = None
         self.eps = self.eps.reshape(self.num_rows, self.dim)
 

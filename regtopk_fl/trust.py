@@ -123,13 +123,18 @@ def upload_norm(reply) -> float:
     return float(torch.linalg.vector_norm(v.to(torch.float64))) if v.numel() else 0.0
 
 
+STACK_MAX = 1 << 16  # longer rows are reduced one by one: stacking them is a copy of them all
+
+
 def l2_norms(tensors) -> list:
     """The float64 L2 norm of each tensor, as :func:`upload_norm` computes it:
     one reduction over the rows of a stacked [R, n] matrix when they are
     equally long (each row reduced on its own, in the same order as alone:
     bitwise the same floats, tested on every CPU kernel path torch has
-    here), else one by one."""
-    if len(tensors) > 1 and len({t.numel() for t in tensors}) == 1 and tensors[0].numel():
+    here) when they are equally long and short (below ``STACK_MAX``
+    entries), else one by one (a dense upload of J entries: no stacked copy)."""
+    if len(tensors) > 1 and len({t.numel() for t in tensors}) == 1 and \
+            0 < tensors[0].numel() < STACK_MAX:
         rows = torch.stack(tensors).reshape(len(tensors), -1).to(torch.float64)
         return torch.linalg.vector_norm(rows, dim=1).tolist()
     return [float(torch.linalg.vector_norm(t.to(torch.float64))) if t.numel() else 0.0

@@ -296,3 +296,30 @@ def test_dense_commit_builds_no_index_tensor():
     other = ErrorFeedbackMemory(2, 3)
     other.load_state_dict(mem.state_dict())
     assert all(same(getattr(other, key), getattr(mem, key)) for key in KEYS)
+
+
+def test_a_lazy_state_after_a_dense_upload_round_trips_and_restores_alike():
+    """state_dict(lazy=True) leaves a dense upload's mask (J int64 entries) and
+    its unknown feedback out; loading it back gives the same memory, and a
+    rejected upload goes back into the residual as from the full state."""
+    from regtopk_fl.compress import Dense
+    from regtopk_fl.compress.base import SparsifierError
+    from regtopk_fl.fedround import sparsify
+    from regtopk_fl.memory import ErrorFeedbackMemory, restore_rows
+
+    mem = ErrorFeedbackMemory(1, 50)
+    sparsify(mem, torch.randn(1, 50, generator=torch.Generator().manual_seed(1)), Dense(), [1.0])
+    lazy, full = mem.state_dict(lazy=True), mem.state_dict()
+    assert set(full) - set(lazy) == {"prev_local", "fb_g"}
+    a, b = ErrorFeedbackMemory(1, 50), ErrorFeedbackMemory(1, 50)
+    a.load_state_dict(lazy)
+    b.load_state_dict(full)
+    assert a._prev_local is None and torch.equal(a.prev_local, b.prev_local)
+    assert bool(torch.isnan(a.fb_g).all()) and bool(torch.isnan(b.fb_g).all())  # unknown
+    restore_rows(a, [0])
+    restore_rows(b, [0])
+    assert torch.equal(a.eps, b.eps) and bool(a.eps.any())
+    # a sparse upload's values without their mask are refused, with the reason
+    bad = dict(lazy, prev_sent=lazy["prev_sent"][:5])
+    with pytest.raises(SparsifierError, match="without prev_local holds 5 sent values"):
+        ErrorFeedbackMemory(1, 50).load_state_dict(bad)

@@ -39,19 +39,30 @@ def test_clients_per_round_from_settings(make_cfg):
     assert from_cfg(make_cfg([])).full
 
 
-def _run(task, participation, faults=None, dense_memory=False):
-    run = InProcessRun(task, RegTopK(0.3, mu=2), lr=0.01, participation=participation,
+def _run(task, participation, faults=None, dense_memory=False, sparsifier=None):
+    run = InProcessRun(task, sparsifier or RegTopK(0.3, mu=2), lr=0.01,
+                       participation=participation,
                        fault_cfg=faults or {}, seed=3)
     if dense_memory:  # the [N, J] memory with rows=sampled: the reference arithmetic
         run.clients, run.memory = None, ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype)
     return run
 
 
-def test_client_states_equal_the_dense_memory_and_hold_only_sampled_clients():
+@pytest.mark.parametrize("method", ["regtopk", "topk", "dense"])
+def test_client_states_equal_the_dense_memory_and_hold_only_sampled_clients(method):
+    """RegTop-k reads a context (the stored masks and feedback); Top-k does
+    not, so its batches start from the residuals alone; dense rows are stored
+    as markers (no residual, an implicit mask). With NaN uploads rejected and
+    put back into the residual, all three equal the [N, J] memory bitwise."""
+    from regtopk_fl.compress import Dense, TopK
+
     task = LinRegTask(num_workers=60, dim=40, samples_per_worker=50)
     p = Participation(60, 4, seed=3)
     faults = {"drop_prob": 0.2, "nan_prob": 0.1}
-    a, b = _run(task, p, faults), _run(task, p, faults, dense_memory=True)
+    make = {"regtopk": lambda: RegTopK(0.3, mu=2), "topk": lambda: TopK(0.3),
+            "dense": lambda: Dense()}[method]
+    a = _run(task, p, faults, sparsifier=make())
+    b = _run(task, p, faults, dense_memory=True, sparsifier=make())
     sampled, resyncs = set(), 0
     for t in range(1, 21):
         ra, rb = a.round(t), b.round(t)
@@ -67,9 +78,18 @@ def test_client_states_equal_the_dense_memory_and_hold_only_sampled_clients():
     assert torch.equal(a.server.params, b.server.params)
     assert resyncs > 10  # 4 of 60 per round: nearly every sampled client is returning
     assert set(a.clients.states) <= sampled and len(a.clients) < 60
-    # the store's rows are the dense memory's rows
-    n = sorted(a.clients.states)[0]
-    assert torch.equal(a.clients.gather([n]).eps[0], b.memory.eps[n])
+    # the store's rows are the dense memory's rows, and a rejected upload went
+    # back into its worker's residual
+    for n in sorted(a.clients.states):
+        assert torch.equal(a.clients.gather([n]).eps[0], b.memory.eps[n])
+    if method != "dense":  # (a dense residual is empty after every round's commit)
+        assert any(bool(b.memory.eps[n].any()) for n in a.clients.states)
+    if method == "dense":  # a dense row's mask and residual are markers until needed
+        n = next(n for n, s in a.clients.states.items() if s["prev_local"] is None)
+        assert a.clients.states[n]["eps"] is None
+        mem = a.clients.gather([n])
+        assert torch.equal(mem.prev_local, torch.arange(task.dim))
+        assert torch.equal(mem.prev_sent, a.clients.states[n]["prev_sent"])
 
 
 def test_forgetting_stale_feedback_changes_only_regtopk_rows_that_skipped_rounds():

@@ -178,14 +178,18 @@ def test_tiny_image_flower_equals_inprocess(make_cfg, tmp_path):
 
 @pytest.mark.flower
 @pytest.mark.slow
-def test_sampled_clients_flower_equals_inprocess(make_cfg, tmp_path):
+@pytest.mark.parametrize("method", [["sparsifier=regtopk", "sparsifier.sparsity=0.3",
+                                     "sparsifier.mu=2"], ["sparsifier=dense"]],
+                         ids=["regtopk", "dense"])
+def test_sampled_clients_flower_equals_inprocess(make_cfg, tmp_path, method):
     """Client sampling (#12): 3 of 8 clients per round, seeded by (seed, round),
     with drops and NaN uploads among the sampled ones. The strategy picks the
     nodes of the sampled partitions, so both runtimes make the same choice,
-    the same byte and fault counts and the same model."""
+    the same byte and fault counts and the same model. Dense: the clients'
+    state files and the in-process store keep a dense upload's mask implicit
+    (#34), and a rejected upload still goes back into the residual."""
     ip, fl = _both(make_cfg, tmp_path, ["task=linreg", "num_workers=8", "rounds=15",
-                                        "sparsifier=regtopk", "sparsifier.sparsity=0.3",
-                                        "sparsifier.mu=2", "task.size_ratio=3", "threads=1",
+                                        *method, "task.size_ratio=3", "threads=1",
                                         "participation.clients_per_round=3",
                                         "faults.drop_prob=0.2", "faults.nan_prob=0.1"])
     assert _rel(_final_model(fl)["params"], _final_model(ip)["params"]) <= 1e-6

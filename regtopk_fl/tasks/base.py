@@ -77,6 +77,13 @@ class Task:
     def num_examples(self) -> list:
         raise NotImplementedError
 
+    def share(self, folder) -> dict:
+        """Leave what this process built in ``folder`` for the clients that
+        build the same task in other processes (the simulation's Ray actors),
+        and return the ``task.*`` settings under which they read it instead of
+        building it again; {} (the default): nothing to share."""
+        return {}
+
     def init_params(self) -> torch.Tensor:
         raise NotImplementedError
 

@@ -15,7 +15,10 @@ paper's curves go down to ||w - w*|| ~ 1e-10, below float32's resolution.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -42,46 +45,42 @@ class LinRegTask(Task):
         if ratio > 1 and m * n < 2 * n:
             checks.fail("num_workers", n, f"more workers than data points ({m * n})")
 
+    # what the seed and the settings make; kept in ``cache_dir`` when one is given
+    _BUILT = ("sizes", "truth", "gram", "z", "yy", "w_star", "w0")
+
     def __init__(self, num_workers: int = 20, dim: int = 100, samples_per_worker: int = 500,
                  mean: float = 0.0, sigma2: float = 5.0, h2: float = 1.0, noise_var: float = 0.5,
-                 size_ratio: float = 1.0, init: str = "uniform", seed: int = 0, **_):
+                 size_ratio: float = 1.0, init: str = "uniform", seed: int = 0,
+                 cache_dir=None, **_):
         self.num_workers, self.dim, self.seed = int(num_workers), int(dim), int(seed)
-        gen = torch.Generator().manual_seed(self.seed)
-        n, j = self.num_workers, self.dim
-        total = n * int(samples_per_worker)
-        if size_ratio > 1.0:
-            shares = 1.0 + (size_ratio - 1.0) * torch.rand(n, generator=gen, dtype=torch.float64)
-            sizes = torch.floor(shares / shares.sum() * total).to(torch.int64)
-            sizes[-1] = total - sizes[:-1].sum()
-        else:
-            sizes = torch.full((n,), int(samples_per_worker), dtype=torch.int64)
+        if init not in ("uniform", "zeros"):
+            raise ValueError(f"task.init={init!r}: must be 'uniform' or 'zeros'")
+        args = (self.num_workers, self.dim, int(samples_per_worker), float(mean), float(sigma2),
+                float(h2), float(noise_var), float(size_ratio), init, self.seed)
+        built = _load_cached(cache_dir, args) if cache_dir else None
+        if built is None:
+            built = _build(*args)
+            if cache_dir:
+                _save_cached(cache_dir, args, built)
+        self._args, self._built = args, built  # for share(): the same tensors, no copy
+        sizes, self.truth, gram, z, yy, self.w_star, self._w0 = (built[k] for k in self._BUILT)
         self.sizes = [int(s) for s in sizes]
-        u = mean + math.sqrt(sigma2) * torch.randn(n, generator=gen, dtype=torch.float64)
-        self.truth = u[:, None] + math.sqrt(h2) * torch.randn(n, j, generator=gen, dtype=torch.float64)
-        gram = torch.empty(n, j, j, dtype=torch.float64)
-        z = torch.empty(n, j, dtype=torch.float64)
-        yy = torch.empty(n, dtype=torch.float64)
-        for k in range(n):
-            a = torch.randn(self.sizes[k], j, generator=gen, dtype=torch.float64)
-            y = a @ self.truth[k] + math.sqrt(noise_var) * torch.randn(
-                self.sizes[k], generator=gen, dtype=torch.float64)
-            gram[k], z[k], yy[k] = a.T @ a, a.T @ y, y @ y
         self.gram, self.z, self.yy = gram, z, yy
         self.inv_m = 1.0 / torch.tensor(self.sizes, dtype=torch.float64)
-        self.w_star = torch.linalg.solve(gram.sum(0), z.sum(0))
         self._total = float(sum(self.sizes))
         # the global objective sum_n (m_n / M) f_n = (w'Gw - 2 z'w + y'y) / M
         self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
-        if init == "zeros":
-            self._w0 = torch.zeros(j, dtype=torch.float64)
-        elif init == "uniform":  # torch.nn.Linear's default, as the authors' model
-            bound = 1.0 / math.sqrt(j)
-            self._w0 = (torch.rand(j, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-        else:
-            raise ValueError(f"task.init={init!r}: must be 'uniform' or 'zeros'")
 
     def num_examples(self):
         return list(self.sizes)
+
+    def share(self, folder) -> dict:
+        """The built data as a cache file in ``folder``: a Ray actor maps it
+        instead of drawing N Gram matrices again (800 MB and seconds at
+        N = 10,000, repeated by every actor)."""
+        if not _cache_file(folder, self._args).exists():
+            _save_cached(folder, self._args, self._built)
+        return {"cache_dir": str(folder)}
 
     def init_params(self):
         return self._w0.clone()
@@ -105,3 +104,66 @@ class LinRegTask(Task):
         quad = float(w @ (self._g_sum @ w)) - 2.0 * float(self._z_sum @ w) + self._yy_sum
         return {"loss": quad / self._total,
                 "gap": float(torch.linalg.vector_norm(w - self.w_star))}
+
+
+def _build(n, j, samples_per_worker, mean, sigma2, h2, noise_var, size_ratio, init, seed) -> dict:
+    """The workers' data, drawn from one generator in a fixed order (the
+    numbers every recorded linear-regression run was made with)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = n * samples_per_worker
+    if size_ratio > 1.0:
+        shares = 1.0 + (size_ratio - 1.0) * torch.rand(n, generator=gen, dtype=torch.float64)
+        sizes = torch.floor(shares / shares.sum() * total).to(torch.int64)
+        sizes[-1] = total - sizes[:-1].sum()
+    else:
+        sizes = torch.full((n,), samples_per_worker, dtype=torch.int64)
+    u = mean + math.sqrt(sigma2) * torch.randn(n, generator=gen, dtype=torch.float64)
+    truth = u[:, None] + math.sqrt(h2) * torch.randn(n, j, generator=gen, dtype=torch.float64)
+    gram = torch.empty(n, j, j, dtype=torch.float64)
+    z = torch.empty(n, j, dtype=torch.float64)
+    yy = torch.empty(n, dtype=torch.float64)
+    for k in range(n):
+        m = int(sizes[k])
+        a = torch.randn(m, j, generator=gen, dtype=torch.float64)
+        y = a @ truth[k] + math.sqrt(noise_var) * torch.randn(m, generator=gen, dtype=torch.float64)
+        gram[k], z[k], yy[k] = a.T @ a, a.T @ y, y @ y
+    w_star = torch.linalg.solve(gram.sum(0), z.sum(0))
+    if init == "zeros":
+        w0 = torch.zeros(j, dtype=torch.float64)
+    else:  # uniform: torch.nn.Linear's default, as the authors' model
+        bound = 1.0 / math.sqrt(j)
+        w0 = (torch.rand(j, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    return {"sizes": sizes, "truth": truth, "gram": gram, "z": z, "yy": yy, "w_star": w_star,
+            "w0": w0}
+
+
+def _cache_file(cache_dir, args) -> Path:
+    key = hashlib.sha256(repr(("linreg-v1",) + tuple(args)).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"linreg-N{args[0]}-J{args[1]}-{key}.pt"
+
+
+def _load_cached(cache_dir, args):
+    """The built data from ``cache_dir`` (memory-mapped: processes that load
+    the same file share its pages), or None when it is not there or unreadable."""
+    f = _cache_file(cache_dir, args)
+    if not f.exists():
+        return None
+    try:
+        built = torch.load(f, mmap=True, weights_only=True)
+        if set(built) != set(LinRegTask._BUILT) or built["gram"].shape != (
+                args[0], args[1], args[1]):
+            raise ValueError("unexpected contents")
+        return built
+    except Exception as e:  # noqa: BLE001 - a broken cache is rebuilt
+        warnings.warn(f"ignoring unreadable cache {f}: {e}", stacklevel=3)
+        return None
+
+
+def _save_cached(cache_dir, args, built) -> None:
+    from ..results import atomic_write
+
+    f = _cache_file(cache_dir, args)
+    try:
+        atomic_write(f, lambda fh: torch.save(built, fh), "wb")
+    except OSError as e:
+        warnings.warn(f"could not write the linear-regression cache {f}: {e}", stacklevel=3)

@@ -70,6 +70,20 @@ CASES = {
     "tiny_image_wide_flower": ["task=tiny_image", "+task.width=96", "runtime=flower",
                                "num_workers=4", "rounds=10", "sparsifier=topk",
                                "sparsifier.sparsity=0.01", "faults.drop_prob=0.1", "threads=1"],
+    # dense under client sampling (#34): the store's markers, g shared as dense feedback,
+    # NaN uploads rejected and restored; wide: dense uploads above 2^16 entries
+    # (the trust screen's per-row norms); Flower: the clients' lazy state files
+    "linreg_sampled_dense": LINREG + [
+        "num_workers=30", "participation.clients_per_round=6", "faults.drop_prob=0.2",
+        "faults.nan_prob=0.1", "rounds=120", "sparsifier=dense", "task.size_ratio=3"],
+    "linreg_sampled_dense_flower": LINREG + [
+        "runtime=flower", "num_workers=10", "participation.clients_per_round=4",
+        "faults.drop_prob=0.2", "faults.nan_prob=0.1", "rounds=15", "sparsifier=dense",
+        "task.size_ratio=3"],
+    "tiny_image_wide_sampled_dense": ["task=tiny_image", "+task.width=96", "num_workers=8",
+                                      "participation.clients_per_round=4", "rounds=12",
+                                      "sparsifier=dense", "faults.drop_prob=0.1",
+                                      "faults.nan_prob=0.1", "threads=1"],
 }
 
 

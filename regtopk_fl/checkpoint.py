@@ -47,7 +47,8 @@ CRASH_ENV = "REGTOPK_FL_CRASH_AFTER_ROUND"
 NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir", "tracker")
 _TASK_DEFAULTS = {("pretrained_weights", None), ("resize", None), ("normalize", "auto"),
                   ("loss", "ce"), ("init_from", None), ("eval_mode", "eval"),
-                  ("subset_offset", 0)}
+                  ("subset_offset", 0),
+                  ("cache_dir", None)}  # #34: the linear regression's, off by default
 _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
              "stale_feedback": "keep"}
 

@@ -294,9 +294,23 @@ class NetnsTest(FederationTest):
                 ev["cut"], ev["round"] = time.time(), last_round(out) + 1
                 log(f"(b) cutting node 2's link in round {ev['round']}, refused for 20 s")
                 self.proxy(link="n2", op="cut", refuse_s=20)
+            elif "cut" in ev and "restarted" not in ev and time.time() - ev["cut"] > 25 \
+                    and len(self.online_nodes()) < N:
+                # Flower 1.41's SuperNode gives up when a TLS handshake through
+                # the refusing link ends in EOF (its heartbeat dies, the process
+                # lives on): what a supervisor (systemd's Restart=) does, this
+                # test does, once the SuperLink lists the node offline
+                ev["restarted"] = time.time() - ev["cut"]
+                log(f"(b) node 2 offline {ev['restarted']:.0f} s after the cut: restarting "
+                    "its SuperNode (same key, same state dir)")
+                self.procs.stop("node2")
+                self.start_node(2)
 
         def expect(why, lost):
             r = ev.get("round", -1)
+            if "restarted" in ev:
+                self.results.setdefault("b", {})["node2_restarted_after_s"] = round(
+                    ev["restarted"], 1)
             back = [rr for rr in range(r + 1, self.args.rounds + 1) if 2 not in why.get(rr, {})]
             rows = read_rows(self.work / "run_b")
             took = float(rows[r]["wall_s"]) - float(rows[r - 1]["wall_s"]) if r < len(rows) else 0

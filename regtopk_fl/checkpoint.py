@@ -48,7 +48,7 @@ NOT_IDENTITY = ("hydra", "checkpoint", "progress", "print_flwr_run", "output_dir
 _TASK_DEFAULTS = {("pretrained_weights", None), ("resize", None), ("normalize", "auto"),
                   ("loss", "ce"), ("init_from", None), ("eval_mode", "eval"),
                   ("subset_offset", 0),
-                  ("cache_dir", None)}  # #34: the linear regression's, off by default
+                  ("data_cache", None)}  # #34: the linear regression's, off by default
 _EVERYONE = {"clients_per_round": None, "fraction": None, "weighted": False,
              "stale_feedback": "keep"}
 

@@ -1,4 +1,4 @@
-"""task.cache_dir for the linear regression: the cached data is bitwise the
+"""task.data_cache for the linear regression: the cached data is bitwise the
 data the seed draws, a second build reads the file instead of drawing, and
 an unreadable file is rebuilt, with a warning."""
 from __future__ import annotations
@@ -22,34 +22,34 @@ def _same(a, b):
 
 def test_cached_build_is_the_drawn_one_and_is_read_back(tmp_path, monkeypatch):
     plain = LinRegTask(**KW)
-    first = LinRegTask(**KW, cache_dir=tmp_path)
+    first = LinRegTask(**KW, data_cache=tmp_path)
     files = list(tmp_path.glob("linreg-N7-J5-*.pt"))
     assert len(files) == 1
     _same(plain, first)
     monkeypatch.setattr(linreg, "_build", lambda *a: pytest.fail("drew the data again"))
-    second = LinRegTask(**KW, cache_dir=tmp_path)
+    second = LinRegTask(**KW, data_cache=tmp_path)
     _same(plain, second)
     # another seed is another file (and a fresh draw)
     monkeypatch.undo()
-    other = LinRegTask(**{**KW, "seed": 5}, cache_dir=tmp_path)
+    other = LinRegTask(**{**KW, "seed": 5}, data_cache=tmp_path)
     assert len(list(tmp_path.glob("linreg-*.pt"))) == 2
     assert not torch.equal(other.gram, plain.gram)
 
 
 def test_an_unreadable_cache_is_rebuilt_with_a_warning(tmp_path):
-    LinRegTask(**KW, cache_dir=tmp_path)
+    LinRegTask(**KW, data_cache=tmp_path)
     (f,) = tmp_path.glob("linreg-*.pt")
     f.write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="ignoring unreadable cache"):
-        again = LinRegTask(**KW, cache_dir=tmp_path)
+        again = LinRegTask(**KW, data_cache=tmp_path)
     _same(LinRegTask(**KW), again)
     assert torch.load(f, weights_only=True)["gram"].shape == (7, 5, 5)  # rewritten
 
 
 def test_the_gradient_is_unchanged_by_the_cache(tmp_path):
-    a, b = LinRegTask(**KW), LinRegTask(**KW, cache_dir=tmp_path)
-    LinRegTask(**KW, cache_dir=tmp_path)  # now read from the file
-    c = LinRegTask(**KW, cache_dir=tmp_path)
+    a, b = LinRegTask(**KW), LinRegTask(**KW, data_cache=tmp_path)
+    LinRegTask(**KW, data_cache=tmp_path)  # now read from the file
+    c = LinRegTask(**KW, data_cache=tmp_path)
     w = a.init_params().unsqueeze(0).expand(3, -1)
     ga = a.gradients(w, None, [0, 3, 6], 1, 0)
     for t in (b, c):
@@ -62,6 +62,12 @@ def test_share_leaves_the_built_data_for_the_clients(tmp_path, monkeypatch):
     (simulation/__init__.py): they read the file instead of drawing again."""
     task = LinRegTask(**KW)
     extra = task.share(tmp_path / "task")
-    assert extra == {"cache_dir": str(tmp_path / "task")}
+    assert extra == {"data_cache": str(tmp_path / "task")}
     monkeypatch.setattr(linreg, "_build", lambda *a: pytest.fail("drew the data again"))
     _same(task, LinRegTask(**KW, **extra))
+
+
+def test_share_leaves_a_runs_own_cache_alone(tmp_path):
+    task = LinRegTask(**KW, data_cache=tmp_path / "mine")
+    assert task.share(tmp_path / "scratch") == {}
+    assert not (tmp_path / "scratch").exists()

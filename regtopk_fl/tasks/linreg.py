@@ -45,23 +45,24 @@ class LinRegTask(Task):
         if ratio > 1 and m * n < 2 * n:
             checks.fail("num_workers", n, f"more workers than data points ({m * n})")
 
-    # what the seed and the settings make; kept in ``cache_dir`` when one is given
+    # what the seed and the settings make; kept in ``data_cache`` when one is given
     _BUILT = ("sizes", "truth", "gram", "z", "yy", "w_star", "w0")
 
     def __init__(self, num_workers: int = 20, dim: int = 100, samples_per_worker: int = 500,
                  mean: float = 0.0, sigma2: float = 5.0, h2: float = 1.0, noise_var: float = 0.5,
                  size_ratio: float = 1.0, init: str = "uniform", seed: int = 0,
-                 cache_dir=None, **_):
+                 data_cache=None, **_):
         self.num_workers, self.dim, self.seed = int(num_workers), int(dim), int(seed)
         if init not in ("uniform", "zeros"):
             raise ValueError(f"task.init={init!r}: must be 'uniform' or 'zeros'")
         args = (self.num_workers, self.dim, int(samples_per_worker), float(mean), float(sigma2),
                 float(h2), float(noise_var), float(size_ratio), init, self.seed)
-        built = _load_cached(cache_dir, args) if cache_dir else None
+        self._data_cache = data_cache or None
+        built = _load_cached(data_cache, args) if data_cache else None
         if built is None:
             built = _build(*args)
-            if cache_dir:
-                _save_cached(cache_dir, args, built)
+            if data_cache:
+                _save_cached(data_cache, args, built)
         self._args, self._built = args, built  # for share(): the same tensors, no copy
         sizes, self.truth, gram, z, yy, self.w_star, self._w0 = (built[k] for k in self._BUILT)
         self.sizes = [int(s) for s in sizes]
@@ -77,10 +78,13 @@ class LinRegTask(Task):
     def share(self, folder) -> dict:
         """The built data as a cache file in ``folder``: a Ray actor maps it
         instead of drawing N Gram matrices again (800 MB and seconds at
-        N = 10,000, repeated by every actor)."""
+        N = 10,000, repeated by every actor). Nothing when the run keeps its
+        own ``data_cache``: the actors read that."""
+        if self._data_cache:
+            return {}
         if not _cache_file(folder, self._args).exists():
             _save_cached(folder, self._args, self._built)
-        return {"cache_dir": str(folder)}
+        return {"data_cache": str(folder)}
 
     def init_params(self):
         return self._w0.clone()

@@ -83,8 +83,8 @@ def run_simulation(cfg, task, sparsifier, recorder, ckpt) -> None:
             tmp = settings["runtime"]["state_dir"] = tempfile.mkdtemp(
                 prefix="regtopk-fl-state-", dir=shm)
             settings["runtime"]["state_inplace"] = True  # scratch: clients/state_files.py
-            # what the driver built, for the actors (Task.share)
-            settings["task"].update(task.share(Path(tmp) / "task"))
+            if task is not None:  # what the driver built, for the actors (Task.share)
+                settings["task"].update(task.share(Path(tmp) / "task"))
     prompt = bool(OmegaConf.select(cfg, "runtime.prompt_delivery", default=True))
     try:
         with prompt_delivery() if prompt else contextlib.nullcontext(), \

@@ -3,6 +3,8 @@ data the seed draws, a second build reads the file instead of drawing, and
 an unreadable file is rebuilt, with a warning."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,3 +73,37 @@ def test_share_leaves_a_runs_own_cache_alone(tmp_path):
     task = LinRegTask(**KW, data_cache=tmp_path / "mine")
     assert task.share(tmp_path / "scratch") == {}
     assert not (tmp_path / "scratch").exists()
+
+
+def _drawn_in_one_thread(n, j, m, mean, sigma2, h2, noise_var, seed):
+    """The draw as one thread spells it (equal sizes, uniform init): the
+    reference the pipelined ``_build`` must equal bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    u = mean + math.sqrt(sigma2) * torch.randn(n, generator=gen, dtype=torch.float64)
+    truth = u[:, None] + math.sqrt(h2) * torch.randn(n, j, generator=gen, dtype=torch.float64)
+    grams, zs, yys = [], [], []
+    for k in range(n):
+        a = torch.randn(m, j, generator=gen, dtype=torch.float64)
+        y = a @ truth[k] + math.sqrt(noise_var) * torch.randn(m, generator=gen, dtype=torch.float64)
+        grams.append(a.T @ a), zs.append(a.T @ y), yys.append(y @ y)
+    w0 = (torch.rand(j, generator=gen, dtype=torch.float64) * 2 - 1) * (1.0 / math.sqrt(j))
+    return {"truth": truth, "gram": torch.stack(grams), "z": torch.stack(zs),
+            "yy": torch.stack(yys), "w0": w0}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_pipelined_draw_is_the_one_thread_draw_bitwise(threads):
+    # worker k's products run on a second thread while k+1 is drawn; the
+    # numbers must be those of one thread doing both, at the caller's thread count
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, j, m = 23, 100, 500  # the paper's J and m: BLAS's blocked paths
+        built = linreg._build(n, j, m, 0.0, 5.0, 1.0, 0.5, 1.0, "uniform", 11)
+        ref = _drawn_in_one_thread(n, j, m, 0.0, 5.0, 1.0, 0.5, 11)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for key, want in ref.items():
+        assert torch.equal(built[key], want), key
+    assert built["gram"].shape == (n, j, j) and not torch.equal(built["gram"][0], built["gram"][1])

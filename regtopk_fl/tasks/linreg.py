@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -112,9 +115,22 @@ class LinRegTask(Task):
 
 def _build(n, j, samples_per_worker, mean, sigma2, h2, noise_var, size_ratio, init, seed) -> dict:
     """The workers' data, drawn from one generator in a fixed order (the
-    numbers every recorded linear-regression run was made with)."""
+    numbers every recorded linear-regression run was made with).
+
+    1. sizes (uniform shares when ``size_ratio`` > 1), then u and the truths;
+    2. per worker k, in order: A_k (m_k x J) and its label noise e_k;
+    3. per worker k: y_k = A_k t_k + sqrt(noise_var) e_k, G_k = A_k'A_k,
+       z_k = A_k'y_k, yy_k = y_k'y_k;
+    4. w* and the initial model (its uniform draw last).
+
+    Step 2 is one generator's stream and stays sequential; step 3 for worker
+    k runs on a second thread while worker k+1 is drawn (the same operations
+    on the same tensors with the caller's thread count, so the same bits as
+    one thread doing both: ``tests/test_linreg.py``). At N = 10,000 the draw
+    is most of a cold Flower start (issue #34)."""
     gen = torch.Generator().manual_seed(seed)
     total = n * samples_per_worker
+    # 1.
     if size_ratio > 1.0:
         shares = 1.0 + (size_ratio - 1.0) * torch.rand(n, generator=gen, dtype=torch.float64)
         sizes = torch.floor(shares / shares.sum() * total).to(torch.int64)
@@ -126,11 +142,27 @@ def _build(n, j, samples_per_worker, mean, sigma2, h2, noise_var, size_ratio, in
     gram = torch.empty(n, j, j, dtype=torch.float64)
     z = torch.empty(n, j, dtype=torch.float64)
     yy = torch.empty(n, dtype=torch.float64)
-    for k in range(n):
-        m = int(sizes[k])
-        a = torch.randn(m, j, generator=gen, dtype=torch.float64)
-        y = a @ truth[k] + math.sqrt(noise_var) * torch.randn(m, generator=gen, dtype=torch.float64)
+    noise_sd, threads = math.sqrt(noise_var), torch.get_num_threads()
+
+    def products(k, a, e):  # 3.
+        if threading.get_ident() != caller:
+            torch.set_num_threads(threads)  # this thread's BLAS/OpenMP count = the caller's
+        y = a @ truth[k] + noise_sd * e
         gram[k], z[k], yy[k] = a.T @ a, a.T @ y, y @ y
+
+    caller = threading.get_ident()
+    with ThreadPoolExecutor(1, thread_name_prefix="linreg-products") as pool:
+        pending: deque = deque()
+        for k in range(n):  # 2.
+            m = int(sizes[k])
+            a = torch.randn(m, j, generator=gen, dtype=torch.float64)
+            e = torch.randn(m, generator=gen, dtype=torch.float64)
+            pending.append(pool.submit(products, k, a, e))
+            if len(pending) > 4:  # a few workers' A_k in flight, not N
+                pending.popleft().result()
+        for f in pending:
+            f.result()
+    # 4.
     w_star = torch.linalg.solve(gram.sum(0), z.sum(0))
     if init == "zeros":
         w0 = torch.zeros(j, dtype=torch.float64)

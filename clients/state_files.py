@@ -130,15 +130,19 @@ def save(base: Path, state: dict, extra: dict | None = None) -> None:
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.numel() >= BIG:
             path = _raw(base, key)
-            mapped = _MAPPED.get(str(path), (None,))[0]
-            same_shape = mapped is not None and (mapped.numel() == value.numel()
-                                                 and mapped.dtype == value.dtype)
-            if same_shape and value.device.type != "cpu":
-                mapped.copy_(value.detach().reshape(-1))  # device to host, into the file
-            elif not same_shape or mapped.data_ptr() != value.data_ptr():
-                if path.exists():
-                    path.unlink()  # a new file: never resize a mapping another tensor holds
-                _map(path, value.numel(), value.dtype).copy_(value.detach().reshape(-1).cpu())
+            nbytes = value.numel() * value.element_size()
+            try:
+                fits = os.stat(path).st_size == nbytes
+            except FileNotFoundError:
+                fits = False
+            if not fits and path.exists():
+                path.unlink()  # a new file: never resize a mapping another tensor holds
+            # the file of the same size is written where it lies (this
+            # process's mapping, or one of the file another actor wrote):
+            # a new file would fault in every page again (#34)
+            mapped = _map(path, value.numel(), value.dtype)
+            if mapped.data_ptr() != value.data_ptr():  # not already the mapping
+                mapped.copy_(value.detach().reshape(-1))  # a GPU tensor: device to host
             small[key] = ("mapped", tuple(value.shape), str(value.dtype).split(".")[-1])
         else:
             small[key] = value

@@ -78,7 +78,7 @@ import torch
 import xxhash
 
 from .optim import ServerSGD
-from .payload import coded_index_bytes, index_itemsize
+from .payload import coded_index_bytes, coded_index_bytes_of_count, index_itemsize
 
 MODES = ("gradient", "model")
 HEADER = 16  # round (int64), message kind, flags
@@ -407,16 +407,29 @@ class Downlink:
         """The entries that changed after round ``base`` (ascending int64)."""
         return torch.nonzero(self.changed > int(base)).flatten()
 
+    def patch_count(self, base: int) -> int:
+        """How many entries changed after round ``base``: from one histogram
+        of ``changed`` per step, not a pass over J per base (#34: a sampled
+        round meets as many bases as clients)."""
+        if "after" not in self._sizes:  # after[r] = #{entries changed after round r}
+            hist = torch.bincount(self.changed.to(torch.int64), minlength=self.step.round + 1)
+            self._sizes["after"] = (self.changed.numel() - torch.cumsum(hist, 0)).tolist()
+        after = self._sizes["after"]
+        return after[int(base)] if int(base) < len(after) else 0
+
     def patch_bytes(self, base: int, server) -> tuple:
-        """(raw, coded) bytes of the patch from ``base`` (cached per round)."""
+        """(raw, coded) bytes of the patch from ``base`` (cached per round).
+        The indices are found only where their count does not decide the
+        coded size (a patch of fewer entries than the bitmap has bytes)."""
         sizes = self._sizes.get(base)
         if sizes is None:
-            idx = self.patch_indices(base)
-            n, dim = idx.numel(), server.dim
+            n, dim = self.patch_count(base), server.dim
+            coded = coded_index_bytes_of_count(n, dim)
+            if coded is None:
+                coded = coded_index_bytes(self.patch_indices(base), dim)
             args = (server.params.element_size(), nbytes(server.buffers))
-            sizes = self._sizes[base] = (
-                patch_nbytes(n, n * index_itemsize(dim), *args),
-                patch_nbytes(n, coded_index_bytes(idx, dim), *args))
+            sizes = self._sizes[base] = (patch_nbytes(n, n * index_itemsize(dim), *args),
+                                         patch_nbytes(n, coded, *args))
         return sizes
 
     def patch(self, base: int, server) -> Patch:

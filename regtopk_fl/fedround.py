@@ -16,7 +16,7 @@ from .aggregate import Batch, Mean
 from .broadcast import FEEDBACK_META, Downlink, Plan
 from .memory import ErrorFeedbackMemory, restore_rows
 from .optim import ServerSGD  # noqa: F401  (re-exported: the server optimizer)
-from .payload import Upload, coded_index_bytes_rows, index_itemsize, validate_upload
+from .payload import Upload, all_finite, coded_index_bytes_rows, index_itemsize, validate_upload
 
 log = logging.getLogger(__name__)
 POOL_MIN = 1 << 16  # a g of at least this many entries on the CPU comes from FedServer's pool
@@ -178,7 +178,7 @@ class FedServer:
             why = f"num_examples={reply.num_examples!r} must be a positive integer"
         if why is None and reply.buffers is not None and self.buffers is not None:
             b = reply.buffers
-            if b.shape != self.buffers.shape or not bool(torch.isfinite(b).all()):
+            if b.shape != self.buffers.shape or not all_finite(b):
                 why = "buffers have the wrong shape or non-finite entries"
         return why
 
@@ -204,7 +204,7 @@ class FedServer:
                     or (r.buffers is not None) != has_buf):
                 return False
             if u.indices is None:
-                if u.values.numel() != dim or not bool(torch.isfinite(u.values).all()):
+                if u.values.numel() != dim or not all_finite(u.values):
                     return False
             elif (u.indices.dtype not in (torch.int32, torch.int64) or u.indices.dim() != 1
                   or u.indices.numel() != u.values.numel()):
@@ -212,12 +212,12 @@ class FedServer:
         if has_buf and replies:
             if any(r.buffers.shape != self.buffers.shape for r in replies):
                 return False
-            if not bool(torch.isfinite(torch.stack([r.buffers for r in replies])).all()):
+            if not all_finite(torch.stack([r.buffers for r in replies])):
                 return False
         sparse, idx, vals, counts = packed
         if idx is None or idx.numel() == 0:
             return True
-        if not bool(torch.isfinite(vals).all()):
+        if not all_finite(vals):
             return False
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= dim:

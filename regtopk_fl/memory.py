@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .compress.base import Selection, SparsifierError, row_of_entry
+from .payload import all_finite
 
 
 @dataclass
@@ -92,9 +93,7 @@ class ErrorFeedbackMemory:
                 f"grad.shape={tuple(grad.shape)}: expected ({n}, {self.dim})")
         if grad.dtype != self.eps.dtype:
             raise SparsifierError(f"grad.dtype={grad.dtype}: expected {self.eps.dtype}")
-        # a finite sum proves every entry finite (one reduction instead of a
-        # mask pass); only a non-finite sum needs the exact check
-        if not bool(torch.isfinite(grad.sum())) and not bool(torch.isfinite(grad).all()):
+        if not all_finite(grad):
             raise SparsifierError("grad: contains NaN or Inf entries")
         if rows is None:
             return self.eps.add_(grad)

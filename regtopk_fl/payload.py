@@ -51,6 +51,15 @@ def varint_lengths(deltas: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(deltas, _VARINT_STEPS.to(deltas.device), right=True) + 1
 
 
+def coded_index_bytes_of_count(count: int, dim: int) -> int | None:
+    """The coded bytes of ``count`` ascending indices below ``dim`` where the
+    count alone decides: every varint takes at least a byte, so at least as
+    many indices as the bitmap has bytes code as the bitmap. None below that
+    (the indices themselves decide)."""
+    bitmap = (dim + 7) // 8
+    return 1 + bitmap if count >= bitmap else None
+
+
 def coded_index_bytes_rows(idx: torch.Tensor, counts, dim: int) -> list:
     """Coded index bytes of several uploads at once: ``idx`` is their indices
     concatenated (each ascending), ``counts`` their lengths.
@@ -61,7 +70,7 @@ def coded_index_bytes_rows(idx: torch.Tensor, counts, dim: int) -> list:
     bitmap = (dim + 7) // 8
     counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     if counts and min(counts) >= bitmap:
-        return [1 + bitmap] * len(counts)
+        return [coded_index_bytes_of_count(counts[0], dim)] * len(counts)
     idx = idx.to(torch.int64)
     if idx.numel() == 0:
         return [1 for _ in counts]
@@ -182,6 +191,14 @@ def info_floor_bits(dim: int, k: int) -> float:
     return (math.lgamma(dim + 1) - math.lgamma(k + 1) - math.lgamma(dim - k + 1)) / math.log(2)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A sum is finite only if every entry is (an Inf
+    or NaN makes it Inf or NaN), so one reduction answers the common case, a
+    twentieth of a mask pass over a dense upload (#34); only a sum that is not
+    finite (bad entries, or finite ones that overflow) needs the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def validate_upload(indices, values, dim: int, expect_dtype=None) -> str | None:
     """Why an upload must be dropped, or None when it is sound."""
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
@@ -190,7 +207,7 @@ def validate_upload(indices, values, dim: int, expect_dtype=None) -> str | None:
         return f"values dtype {values.dtype} is not floating point"
     if expect_dtype is not None and values.dtype != expect_dtype:
         return f"values dtype {values.dtype} != model dtype {expect_dtype}"
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         return "values contain NaN or Inf"
     if indices is None:
         return None if values.numel() == dim else f"dense length {values.numel()} != J={dim}"

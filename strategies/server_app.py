@@ -88,7 +88,8 @@ def run_server(grid: Grid, cfg, task, recorder, ckpt, device: str = "cpu",
                                  identity=identity,
                                  participation=participation_from_cfg(cfg, task.num_examples()),
                                  expect_device=expect_client_device,  # no silent CPU (#21)
-                                 device_setting=_gpu_setting(cfg), node_hint=node_hint)
+                                 device_setting=_gpu_setting(cfg), node_hint=node_hint,
+                                 last_round=rounds)
     recorder.extras.append(lambda: {"client_threads": strategy.threads_in_use()})
     if state is not None:
         strategy.load_state_dict(state)

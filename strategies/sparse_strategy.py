@@ -71,8 +71,10 @@ class SparseAggregation(Strategy):
                  first_round: int = 1, checkpointer=None, recorder=None,
                  identity: NodeBinding | None = None, participation=None,
                  expect_device: str | None = None,
-                 device_setting: str = "runtime.client_gpus", node_hint=None):
+                 device_setting: str = "runtime.client_gpus", node_hint=None,
+                 last_round: int | None = None):
         self.coord = coordinator
+        self.last_round = last_round  # the run's last round: nothing to identify after it
         # no silent CPU (#21): the device every node must compute on, and the
         # setting the refusal names (strategies/devices.py)
         self.expect_device, self.device_setting = expect_device, device_setting
@@ -91,6 +93,7 @@ class SparseAggregation(Strategy):
         # node id -> the partition it probably holds (or a callable returning
         # that dict): whom to identify first under sampling (#34); never believed
         self.node_hint = node_hint
+        self._ahead: set = set()  # nodes asked who they are with this round's train messages
         self.ray_nodes: dict = {}  # Ray node id -> replies computed there (#12, under Ray)
         self.client_threads: dict = {}  # node -> the torch threads it said it computes with
         self.upload_round: dict = {}  # worker -> round of its last upload the server got
@@ -142,7 +145,7 @@ class SparseAggregation(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        nodes = self._nodes(grid)
+        nodes = online = self._nodes(grid)
         if self.identity.pins:  # partitions pinned to the nodes' authenticated keys
             self.identity.pin(grid.get_nodes())
         if self._restore is not None:
@@ -187,12 +190,15 @@ class SparseAggregation(Strategy):
                                 message_type=MessageType.TRAIN, group_id=str(server_round),
                                 ttl=self.message_ttl_s))
         self._trained = self._trained or bool(msgs)
-        return msgs
+        return msgs + self._identify_ahead(online, server_round + 1)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = self._t(server_round)
         server = self.coord.server
         replies = list(replies)
+        identify = f"{MessageType.QUERY}.identify"
+        answers = [m for m in replies if m.metadata.message_type == identify]
+        replies = [m for m in replies if m.metadata.message_type != identify]
         decoded, rejected, failed, undecodable, timing = [], {}, 0, 0, []
         for msg in replies:
             if msg.has_error():
@@ -242,6 +248,9 @@ class SparseAggregation(Strategy):
                 "rejected_extra": undecodable, "client_timing": timing}
         if self.on_round is not None:
             self.on_round(server_round, info)
+        if self._ahead:  # after the step: claims checked as round t+1's start would check them
+            self._ahead = set()
+            self._bind(answers, server_round + 1)
         metrics = MetricRecord({"sent": int(outcome.sent), "uplink-bytes": int(outcome.uplink_raw),
                                 "accepted": len(outcome.accepted),
                                 "rejected": len(outcome.rejected)})
@@ -384,8 +393,34 @@ class SparseAggregation(Strategy):
         (strategies/devices.py). The replica a bound node says it holds is
         checked against the digest table (broadcast.Downlink.claim): it
         decides what the node is sent."""
+        self._bind(self._query(grid, "identify", {n: RecordDict({}) for n in nodes}), t)
+
+    def _identify_ahead(self, online: list, t: int) -> list:
+        """``query.identify`` messages for the unbound nodes that the
+        directory (``node_hint``) names for round t's sampled partitions,
+        sent with round t-1's train messages: their answers come back with
+        that round's replies and are bound after its step
+        (:meth:`aggregate_train`), so a sampled round waits for no identify
+        round trip of its own (#34). Only under sampling with a directory,
+        and not after the last round; a node that does not answer in time is
+        asked again at round t's start, as without this."""
+        sampling = self.participation is not None and not self.participation.full
+        if not sampling or not self.node_hint or (
+                self.last_round is not None and t > self.last_round):
+            return []
+        hint = self.node_hint() if callable(self.node_hint) else self.node_hint
+        placed = {self.node_worker[n] for n in online if n in self.node_worker}
+        need = set(self.participation.clients(t)) - placed
+        ahead = [n for n in online if n not in self.node_worker and hint.get(n) in need]
+        self._ahead = set(ahead)
+        return [Message(content=RecordDict({}), dst_node_id=n,
+                        message_type=f"{MessageType.QUERY}.identify", ttl=self.message_ttl_s)
+                for n in ahead]
+
+    def _bind(self, answers, t: int | None) -> None:
+        """Bind the nodes of these identify answers (see :meth:`_identify`)."""
         claims, devices, replicas = [], {}, {}
-        for msg in self._query(grid, "identify", {n: RecordDict({}) for n in nodes}):
+        for msg in answers:
             if not msg.has_error():
                 node = msg.metadata.src_node_id
                 try:

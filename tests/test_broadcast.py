@@ -624,3 +624,31 @@ def test_plain_sgd_steps_sparsely_on_the_cpu_and_replicas_follow_bitwise(monkeyp
         return server.params.clone()
 
     assert torch.equal(run(1000), run(1 << 30))
+
+
+def test_patch_bytes_from_the_counts_are_those_of_the_indices():
+    """patch_bytes counts entries from one histogram and finds the indices
+    only below the bitmap's size (#34): every base gives the bytes the
+    indices themselves give, on both sides of that size."""
+    from types import SimpleNamespace
+
+    from regtopk_fl.broadcast import Downlink, nbytes, patch_nbytes
+    from regtopk_fl.payload import coded_index_bytes, index_itemsize
+
+    dim, rounds = 4000, 12  # bitmap 500 bytes; ~308 entries changed in the last round
+    gen = torch.Generator().manual_seed(0)
+    dl = Downlink("gradient")
+    dl.changed = torch.randint(0, rounds + 1, (dim,), generator=gen, dtype=torch.int32)
+    dl.step = SimpleNamespace(round=rounds)
+    server = SimpleNamespace(dim=dim, params=torch.zeros(dim), buffers=torch.zeros(7))
+    args = (server.params.element_size(), nbytes(server.buffers))
+    counts = []
+    for base in range(rounds + 2):
+        idx = torch.nonzero(dl.changed > base).flatten()
+        n = idx.numel()
+        counts.append(n)
+        want = (patch_nbytes(n, n * index_itemsize(dim), *args),
+                patch_nbytes(n, coded_index_bytes(idx, dim), *args))
+        assert dl.patch_count(base) == n
+        assert dl.patch_bytes(base, server) == want, base
+    assert min(counts) == 0 and any(0 < n < 500 for n in counts) and max(counts) > 500

@@ -671,6 +671,31 @@ def test_simulation_state_dir_keeps_tensors_out_of_the_context(make_cfg, task_id
     assert names == sorted(f"run-77-partition-{i}{w}.pt" for i in range(3) for w in ("", "-replica"))
 
 
+def test_a_new_tensor_of_the_same_size_is_written_where_the_file_lies(tmp_path,
+                                                                     fresh_mappings):
+    """A replica that is not the mapping (a resync's model) goes into the
+    file of the same size in place: no new file whose pages fault in again
+    (#34); every process's mapping sees it; another size is a new file."""
+    sf = fresh_mappings
+    base = tmp_path / "run-1-partition-0-replica.pt"
+    sf.save(base, {"params": torch.zeros(1 << 16)}, {"round": 1})
+    raw = tmp_path / "run-1-partition-0-replica.pt.params.raw"
+    inode = os.stat(raw).st_ino
+    held = sf.load(base)["params"]
+    new = torch.arange(1 << 16, dtype=torch.float32)
+    sf.save(base, {"params": new}, {"round": 2})
+    assert os.stat(raw).st_ino == inode
+    assert torch.equal(held, new)  # this process's mapping: the file itself
+    sf._MAPPED.clear()  # another actor, which never mapped it
+    other = sf.load(base)
+    assert torch.equal(other["params"], new) and other["round"] == 2
+    assert other["params"].data_ptr() != held.data_ptr()
+    sf.save(base, {"params": torch.ones(1 << 17)}, {"round": 3})  # never resized in place
+    assert os.stat(raw).st_ino != inode
+    assert torch.equal(sf.load(base)["params"], torch.ones(1 << 17))
+    assert torch.equal(held, new)  # the old mapping was left as it was
+
+
 def test_inplace_state_files_update_where_they_lie(make_cfg, task_identity, tmp_path,
                                                     monkeypatch):
     """The launcher's simulation (runtime.state_inplace): the residual and the

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
 from regtopk_fl.settings import to_run_config
 
@@ -32,7 +32,8 @@ class _Federation:
     """N ClientApps (node id -> partition shuffled) and the strategy; counts
     every query it is asked to deliver."""
 
-    def __init__(self, make_cfg, n=N, m=M, hint=True, expect=None, extra=(), state_dirs=None):
+    def __init__(self, make_cfg, n=N, m=M, hint=True, expect=None, extra=(), state_dirs=None,
+                 last_round=None):
         from regtopk_fl.fedround import Coordinator, FedServer
         from regtopk_fl.participation import from_cfg
         from regtopk_fl.runner import build
@@ -55,8 +56,12 @@ class _Federation:
                                           participation=from_cfg(cfg, task.num_examples()),
                                           expect_device=expect,
                                           device_setting="runtime.client_gpus=0.0",
-                                          node_hint=self.table if hint else None)
-        self.rows, self.asked, self.trained = [], [], []
+                                          node_hint=self.table if hint else None,
+                                          last_round=last_round)
+        # asked: (kind, node) of every query; ahead: the identify queries that
+        # went out with a round's train messages; lost: nodes whose answer to
+        # those never comes back
+        self.rows, self.asked, self.trained, self.ahead, self.lost = [], [], [], [], set()
         self.strategy.on_round = lambda _t, info: self.rows.append(info)
 
     def context(self, node, partition):
@@ -81,16 +86,37 @@ class _Federation:
         return out
 
     def round(self, t):
-        from clients.client_app import handle_train
+        """One round as Flower's loop runs it: configure_train's messages (the
+        train messages and the identify queries sent ahead) delivered, every
+        reply to aggregate_train; returns the train messages."""
+        from clients.client_app import handle_identify, handle_train
 
         msgs = self.strategy.configure_train(t, ArrayRecord(), ConfigRecord(), self)
-        self.trained.extend(m.metadata.dst_node_id for m in msgs)
-        replies = [handle_train(m, self.contexts[m.metadata.dst_node_id]) for m in msgs]
+        train = [m for m in msgs if m.metadata.message_type == MessageType.TRAIN]
+        ahead = [m for m in msgs if m.metadata.message_type == f"{MessageType.QUERY}.identify"]
+        assert len(train) + len(ahead) == len(msgs)
+        self.trained.extend(m.metadata.dst_node_id for m in train)
+        self.ahead.extend(m.metadata.dst_node_id for m in ahead)
+        self.asked.extend(("identify", m.metadata.dst_node_id) for m in ahead)
+        replies = [handle_train(m, self.contexts[m.metadata.dst_node_id]) for m in train]
+        replies += [handle_identify(m, self.contexts[m.metadata.dst_node_id]) for m in ahead
+                    if m.metadata.dst_node_id not in self.lost]
         self.strategy.aggregate_train(t, replies)
-        return msgs
+        return train
 
     def identified(self, kind="identify"):
         return [n for k, n in self.asked if k == kind]
+
+    def asked_at_start(self):
+        """The identify queries a round's start waited for (not sent ahead)."""
+        ahead = list(self.ahead)
+        out = []
+        for n in self.identified():
+            if n in ahead:
+                ahead.remove(n)
+            else:
+                out.append(n)
+        return out
 
 
 class _Fixed:
@@ -111,20 +137,54 @@ def test_round_1_identifies_the_sampled_nodes_only(make_cfg):
     the partition it claims and sent its train message."""
     from regtopk_fl.participation import sample_clients
 
-    fed = _Federation(make_cfg)
+    fed = _Federation(make_cfg, last_round=5)
     msgs = fed.round(1)
     chosen = set(sample_clients(N, M, 0, 1))
-    assert sorted(fed.table[n] for n in fed.identified()) == sorted(chosen)
-    assert len(fed.identified()) == M < N
+    assert sorted(fed.table[n] for n in fed.asked_at_start()) == sorted(chosen)
+    assert len(fed.asked_at_start()) == M < N
     assert {fed.strategy.node_worker[m.metadata.dst_node_id] for m in msgs} == chosen
-    for t in range(2, 6):  # later rounds: only the newly sampled are asked
-        before = len(fed.identified())
+    seen = set(chosen)
+    for t in range(2, 6):  # round t's new nodes were asked with round t-1's messages
+        new = set(sample_clients(N, M, 0, t)) - seen
+        assert sorted(fed.table[n] for n in fed.ahead[-len(new):] if new) == sorted(new)
+        seen |= new
         fed.round(t)
-        new = set(sample_clients(N, M, 0, t)) - {
-            fed.table[n] for n in fed.identified()[:before]}
-        assert len(fed.identified()) - before == len(new)
+    assert len(fed.asked_at_start()) == M  # only round 1's start waited for answers
+    assert len(fed.identified()) == len(seen) < N
     assert len(set(fed.identified())) == len(fed.identified())  # nobody asked twice
     assert all(fed.strategy.node_worker[n] == fed.table[n] for n in fed.identified())
+
+
+def test_the_next_rounds_nodes_are_asked_with_this_rounds_messages(make_cfg):
+    """Round t's train messages carry identify queries for round t+1's
+    unbound sampled nodes; their answers are bound after round t's step, so
+    round t+1 starts without an identify round trip of its own (#34). None
+    go out with the last round. A node whose answer does not come back is
+    asked at round t+1's start, as without the queries ahead; the model and
+    the bytes are those of a run that asks every node at its round's start
+    (no directory, batches of m)."""
+    from regtopk_fl.participation import sample_clients
+
+    fed = _Federation(make_cfg, last_round=4)
+    fed.round(1)
+    late = next(n for n in fed.table if fed.table[n] in set(sample_clients(N, M, 0, 3))
+                - set(sample_clients(N, M, 0, 1)) - set(sample_clients(N, M, 0, 2)))
+    fed.lost.add(late)  # its answer to the query ahead is lost
+    for t in (2, 3, 4):
+        start = len(fed.asked_at_start())
+        fed.round(t)
+        assert set(sample_clients(N, M, 0, t)) <= set(fed.strategy.node_worker.values())
+        assert fed.asked_at_start()[start:] == ([late] if t == 3 else [])
+    assert fed.ahead.count(late) == 1 and fed.strategy.node_worker[late] == fed.table[late]
+    assert not [m for m in fed.strategy.configure_train(5, ArrayRecord(), ConfigRecord(), fed)
+                if m.metadata.message_type != MessageType.TRAIN]  # after the last round
+    ref = _Federation(make_cfg, hint=False)
+    for t in (1, 2, 3, 4):
+        ref.round(t)
+    assert not ref.ahead
+    assert torch.equal(fed.server.params, ref.server.params)
+    assert [r["plan"].coded for r in fed.rows] == [r["plan"].coded for r in ref.rows]
+    assert [r["replies"] for r in fed.rows] == [M] * 4  # answers ahead are not train replies
 
 
 def test_without_the_table_nodes_are_found_in_batches_of_the_rounds_size(make_cfg):
@@ -168,7 +228,7 @@ def test_a_node_is_bound_at_first_contact_and_a_squatter_is_refused(make_cfg, ca
     and counted (trust on first use), never sent the model, and the rightful
     node keeps its partition; a sampled partition whose node lied is still
     trained by its holder."""
-    fed = _Federation(make_cfg)
+    fed = _Federation(make_cfg, last_round=2)  # round 2 asks nobody ahead
     fed.round(1)
     bound = dict(fed.strategy.node_worker)
     victim_node, victim = next(iter(bound.items()))
@@ -224,7 +284,9 @@ def test_one_info_line_per_round_and_the_detail_at_debug(make_cfg, caplog):
     info = [r.getMessage() for r in caplog.records
             if r.levelno == logging.INFO and "new node" in r.getMessage()]
     assert info[0] == f"round 1: {M} new nodes patched from model_0"
-    assert len(info) == 2 and info[1].startswith("round 2: ")
+    # one line per batch: round 1's start, and the answers sent ahead with
+    # round 1 (for round 2) and round 2 (for round 3)
+    assert [i.split(":")[0] for i in info] == ["round 1", "round 2", "round 3"]
     detail = [r for r in caplog.records if "no replica: patched from model_0" in r.getMessage()]
     assert len(detail) == len(fed.identified()) and {r.levelno for r in detail} == {logging.DEBUG}
 

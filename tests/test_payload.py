@@ -240,3 +240,23 @@ def test_varint_decode_round_trips_every_length_and_refuses_bad_streams():
         _varint_decode(np.array([0x80] * 9 + [0x01], dtype=np.uint8))
     assert np.array_equal(_varint_decode(np.array([0x80] * 8 + [0x01], dtype=np.uint8)),
                           [1 << 56])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_the_mask_check_where_the_sum_misleads(dtype):
+    from regtopk_fl.payload import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = {
+        "finite": torch.tensor([1.0, -2.0, 3.0]),
+        "empty": torch.zeros(0),
+        "overflowing sum of finite entries": torch.tensor([big, big, -1.0]),
+        "nan": torch.tensor([1.0, float("nan"), 2.0]),
+        "inf": torch.tensor([0.0, float("inf")]),
+        "cancelling infs": torch.tensor([float("inf"), float("-inf")]),
+        "a lone -inf in many": torch.cat([torch.randn(100_000), torch.tensor([float("-inf")])]),
+    }
+    for name, t in cases.items():
+        t = t.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+    assert all_finite(torch.tensor([big, big], dtype=dtype))  # the sum overflows; the entries do not

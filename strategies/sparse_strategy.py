@@ -39,8 +39,12 @@ node is needed in round 1 and all are asked then; under sampling only the
 nodes of the round's sampled partitions, found through the Simulation
 Runtime's node table where there is one (``node_hint``), else in batches of
 the round's size. So a start at N = 10,000, m = 10 asks 10 nodes, not
-10,000. Each identify batch logs one INFO line ("round 3: 10 new nodes
-patched from model_0"), the per-node decisions go to DEBUG.
+10,000. With the table, the unbound nodes of round t+1's sampled
+partitions are asked along with round t's train messages and bound after
+its step, so a later round waits for no identify round trip (one that does
+not answer then is asked at round t+1's start). Each identify batch logs
+one INFO line ("round 3: 10 new nodes patched from model_0"), the per-node
+decisions go to DEBUG.
 """
 from __future__ import annotations
 

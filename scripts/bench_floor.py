@@ -215,6 +215,47 @@ def bench(args, tmp: Path) -> list:
     return rows
 
 
+def compute_ab(cfg, rounds: int, pairs: int) -> dict:
+    """``--compute``: the suite's ``task.gradients`` for each round's sampled
+    clients (its in-process loop: each client's model loaded, fresh ``.grad``
+    tensors, their concatenation) against the dense floor's whole round,
+    alternated ``pairs`` times in this process, each on its own task object
+    (the floor rebinds its model's parameters), rounds 1..``rounds`` each
+    time. Seconds per round: {"suite": [...], "floor": [...]}. Separates
+    what the code adds to the arithmetic from the machine's drift between
+    runs."""
+    import torch
+
+    from regtopk_fl import participation
+    from regtopk_fl.runner import build, torch_threads
+
+    suite_task, _ = build(cfg)
+    floor_task, _ = build(cfg)
+    sampler = participation.from_cfg(cfg, suite_task.num_examples())
+    params, bufs = suite_task.init_params(), suite_task.init_buffers()
+    out = {"suite": [], "floor": []}
+    with torch_threads(int(cfg.threads)):
+        floor = Floor(floor_task, sampler, float(cfg.lr), None)
+
+        def suite_rounds():
+            for t in range(1, rounds + 1):
+                clients = sampler.clients(t)
+                suite_task.gradients(params.unsqueeze(0).expand(len(clients), -1), bufs,
+                                     clients, t, 0)
+
+        def floor_rounds():
+            for t in range(1, rounds + 1):
+                floor.round(t)
+
+        suite_rounds(), floor_rounds()  # warm-up
+        for _ in range(pairs):
+            for name, fn in (("suite", suite_rounds), ("floor", floor_rounds)):
+                t0 = time.perf_counter()
+                fn()
+                out[name].append((time.perf_counter() - t0) / rounds)
+    return out
+
+
 def report(rows, args, argv_text: str) -> list:
     import torch
 
@@ -261,6 +302,9 @@ def main(argv=None) -> int:
                     help="a Hydra override for every case, floors included (e.g. "
                          "task.subset_per_class=10 num_workers=10 for a smoke test)")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
+    ap.add_argument("--compute", type=int, default=0, metavar="PAIRS",
+                    help="instead: the suite's task.gradients against the dense floor, "
+                         "PAIRS alternations in this process (compute_ab)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat}: must be >= 1")
@@ -268,6 +312,20 @@ def main(argv=None) -> int:
         ap.error(f"--rounds={args.rounds}: must be >= 4 (s/round is taken over rounds 3..)")
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    if args.compute:
+        cfg = _cfg(workload(args.rounds, args.data, args.cache, args.threads) + args.set
+                   + ["runtime=inprocess", "sparsifier=dense"])
+        res = compute_ab(cfg, args.rounds, args.compute)
+        ratios = [a / b for a, b in zip(res["suite"], res["floor"])]
+        emit([f"# The suite's gradients against the dense floor (`python scripts/bench_floor.py"
+              f"{argv_text}`)", "", f"Machine: {os.cpu_count()} CPU cores ({cpu_name()}), "
+              f"{time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads; {args.compute} "
+              f"alternations of {args.rounds} rounds each, one process.", "",
+              "| | s/round: median | min-max |", "| --- | ---: | ---: |",
+              "| suite `task.gradients` | %s | %s |" % spread(res["suite"], "{:.3f}"),
+              "| floor's round | %s | %s |" % spread(res["floor"], "{:.3f}"),
+              "| suite ÷ floor, pairwise | %s | %s |" % spread(ratios, "{:.3f}", "x")], args.out)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench(args, Path(tmp))
     emit(report(rows, args, argv_text), args.out)

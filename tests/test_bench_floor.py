@@ -85,3 +85,13 @@ def test_report_ratios_are_pairwise_to_the_right_floor(floor):
 def test_median_step_skips_the_first_two_rounds(floor):
     wall = [10.0, 11.0, 12.0, 12.5, 13.0, 13.5]  # steps 1, 1, 0.5, 0.5, 0.5
     assert floor.median_step(wall) == 0.5
+
+
+def test_compute_mode_times_both_sides_on_separate_tasks(floor):
+    """--compute alternates the suite's gradients and the floor's round (each
+    on its own task object): one timing per pair and side."""
+    cfg = compose_cfg(TINY + ["sparsifier=dense"])
+    res = floor.compute_ab(cfg, rounds=2, pairs=3)
+    assert set(res) == {"suite", "floor"}
+    assert len(res["suite"]) == len(res["floor"]) == 3
+    assert all(v > 0 for v in res["suite"] + res["floor"])

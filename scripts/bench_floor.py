@@ -36,7 +36,8 @@ The suite runs through ``regtopk_fl.runner.run_experiment`` in this
 process, exactly as ``regtopk-fl`` with the same overrides would
 (``runtime=inprocess|flower``, ``sparsifier=dense|topk|regtopk``,
 ``sparsifier.sparsity=0.001``, RegTop-k's mu = 5). Every case runs
-``--repeat`` times, interleaved (all cases once, then again), and the table
+``--repeat`` times, interleaved (all cases once, then again in reverse order:
+ABBA, so that a drift of the machine over a repetition favours no case), and the table
 gives the median and spread (min-max) of s/round and of the ratio to the
 floor taken pairwise within a repetition. pfl-research and BlazeFL are not
 run here (this machine has no internet to install them); the issue's
@@ -201,8 +202,11 @@ def floor_of(name: str) -> str:
 def bench(args, tmp: Path) -> list:
     base = workload(args.rounds, args.data, args.cache, args.threads) + args.set
     rows = []
+    order = cases(args.methods, args.runtimes)
     for rep in range(args.repeat):
-        for name, kind, ov in cases(args.methods, args.runtimes):
+        # odd repetitions in reverse (ABBA): a drift of the machine over a
+        # repetition favours no case, so the pairwise ratios' median cancels it
+        for name, kind, ov in (order if rep % 2 == 0 else order[::-1]):
             cfg = _cfg(base + (ov if kind == "suite" else method_overrides(kind)))
             t0 = time.perf_counter()
             if kind == "suite":
@@ -270,7 +274,8 @@ def report(rows, args, argv_text: str) -> list:
              f"ResNet-18 (CIFAR stem, width 16) on CIFAR-10, N = 100 x 50 images (iid), m = 10 "
              f"per round, batch 20, lr 0.01, {args.threads} threads, {args.rounds} rounds; "
              f"S = {SPARSITY} for topk and regtopk (mu = 5). {len(reps)} repetition(s), "
-             "interleaved; s/round = median over rounds 3.. of one run; the table: the median "
+             "interleaved (odd repetitions in reverse order); s/round = median over rounds 3.. of "
+             "one run; the table: the median "
              "over the runs and their min-max; the ratio is taken within a repetition."
              + (f" Overrides added to every case: `{' '.join(args.set)}`." if args.set else ""),
              "",

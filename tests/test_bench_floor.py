@@ -95,3 +95,21 @@ def test_compute_mode_times_both_sides_on_separate_tasks(floor):
     assert set(res) == {"suite", "floor"}
     assert len(res["suite"]) == len(res["floor"]) == 3
     assert all(v > 0 for v in res["suite"] + res["floor"])
+
+
+def test_odd_repetitions_run_the_cases_in_reverse(floor, monkeypatch, tmp_path):
+    """ABBA: a machine that slows down over a repetition favours no case."""
+    import argparse
+
+    seen = []
+    monkeypatch.setattr(floor, "_cfg", lambda ov: ov)
+    monkeypatch.setattr(floor, "run_floor", lambda cfg, rounds, topk: (
+        seen.append("floor topk" if topk else "floor dense"), [0.0, 1, 2, 3, 4])[1])
+    monkeypatch.setattr(floor, "run_suite", lambda cfg, d: (
+        seen.append(next(o for o in cfg if o.startswith("runtime="))), [0.0, 1, 2, 3, 4])[1])
+    args = argparse.Namespace(rounds=4, data="d", cache="c", threads=1, set=[], repeat=3,
+                              methods=["dense"], runtimes=["inprocess", "flower"])
+    rows = floor.bench(args, tmp_path)
+    one = ["floor dense", "runtime=inprocess", "runtime=flower"]
+    assert seen == one + one[::-1] + one
+    assert [r["rep"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3

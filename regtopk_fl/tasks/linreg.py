@@ -126,7 +126,7 @@ def _build(n, j, samples_per_worker, mean, sigma2, h2, noise_var, size_ratio, in
     Step 2 is one generator's stream and stays sequential; step 3 for worker
     k runs on a second thread while worker k+1 is drawn (the same operations
     on the same tensors with the caller's thread count, so the same bits as
-    one thread doing both: ``tests/test_linreg.py``). At N = 10,000 the draw
+    one thread doing both: ``tests/test_linreg_cache.py``). At N = 10,000 the draw
     is most of a cold Flower start (issue #34)."""
     gen = torch.Generator().manual_seed(seed)
     total = n * samples_per_worker

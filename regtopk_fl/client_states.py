@@ -12,7 +12,8 @@ result equals the [N, J] memory's row for row.
 
 Memory bound: about ``(J + 3k) * itemsize`` bytes per client that has taken
 part (residual + last mask, values and feedback), plus the task's own
-per-client data, which the store does not hold.
+per-client data, which the store does not hold, plus the [m, J] batch a round
+builds, of which the store keeps at most two to reuse (reuse.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from .compress.base import SparsifierError
 from .memory import ErrorFeedbackMemory, restore_rows
+from .reuse import BufferPool
 
 _ROW_KEYS = ("eps", "prev_local", "prev_sent", "fb_g")  # split per client
 _SCALAR_KEYS = ("prev_counts", "fb_w")  # one entry per client
@@ -32,6 +34,7 @@ class ClientStates:
         self.dim, self.dtype, self.device = int(dim), dtype, device
         self.states: dict = {}  # worker -> {key: tensor}, as one row of memory.state_dict()
         self.last_round: dict = {}  # worker -> round of the upload its state holds
+        self.pool = BufferPool(2)  # the rounds' [R, J] batches (memory.py's zero residual)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -57,14 +60,19 @@ class ClientStates:
         workers = list(workers)
         feedbacks = [None] * len(workers) if feedbacks is None else list(feedbacks)
         if not any(n in self.states for n in workers):
-            return ErrorFeedbackMemory(len(workers), self.dim, self.dtype, self.device)
+            return ErrorFeedbackMemory(len(workers), self.dim, self.dtype, self.device,
+                                       pool=self.pool)
         rows = [self._with_feedback(self.states[n], fb) if n in self.states else None
                 for n, fb in zip(workers, feedbacks)]
-        eps = torch.zeros(len(workers), self.dim, dtype=self.dtype, device=self.device)
+        eps = None  # every residual zero (after dense uploads): the memory's lazy zero
         for i, r in enumerate(rows):
             if r is not None and r["eps"] is not None:  # None: a zero residual
+                if eps is None:
+                    eps = torch.zeros(len(workers), self.dim, dtype=self.dtype,
+                                      device=self.device)
                 eps[i] = r["eps"][0]
-        mem = ErrorFeedbackMemory(len(workers), self.dim, self.dtype, self.device, eps=eps)
+        mem = ErrorFeedbackMemory(len(workers), self.dim, self.dtype, self.device, eps=eps,
+                                  pool=self.pool)
         if not context:
             return mem
         empty = ErrorFeedbackMemory(1, self.dim, self.dtype, self.device).state_dict()

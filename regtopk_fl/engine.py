@@ -15,6 +15,7 @@ from . import faults, hostile
 from .client_states import ClientStates
 from .fedround import Coordinator, FedServer, worker_round
 from .memory import ErrorFeedbackMemory, restore_rows
+from .reuse import BufferPool
 
 
 def corrupt(reply):
@@ -39,7 +40,8 @@ class InProcessRun:
             params, None if buffers is None else buffers.to(device), lr, momentum, weight_decay),
             broadcast)
         self.coord.start(range(task.num_workers))
-        self.memory = ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype, device)
+        self.memory = ErrorFeedbackMemory(task.num_workers, task.dim, task.dtype, device,
+                                          pool=BufferPool(2))
         self.sizes = task.num_examples()
         # client sampling (#12): per-client states of the sampled clients only
         self.participation = participation

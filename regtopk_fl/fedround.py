@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -17,22 +16,9 @@ from .broadcast import FEEDBACK_META, Downlink, Plan
 from .memory import ErrorFeedbackMemory, restore_rows
 from .optim import ServerSGD  # noqa: F401  (re-exported: the server optimizer)
 from .payload import Upload, all_finite, coded_index_bytes_rows, index_itemsize, validate_upload
+from .reuse import BufferPool
 
 log = logging.getLogger(__name__)
-POOL_MIN = 1 << 16  # a g of at least this many entries on the CPU comes from FedServer's pool
-
-
-def _lone_refs() -> int:
-    """What ``sys.getrefcount`` says, in :meth:`FedServer._zero_g`'s loop, of
-    a tensor that only the pool holds: measured once, so that no Python
-    version's way of counting (3.14 counts fewer borrowed references) can
-    make a held buffer look free."""
-    pool = [torch.empty(0)]
-    for buf in pool:
-        return sys.getrefcount(buf)
-
-
-LONE_REFS = _lone_refs()
 
 
 # -- what the server sends back about a worker's last upload -----------------
@@ -140,7 +126,7 @@ class FedServer:
         self.opt = ServerSGD(self.params, lr, momentum, weight_decay)
         self.trust = None  # a trust.Guard: counts, budget, norms, weights (#11, #17)
         self.aggregate = Mean()  # the rule of step 4 (conf/aggregate/, #17)
-        self._g_pool: list = []  # the rounds' g buffers, reused once nothing holds them
+        self._g_pool = BufferPool(2)  # the rounds' g buffers, reused once nothing holds them
 
     @property
     def dim(self) -> int:
@@ -148,26 +134,11 @@ class FedServer:
 
     def _zero_g(self) -> torch.Tensor:
         """A zero g for this round. Each round's g is its own tensor (the
-        broadcast step and the round's outcome keep it), but a fresh J-sized
-        CPU tensor costs page faults and zeroing: 12.7 ms for ResNet-18's 45 MB
-        on this suite's CPU, against 1.0 ms to zero one already mapped
-        (scripts/bench_server_parts.py). So a large g on the CPU comes from a
-        pool of two, and a buffer is reused
-        only when nothing but the pool holds it (no Python reference to it
-        and no view of its storage): the last round's step still holds its
-        own g, the one before is free by now."""
-        if self.params.device.type != "cpu" or self.dim < POOL_MIN:
-            return torch.zeros_like(self.params)
-        for buf in self._g_pool:
-            # no reference but the pool's (LONE_REFS); the storage's own and
-            # the one this check takes
-            if sys.getrefcount(buf) == LONE_REFS and \
-                    torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
-                return buf.zero_()
-        buf = torch.zeros_like(self.params)
-        if len(self._g_pool) < 2:
-            self._g_pool.append(buf)
-        return buf
+        broadcast step and the round's outcome keep it); a large one on the
+        CPU comes from a pool of two (reuse.py: no page faults), the last
+        round's step still holding its own g, the one before free by now."""
+        return self._g_pool.take(self.params.shape, self.params.dtype,
+                                 self.params.device).zero_()
 
     def check(self, reply: Reply):
         up = reply.upload

@@ -22,6 +22,15 @@ copy of ``a`` (the upload's values, which the memory also keeps as
 ``prev_sent``, not a second copy) and one zeroing pass; its J-sized indices
 (``prev_local``) and unknown feedback (``fb_g``, all NaN) are only
 materialized if something reads them.
+
+A zero residual is not stored either: a new memory, and one whose last commit
+sent every entry, holds ``eps`` as "all zero" until something reads it. Then
+``accumulate`` (all rows) writes ``eps = a = g + 0.0`` into new memory, one
+pass, bitwise ``0 + g`` (adding zero turns -0.0 into +0.0 in both), and a
+dense commit of that ``a`` sends it without a copy and leaves the residual
+zero again without a zeroing pass. A dense round's worker step is then the
+finiteness check and that one add, where it was those two, a copy and a
+zeroing pass (and under client sampling a zeroed batch first: issue #34).
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import torch
 
 from .compress.base import Selection, SparsifierError, row_of_entry
 from .payload import all_finite
+from .reuse import BufferPool
 
 
 @dataclass
@@ -47,14 +57,21 @@ class SelectContext:
 
 
 class ErrorFeedbackMemory:
-    def __init__(self, num_rows: int, dim: int, dtype=torch.float32, device="cpu", eps=None):
-        """``eps``: an existing [num_rows, dim] residual to adopt (no zeroed copy)."""
+    def __init__(self, num_rows: int, dim: int, dtype=torch.float32, device="cpu", eps=None,
+                 pool: BufferPool | None = None):
+        """``eps``: an existing [num_rows, dim] residual to adopt (no zeroed copy).
+        ``pool``: where ``accumulate`` takes the new ``a`` of a zero residual
+        (reuse.py; one shared by the rounds' memories spares each its page
+        faults), else a new tensor."""
         self.num_rows, self.dim = int(num_rows), int(dim)
         if eps is not None and tuple(eps.shape) != (self.num_rows, self.dim):
             raise SparsifierError(f"eps.shape={tuple(eps.shape)}: expected "
                                   f"({self.num_rows}, {self.dim})")
-        self.eps = eps if eps is not None else torch.zeros(self.num_rows, self.dim, dtype=dtype,
-                                                           device=device)
+        self.dtype, self.device = dtype if eps is None else eps.dtype, (
+            torch.device(device) if eps is None else eps.device)
+        self._eps = eps  # None: all zero, not allocated (see the module docstring)
+        self._from_zero = None  # the eps that accumulate made from a zero residual
+        self.pool = pool
         z = torch.zeros(0, dtype=dtype, device=device)
         self.prev_local = torch.zeros(0, dtype=torch.int64, device=device)
         self.prev_counts = torch.zeros(self.num_rows, dtype=torch.int64, device=device)
@@ -62,11 +79,21 @@ class ErrorFeedbackMemory:
         self.fb_w = torch.zeros(self.num_rows, dtype=dtype, device=device)
         self._flat = None  # cached (flat index, row) of prev_local
 
-    # -- lazily materialized after a dense upload -----------------------------
+    # -- lazily materialized: a zero residual, and after a dense upload ---------
+    @property
+    def eps(self) -> torch.Tensor:
+        if self._eps is None:  # a zero residual, allocated once something reads it
+            self._eps = torch.zeros(self.num_rows, self.dim, dtype=self.dtype, device=self.device)
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._eps, self._from_zero = value, None
+
     @property
     def prev_local(self) -> torch.Tensor:
         if self._prev_local is None:  # the last upload was dense: every entry
-            self._prev_local = torch.arange(self.dim, device=self.eps.device).repeat(self.num_rows)
+            self._prev_local = torch.arange(self.dim, device=self.device).repeat(self.num_rows)
         return self._prev_local
 
     @prev_local.setter
@@ -91,16 +118,22 @@ class ErrorFeedbackMemory:
         if grad.dim() != 2 or tuple(grad.shape) != (n, self.dim):
             raise SparsifierError(
                 f"grad.shape={tuple(grad.shape)}: expected ({n}, {self.dim})")
-        if grad.dtype != self.eps.dtype:
-            raise SparsifierError(f"grad.dtype={grad.dtype}: expected {self.eps.dtype}")
+        if grad.dtype != self.dtype:
+            raise SparsifierError(f"grad.dtype={grad.dtype}: expected {self.dtype}")
         if not all_finite(grad):
             raise SparsifierError("grad: contains NaN or Inf entries")
         if rows is None:
-            return self.eps.add_(grad)
+            if self._eps is None:  # 0 + g, bitwise, in new memory (no zeros to read)
+                a = (self.pool.take((n, self.dim), self.dtype, self.device) if self.pool
+                     else torch.empty(n, self.dim, dtype=self.dtype, device=self.device))
+                self._eps = self._from_zero = torch.add(grad, 0.0, out=a)
+                return a
+            self._from_zero = None
+            return self._eps.add_(grad)
         return self.eps[list(rows)].add_(grad)
 
     def context(self, weights, rows=None, worker_ids=None, round: int = 0) -> SelectContext:
-        weights = torch.as_tensor(weights, dtype=self.eps.dtype, device=self.eps.device)
+        weights = torch.as_tensor(weights, dtype=self.dtype, device=self.device)
         rows_l = list(range(self.num_rows)) if rows is None else list(rows)
         if rows is None:
             sent, fb_g = self.prev_sent, self.fb_g
@@ -141,9 +174,16 @@ class ErrorFeedbackMemory:
     def _commit_dense(self, a: torch.Tensor, sel: Selection, rows=None):
         """Every entry is sent: one copy of ``a`` and one zeroing pass. The
         copy is both the upload and ``prev_sent`` (uploads are replaced, never
-        edited in place: the server and fault injection build new tensors)."""
-        values = a.reshape(-1).clone()
-        a.zero_()
+        edited in place: the server and fault injection build new tensors).
+        When ``a`` is the residual accumulate just made from a zero one
+        (nothing else holds it), ``a`` itself is sent and the residual is
+        zero again, unallocated: no copy, no zeroing."""
+        if rows is None and a is self._eps and a is self._from_zero:
+            values = a.reshape(-1)
+            self._eps = self._from_zero = None
+        else:
+            values = a.reshape(-1).clone()
+            a.zero_()
         if rows is None:
             self._prev_local, self.prev_counts = None, sel.counts.clone()
             self.prev_sent, self._fb_g, self._flat = values, None, None
@@ -157,12 +197,12 @@ class ErrorFeedbackMemory:
     def set_feedback(self, fb_values: torch.Tensor, weights, rows=None) -> None:
         """Server feedback for the rows' last upload: the global gradient on
         each sent entry (aligned with ``prev_local``) and the weight ``w_n``."""
-        weights = torch.as_tensor(weights, dtype=self.eps.dtype, device=self.eps.device)
+        weights = torch.as_tensor(weights, dtype=self.dtype, device=self.device)
         if rows is None:
             if fb_values.shape != self.prev_sent.shape:
                 raise SparsifierError(
                     f"feedback length={fb_values.numel()}: expected {self.prev_sent.numel()}")
-            self.fb_g = fb_values.to(self.eps.dtype).clone()
+            self.fb_g = fb_values.to(self.dtype).clone()
             self.fb_w.copy_(weights)
             return
         rows_l = list(rows)
@@ -170,7 +210,7 @@ class ErrorFeedbackMemory:
         if fb_values.shape != sent.shape:
             raise SparsifierError(
                 f"feedback length={fb_values.numel()}: expected {sent.numel()}")
-        self._scatter_rows(rows_l, local, counts, sent, fb_values.to(self.eps.dtype))
+        self._scatter_rows(rows_l, local, counts, sent, fb_values.to(self.dtype))
         self.fb_w[rows_l] = weights
 
     def feedback_from_global(self, g: torch.Tensor, weights, rows=None) -> None:
@@ -226,8 +266,8 @@ class ErrorFeedbackMemory:
         the sent values but no mask (``state_dict(lazy=True)`` after a dense
         upload) leaves the mask, and the feedback if absent, implicit."""
         for k, v in state.items():
-            ref = getattr(self, k)
-            t = torch.as_tensor(v).to(dtype=ref.dtype, device=ref.device)
+            dtype = torch.int64 if k in ("prev_local", "prev_counts") else self.dtype
+            t = torch.as_tensor(v).to(dtype=dtype, device=self.device)
             setattr(self, k, t.clone() if copy else t)
         if "prev_sent" in state and "prev_local" not in state:
             if self.prev_sent.numel() != self.num_rows * self.dim:
@@ -237,8 +277,9 @@ class ErrorFeedbackMemory:
             self._prev_local = None
             if "fb_g" not in state:
                 self._fb_g = None
-        self._flat = None
-        self.eps = self.eps.reshape(self.num_rows, self.dim)
+        self._flat = self._from_zero = None
+        if self._eps is not None:
+            self._eps = self._eps.reshape(self.num_rows, self.dim)
 
 
 def restore_rows(memory: ErrorFeedbackMemory, rows) -> None:

@@ -2,6 +2,7 @@
 
     python scripts/bench_floor.py [--repeat 5] [--rounds 30] [--methods dense topk regtopk] \
         [--runtimes inprocess flower] [--out results/bench_floor.md]
+    python scripts/bench_floor.py --paired [--rounds 60] [--methods ...]   # round by round
 
 The workload (the one pfl-research and BlazeFL were measured on, issue #34):
 ResNet-18 with the CIFAR stem at width 16 on CIFAR-10, N = 100 clients of
@@ -260,6 +261,69 @@ def compute_ab(cfg, rounds: int, pairs: int) -> dict:
     return out
 
 
+def paired(cfg, rounds: int, topk: bool) -> dict:
+    """``--paired``: the suite's in-process run (``run_experiment``, every
+    step of the runner's loop) and its floor, advanced alternately round by
+    round in this process: after the suite's round t, the floor's round t
+    runs inside it (``InProcessRun.round`` wrapped), timed on its own and
+    taken off the suite's round-to-round time. Adjacent rounds see the same
+    machine, so a drift over the run (the spread of whole runs: 0.40-0.53
+    s/round for the floor alone on one day) cancels in each pair. The floor
+    has its own task object (it rebinds its model's parameters). Returns
+    {"suite": [s per round], "floor": [...]} for rounds 1..``rounds``."""
+    from regtopk_fl import engine, participation
+    from regtopk_fl.runner import build, run_experiment, torch_threads
+
+    floor_task, sparsifier = build(cfg)
+    k = sparsifier.budget(floor_task.dim) if topk else None
+    sampler = participation.from_cfg(cfg, floor_task.num_examples())
+    floor_s: list = []
+    inner = engine.InProcessRun.round
+    with torch_threads(int(cfg.threads)):
+        floor = Floor(floor_task, sampler, float(cfg.lr), k)
+
+    def round_then_floor(self, t, observer=None):
+        out = inner(self, t, observer)
+        t0 = time.perf_counter()
+        floor.round(t)
+        floor_s.append(time.perf_counter() - t0)
+        return out
+
+    engine.InProcessRun.round = round_then_floor
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            wall = run_suite(cfg, Path(tmp) / "run")
+    finally:
+        engine.InProcessRun.round = inner
+    if len(wall) != rounds + 1 or len(floor_s) != rounds:  # row 0: the initial evaluation
+        raise RuntimeError(f"paired: {len(wall)} metrics rows and {len(floor_s)} floor "
+                           f"rounds for {rounds} rounds")
+    suite_s = [b - a - f for a, b, f in zip(wall, wall[1:], floor_s)]
+    return {"suite": suite_s, "floor": floor_s}
+
+
+def paired_report(results: dict, rounds: int, skip: int, threads: int, argv_text: str) -> list:
+    """The ``--paired`` table: per method, the suite's and the floor's
+    s/round (median over rounds ``skip + 1``..) and the per-round ratio's
+    median, quartiles and min-max."""
+    lines = [f"# The in-process round against its floor, round by round (`python "
+             f"scripts/bench_floor.py{argv_text}`)", "",
+             f"Machine: {os.cpu_count()} CPU cores ({cpu_name()}), "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {threads} threads; {rounds} rounds per "
+             f"method, each suite round followed by the floor's same round in one process; "
+             f"rounds {skip + 1}..{rounds} counted.", "",
+             "| case | suite s/round | floor s/round | suite ÷ floor per round: median | "
+             "quartiles | min-max |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for method, res in results.items():
+        su, fl = res["suite"][skip:], res["floor"][skip:]
+        ratios = sorted(a / b for a, b in zip(su, fl))
+        q = statistics.quantiles(ratios, n=4)
+        lines.append(f"| inprocess {method} | {statistics.median(su):.3f} | "
+                     f"{statistics.median(fl):.3f} | {statistics.median(ratios):.3f}x | "
+                     f"{q[0]:.3f}x-{q[2]:.3f}x | {ratios[0]:.3f}x-{ratios[-1]:.3f}x |")
+    return lines
+
+
 def report(rows, args, argv_text: str) -> list:
     import torch
 
@@ -310,6 +374,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compute", type=int, default=0, metavar="PAIRS",
                     help="instead: the suite's task.gradients against the dense floor, "
                          "PAIRS alternations in this process (compute_ab)")
+    ap.add_argument("--paired", action="store_true",
+                    help="instead: each method's in-process run and its floor alternated "
+                         "round by round in one process (paired)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat}: must be >= 1")
@@ -330,6 +397,12 @@ def main(argv=None) -> int:
               "| suite `task.gradients` | %s | %s |" % spread(res["suite"], "{:.3f}"),
               "| floor's round | %s | %s |" % spread(res["floor"], "{:.3f}"),
               "| suite ÷ floor, pairwise | %s | %s |" % spread(ratios, "{:.3f}", "x")], args.out)
+        return 0
+    if args.paired:
+        base = workload(args.rounds, args.data, args.cache, args.threads) + args.set
+        results = {m: paired(_cfg(base + ["runtime=inprocess"] + method_overrides(m)),
+                             args.rounds, topk=m != "dense") for m in args.methods}
+        emit(paired_report(results, args.rounds, 2, args.threads, argv_text), args.out)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench(args, Path(tmp))

@@ -84,6 +84,12 @@ CASES = {
                                       "participation.clients_per_round=4", "rounds=12",
                                       "sparsifier=dense", "faults.drop_prob=0.1",
                                       "faults.nan_prob=0.1", "threads=1"],
+    # dense with every worker each round, above 2^16 entries: the memory's zero
+    # residual unallocated and its batch from a pool (memory.py, reuse.py), NaN
+    # uploads put back into the residual
+    "tiny_image_wide_dense": ["task=tiny_image", "+task.width=96", "num_workers=4",
+                              "rounds=12", "sparsifier=dense", "faults.drop_prob=0.1",
+                              "faults.nan_prob=0.15", "threads=1"],
 }
 
 

@@ -113,3 +113,53 @@ def test_odd_repetitions_run_the_cases_in_reverse(floor, monkeypatch, tmp_path):
     one = ["floor dense", "runtime=inprocess", "runtime=flower"]
     assert seen == one + one[::-1] + one
     assert [r["rep"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_paired_rounds_alternate_and_leave_the_suites_run_as_it_was(floor, tmp_path,
+                                                                     monkeypatch):
+    """--paired: the floor's round t runs after the suite's round t, inside
+    the suite's run; each list has one entry per round, the floor's time is
+    taken off the suite's, and the suite's trained model is bitwise the one
+    of a run without the floor beside it."""
+    from regtopk_fl import engine
+
+    overrides = ["sparsifier=topk", "sparsifier.sparsity=0.05"]
+    order = []
+    inner, floor_round = engine.InProcessRun.round, floor.Floor.round
+
+    def suite_round(self, t, observer=None):
+        order.append(("suite", t))
+        return inner(self, t, observer)
+
+    def floor_rounds(self, t):
+        order.append(("floor", t))
+        return floor_round(self, t)
+
+    monkeypatch.setattr(engine.InProcessRun, "round", suite_round)
+    monkeypatch.setattr(floor.Floor, "round", floor_rounds)
+    kept = {}
+    real_run_suite = floor.run_suite
+
+    def run_suite(cfg, run_dir):
+        wall = real_run_suite(cfg, run_dir)
+        kept["params"] = torch.load(run_dir / "model.pt")["params"]
+        return wall
+
+    monkeypatch.setattr(floor, "run_suite", run_suite)
+    res = floor.paired(compose_cfg(TINY + overrides), 4, topk=True)
+    assert order == [(who, t) for t in range(1, 5) for who in ("suite", "floor")]
+    assert engine.InProcessRun.round is suite_round  # put back as it was found
+    assert len(res["suite"]) == len(res["floor"]) == 4
+    assert all(x > 0 for x in res["suite"] + res["floor"])
+    monkeypatch.undo()
+    assert torch.equal(kept["params"], _suite_params(tmp_path / "alone", overrides))
+
+
+def test_paired_report_takes_each_rounds_ratio(floor):
+    res = {"dense": {"suite": [9.0, 9.0, 1.1, 2.4, 3.0, 4.4, 5.0],
+                     "floor": [1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0]}}
+    text = "\n".join(floor.paired_report(res, 7, 2, 2, " --paired"))
+    row = [c.strip() for c in text.splitlines()[-1].strip("|").split("|")]
+    # rounds 3..7: ratios 1.1, 1.2, 1.0, 1.1, 1.0 -> median 1.1, min-max 1.0-1.2
+    assert row[0] == "inprocess dense" and row[1] == "3.000" and row[2] == "3.000"
+    assert row[3] == "1.100x" and row[5] == "1.000x-1.200x"

@@ -538,10 +538,10 @@ def test_the_server_reuses_a_g_buffer_only_once_nothing_holds_it(hold, monkeypat
     45 MB allocation a round), and a buffer is reused only when neither a
     step nor an outcome nor a view holds it: every round's g and step read
     back as they were, and the run is bitwise the one without the pool."""
-    from regtopk_fl import fedround
+    from regtopk_fl import reuse
 
     def run(pool_min):
-        monkeypatch.setattr(fedround, "POOL_MIN", pool_min)
+        monkeypatch.setattr(reuse, "POOL_MIN", pool_min)
         gen = torch.Generator().manual_seed(3)
         dim, n, k = 1 << 12, 4, 40
         coord = Coordinator(FedServer(torch.randn(dim, generator=gen), lr=0.1), "gradient")

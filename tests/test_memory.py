@@ -323,3 +323,78 @@ def test_a_lazy_state_after_a_dense_upload_round_trips_and_restores_alike():
     bad = dict(lazy, prev_sent=lazy["prev_sent"][:5])
     with pytest.raises(SparsifierError, match="without prev_local holds 5 sent values"):
         ErrorFeedbackMemory(1, 50).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("method", ["dense", "topk", "regtopk"])
+def test_a_zero_residual_left_unstored_changes_no_bit(method):
+    """A new memory, and one after a dense commit, keep a zero residual
+    unallocated (issue #34: a dense round's one pass over J instead of five).
+    Against the same memory made with an explicit zero residual: every
+    upload, residual and state is bitwise the same over rounds of dense or
+    sparse selections, signed zeros included (0 + -0.0 is +0.0 both ways),
+    with a rejected upload restored midway; a dense upload made from a zero
+    residual is the new ``a`` itself, not a copy, and leaves the residual
+    zero and unallocated."""
+    from regtopk_fl.compress import Dense
+    from regtopk_fl.memory import restore_rows
+
+    sp = Dense() if method == "dense" else SPARSIFIERS[method](sparsity=0.3)
+    gen = torch.Generator().manual_seed(5)
+    rows, dim = 3, 40
+    lazy = ErrorFeedbackMemory(rows, dim)
+    eager = ErrorFeedbackMemory(rows, dim, eps=torch.zeros(rows, dim))
+    assert lazy._eps is None and eager._eps is not None
+    for t in range(1, 6):
+        g = torch.randn(rows, dim, generator=gen)
+        g[:, :3] = torch.tensor([-0.0, 0.0, -1e-42])
+        out = [sparsify(m, g.clone(), sp, [0.2, 0.3, 0.5], round=t) for m in (lazy, eager)]
+        for u, v in zip(*out):
+            assert torch.equal(u.values, v.values) and torch.equal(
+                torch.signbit(u.values), torch.signbit(v.values))
+            assert (u.indices is None) == (v.indices is None)
+            assert u.indices is None or torch.equal(u.indices, v.indices)
+        if method == "dense" and t <= 3:  # sent as made, the residual zero and unallocated
+            assert lazy._eps is None
+            assert out[0][0].values.untyped_storage().data_ptr() == \
+                out[0][1].values.untyped_storage().data_ptr()
+        eps = torch.zeros(rows, dim) if lazy._eps is None else lazy._eps  # read, not built
+        assert same(eps, eager.eps) and torch.equal(torch.signbit(eps), torch.signbit(eager.eps))
+        for key in KEYS[1:]:
+            assert same(getattr(lazy, key), getattr(eager, key)), (t, key)
+        if t == 3:  # the server refused row 1's upload: back into the residual
+            restore_rows(lazy, [1])
+            restore_rows(eager, [1])
+    # accumulate alone still leaves a = eps + g as the residual
+    m = ErrorFeedbackMemory(1, 4)
+    a = m.accumulate(T([1.0, -0.0, 2.0, 3.0]))
+    assert a is m.eps and torch.equal(m.eps, T([1.0, 0.0, 2.0, 3.0]))
+    assert not bool(torch.signbit(m.eps).any())
+
+
+def test_sampled_dense_rounds_reuse_one_batch_and_leave_no_residual():
+    """Under client sampling, a dense round's clients hold no residual, so
+    their batch memory starts unallocated and its [R, J] ``a`` comes from
+    ClientStates' pool: round after round the same buffer once nothing holds
+    the last round's uploads, and the stored states are markers (no eps)
+    plus a copy of what each client sent."""
+    from regtopk_fl.client_states import ClientStates
+    from regtopk_fl.compress import Dense
+
+    dim = 1 << 15  # x 3 rows: at least reuse.POOL_MIN entries
+    cs, gen, ptrs = ClientStates(dim), torch.Generator().manual_seed(2), []
+    for t in range(1, 5):
+        workers = [(t + i) % 5 for i in range(3)]
+        mem = cs.gather(workers, [None] * 3, context=False)
+        assert mem._eps is None
+        g = torch.randn(3, dim, generator=gen)
+        ups = sparsify(mem, g, Dense(), [1 / 3] * 3)
+        ptrs.append(ups[0].values.untyped_storage().data_ptr())
+        assert torch.equal(torch.cat([u.values for u in ups]), g.reshape(-1))
+        cs.scatter(workers, mem, t)
+        for n, u in zip(workers, ups):
+            st = cs.states[n]
+            assert st["eps"] is None and torch.equal(st["prev_sent"][0] if st["prev_sent"].dim() > 1
+                                                     else st["prev_sent"], u.values)
+            assert st["prev_sent"].untyped_storage().data_ptr() != ptrs[-1]  # a copy
+        del mem, ups, u  # nothing holds this round's batch now
+    assert len(set(ptrs)) == 1

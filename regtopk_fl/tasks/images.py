@@ -53,6 +53,7 @@ from torch.nn.utils import vector_to_parameters
 from .. import checks
 from ..device import resolve_device
 from ..paths import resolve_path
+from ..reuse import BufferPool
 from . import batched, graphed
 from . import data as D
 from .base import Task
@@ -198,6 +199,7 @@ class _ImageTask(Task):
         self.batched = batched_mode
         self._batched_fn = None
         self._graphed_fn = None
+        self._grads_pool = BufferPool(2)  # the loop's [R, J] gradients, round after round
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
@@ -260,7 +262,7 @@ class _ImageTask(Task):
                     pass
         if path == "vmap" and len({tuple(x.shape) for x, _ in batches}) == 1:  # else unequal
             return self._batched_gradients(params, buffers, batches)
-        grads = torch.empty(R, self.dim, dtype=self.dtype, device=self.device)
+        grads = self._grads_pool.take((R, self.dim), self.dtype, self.device)  # reuse.py
         bufs_out = (torch.empty(R, self.num_buffers, dtype=self.dtype, device=self.device)
                     if self.num_buffers else None)
         losses = []

@@ -2,8 +2,10 @@
 
 A fresh J-sized CPU tensor costs page faults on first touch: 12.7 ms for
 ResNet-18's 45 MB on this suite's CPU, against 1.0 ms to zero one already
-mapped (scripts/bench_server_parts.py); 5.5 ms for the [10, J] batch of the
-width-16 model in a sampled round (issue #34). A :class:`BufferPool` hands
+mapped (scripts/bench_server_parts.py). In issue #34's sampled round (the
+width-16 model, [10, J] batches) the memory's ``accumulate`` took 8.2 ms
+into a fresh batch and 2.6-3.3 ms into a pooled one (profiles of single
+runs, scripts/profile_round.py's clock). A :class:`BufferPool` hands
 out a buffer it made before when nothing but the pool holds it any more (no
 Python reference to it and no view of its storage), else a new one, keeping
 at most ``size`` of them. A round's buffer lives on in what the round

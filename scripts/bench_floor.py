@@ -174,12 +174,15 @@ def run_floor(cfg, rounds: int, topk: bool) -> list:
     return wall
 
 
-def run_suite(cfg, run_dir: Path) -> list:
+def run_suite(cfg, run_dir: Path, start: bool = False) -> list:
+    """metrics.csv's ``wall_s`` after each round 1..R, as :func:`run_floor`
+    returns them (``start``: with row 0's first, the initial evaluation)."""
     from regtopk_fl.runner import run_experiment
 
     run_experiment(cfg, run_dir)
     with open(run_dir / "metrics.csv") as fh:
-        return [float(r["wall_s"]) for r in csv.DictReader(fh)]
+        return [float(r["wall_s"]) for r in csv.DictReader(fh)
+                if start or int(r["round"]) >= 1]
 
 
 def cases(methods, runtimes) -> list:
@@ -292,7 +295,7 @@ def paired(cfg, rounds: int, topk: bool) -> dict:
     engine.InProcessRun.round = round_then_floor
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            wall = run_suite(cfg, Path(tmp) / "run")
+            wall = run_suite(cfg, Path(tmp) / "run", start=True)
     finally:
         engine.InProcessRun.round = inner
     if len(wall) != rounds + 1 or len(floor_s) != rounds:  # row 0: the initial evaluation

@@ -140,9 +140,10 @@ def test_paired_rounds_alternate_and_leave_the_suites_run_as_it_was(floor, tmp_p
     kept = {}
     real_run_suite = floor.run_suite
 
-    def run_suite(cfg, run_dir):
-        wall = real_run_suite(cfg, run_dir)
+    def run_suite(cfg, run_dir, **kw):
+        wall = real_run_suite(cfg, run_dir, **kw)
         kept["params"] = torch.load(run_dir / "model.pt")["params"]
+        kept["rounds"] = real_run_suite(cfg, run_dir)  # the finished run: read back alone
         return wall
 
     monkeypatch.setattr(floor, "run_suite", run_suite)
@@ -150,6 +151,9 @@ def test_paired_rounds_alternate_and_leave_the_suites_run_as_it_was(floor, tmp_p
     assert order == [(who, t) for t in range(1, 5) for who in ("suite", "floor")]
     assert engine.InProcessRun.round is suite_round  # put back as it was found
     assert len(res["suite"]) == len(res["floor"]) == 4
+    # run_suite's times are after rounds 1..4, as run_floor's (row 0, the
+    # initial evaluation, only with start=True), so both medians start at round 3
+    assert len(kept["rounds"]) == 4 and kept["rounds"] == sorted(kept["rounds"])
     assert all(x > 0 for x in res["suite"] + res["floor"])
     monkeypatch.undo()
     assert torch.equal(kept["params"], _suite_params(tmp_path / "alone", overrides))

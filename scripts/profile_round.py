@@ -9,7 +9,8 @@ includes the steps it calls, so the lines do not add up).
 ``--flower DATA``: the Flower server's side of a Fig. 3 round instead
 (runtime=flower, ResNet-18, N = 8, S = 0.001, Top-k, deterministic; DATA a
 CIFAR-10 archive, ``--device``, ``--width``, ``--rounds``, ``--method``;
-``--runtime inprocess`` runs the in-process twin, ``--keep DIR`` keeps the run): the median
+``--runtime inprocess`` runs the in-process twin, its workers' steps timed too,
+``--keep DIR`` keeps the run): the median
 milliseconds of each server step per call and how often it ran per round,
 the round's s/round, and the clients' phase medians (client_timing.csv;
 they run in other processes). ``send_and_receive`` is the server waiting for
@@ -62,6 +63,24 @@ STEPS = [
     *SERVER_STEPS,
     ("regtopk_fl.tasks.linreg", "LinRegTask.evaluate"),
     ("regtopk_fl.runner", "round_row"),
+    ("regtopk_fl.results", "RunRecorder.add"),
+]
+
+# the in-process twin of a Fig. 3 round (--flower DATA --runtime inprocess): the
+# workers' steps too, all in this process (the gradients' share is the model's
+# forward and backward passes; the rest is the protocol)
+INPROCESS_STEPS = [
+    ("regtopk_fl.engine", "InProcessRun.round"),
+    ("regtopk_fl.fedround", "Coordinator.plan"),
+    ("regtopk_fl.client_states", "ClientStates.gather"),
+    ("regtopk_fl.client_states", "ClientStates.scatter"),
+    ("regtopk_fl.fedround", "worker_round"),
+    ("regtopk_fl.tasks.images", "_ImageTask.gradients"),
+    ("regtopk_fl.tasks.images", "_ImageTask.batch"),
+    ("regtopk_fl.fedround", "sparsify"),
+    ("regtopk_fl.memory", "ErrorFeedbackMemory.accumulate"),
+    ("regtopk_fl.memory", "ErrorFeedbackMemory.commit"),
+    *SERVER_STEPS,
     ("regtopk_fl.results", "RunRecorder.add"),
 ]
 
@@ -132,7 +151,8 @@ def flower(args) -> int:
     a = SimpleNamespace(workers=args.workers, rounds=args.rounds, width=args.width,
                         data=args.flower, cache=args.cache, test_subset=200, device=args.device)
     cfg = gpu_bench.compose(gpu_bench.fig3(a, args.method, args.runtime) + list(args.override))
-    with tempfile.TemporaryDirectory() as tmp, clock(FLOWER_STEPS) as spent:
+    steps = INPROCESS_STEPS if args.runtime == "inprocess" else FLOWER_STEPS
+    with tempfile.TemporaryDirectory() as tmp, clock(steps) as spent:
         run_dir = Path(args.keep) if args.keep else Path(tmp) / "run"
         summary = run_experiment(cfg, run_dir)
         s_round = gpu_bench.per_round(run_dir)
@@ -142,7 +162,7 @@ def flower(args) -> int:
           "(median of rounds 2..R-1)")
     print("server steps: median ms per call x calls per round = ms per round (inclusive; the "
           "grid's calls include Flower's evaluate phase, which sends nothing):")
-    for _, path in FLOWER_STEPS:
+    for _, path in steps:
         calls = spent.calls.get(path, [])
         if calls:
             print(f"{1e3 * statistics.median(calls):9.2f} ms x {len(calls) / rounds:5.1f} = "

@@ -26,8 +26,14 @@ from .results import RunRecorder
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig):
-    """(task, sparsifier) from the settings: Hydra instantiates the ``_target_``s."""
+def build(cfg: DictConfig, background: bool = False):
+    """(task, sparsifier) from the settings: Hydra instantiates the ``_target_``s.
+    ``background``: a task that can (its constructor takes ``background``)
+    makes its data on a thread of its own while the run starts (issue #34)."""
+    import inspect
+
+    from hydra.utils import get_class
+
     from .paths import resolve_path
 
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
@@ -36,6 +42,8 @@ def build(cfg: DictConfig):
     for key in ("data_path", "cache_dir"):
         if task_cfg.get(key):
             task_cfg[key] = str(resolve_path(task_cfg[key]))
+    if background and "background" in inspect.signature(get_class(task_cfg["_target_"])).parameters:
+        task_cfg["background"] = True
     task = instantiate(task_cfg)
     task.upload = OmegaConf.select(cfg, "upload", default="model_change")  # after local steps
     sparsifier = instantiate(OmegaConf.to_container(cfg.sparsifier, resolve=True))
@@ -216,7 +224,7 @@ def _run_experiment(cfg: DictConfig, run_dir: Path, execute) -> dict:
     if run_dir_status(run_dir, fingerprint) == "finished":
         log.warning("%s already holds this finished run; nothing to do", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
-    task, sparsifier = build(cfg)
+    task, sparsifier = build(cfg, background=True)  # the runtime starts while data is drawn
     recorder = RunRecorder(run_dir, {**identity(cfg, sparsifier), "config_sha256": fingerprint},
                            sinks=trackers.build(cfg), settings=trackers.flat_settings(cfg))
     ckpt = Checkpointer(cfg, run_dir, fingerprint)

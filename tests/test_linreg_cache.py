@@ -107,3 +107,41 @@ def test_the_pipelined_draw_is_the_one_thread_draw_bitwise(threads):
     for key, want in ref.items():
         assert torch.equal(built[key], want), key
     assert built["gram"].shape == (n, j, j) and not torch.equal(built["gram"][0], built["gram"][1])
+
+
+def test_a_background_build_is_the_same_data_and_shares_before_it_is_read(tmp_path,
+                                                                          monkeypatch):
+    """background=True (the runner's, issue #34): the constructor returns
+    while the data is drawn on a thread; the data reads back bitwise as the
+    synchronous build's once first read; share() asked before the draw is
+    done returns at once and its file is written before the data can be
+    read; an error of the draw is raised where the data is first read."""
+    import threading
+
+    plain = LinRegTask(**KW)
+    go, real_build = threading.Event(), linreg._build
+
+    def held_build(*args):
+        assert go.wait(30), "the test never let the draw go"
+        return real_build(*args)
+
+    monkeypatch.setattr(linreg, "_build", held_build)
+    task = LinRegTask(**KW, background=True)  # returns although the draw waits
+    assert "_pending" in vars(task) and not task._pending.done()
+    assert task.share(tmp_path / "shared") == {"data_cache": str(tmp_path / "shared")}
+    assert not list((tmp_path / "shared").glob("*.pt"))  # not written yet: nothing drawn
+    go.set()
+    _same(plain, task)  # the first read waits for the data
+    assert "_pending" not in vars(task)
+    (f,) = (tmp_path / "shared").glob("linreg-N7-J5-*.pt")
+    assert torch.equal(torch.load(f, weights_only=True)["gram"], plain.gram)
+
+    def broken(*args):
+        raise MemoryError("no room for the Gram matrices")
+
+    monkeypatch.setattr(linreg, "_build", broken)
+    bad = LinRegTask(**{**KW, "seed": 9}, background=True)
+    with pytest.raises(MemoryError, match="no room"):
+        bad.num_examples()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        plain.no_such_thing

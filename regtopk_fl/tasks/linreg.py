@@ -20,7 +20,7 @@ import math
 import threading
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,26 +54,72 @@ class LinRegTask(Task):
     def __init__(self, num_workers: int = 20, dim: int = 100, samples_per_worker: int = 500,
                  mean: float = 0.0, sigma2: float = 5.0, h2: float = 1.0, noise_var: float = 0.5,
                  size_ratio: float = 1.0, init: str = "uniform", seed: int = 0,
-                 data_cache=None, **_):
+                 data_cache=None, background: bool = False, **_):
+        """``background``: draw (or read) the data on a thread of its own and
+        return at once; the data's attributes wait for it where they are
+        first read (the runner asks this: a Flower start goes on with its
+        imports, Ray and the actors meanwhile, issue #34)."""
         self.num_workers, self.dim, self.seed = int(num_workers), int(dim), int(seed)
         if init not in ("uniform", "zeros"):
             raise ValueError(f"task.init={init!r}: must be 'uniform' or 'zeros'")
         args = (self.num_workers, self.dim, int(samples_per_worker), float(mean), float(sigma2),
                 float(h2), float(noise_var), float(size_ratio), init, self.seed)
-        self._data_cache = data_cache or None
-        built = _load_cached(data_cache, args) if data_cache else None
+        self._data_cache, self._args = data_cache or None, args
+        self._lock = threading.Lock()
+        self._share_to: list | None = []  # folders to write before the data is done
+        threads = torch.get_num_threads()
+        if background:  # read through __getattr__ until it is done
+            self._pending = _BUILDER.submit(self._make, threads)
+        else:
+            self._pending = Future()
+            self._pending.set_result(self._make(threads))
+            self._finish()
+
+    def _make(self, threads: int) -> dict:
+        if torch.get_num_threads() != threads:  # the caller's count: the same kernels and bits
+            torch.set_num_threads(threads)
+        built = _load_cached(self._data_cache, self._args) if self._data_cache else None
         if built is None:
-            built = _build(*args)
-            if data_cache:
-                _save_cached(data_cache, args, built)
-        self._args, self._built = args, built  # for share(): the same tensors, no copy
-        sizes, self.truth, gram, z, yy, self.w_star, self._w0 = (built[k] for k in self._BUILT)
-        self.sizes = [int(s) for s in sizes]
-        self.gram, self.z, self.yy = gram, z, yy
-        self.inv_m = 1.0 / torch.tensor(self.sizes, dtype=torch.float64)
-        self._total = float(sum(self.sizes))
-        # the global objective sum_n (m_n / M) f_n = (w'Gw - 2 z'w + y'y) / M
-        self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
+            built = _build(*self._args)
+            if self._data_cache:
+                _save_cached(self._data_cache, self._args, built)
+        with self._lock:
+            folders, self._share_to = self._share_to, None
+        for folder in folders:  # share() asked before the data was there
+            _save_cached(folder, self._args, built)
+        return built
+
+    # what _make's data fills in (read through __getattr__ until then)
+    _LAZY = frozenset({"_built", "sizes", "truth", "gram", "z", "yy", "w_star", "_w0", "inv_m",
+                       "_total", "_g_sum", "_z_sum", "_yy_sum"})
+
+    def __getattr__(self, name):
+        # only called for attributes not set yet: the data's, until it is done
+        if name in LinRegTask._LAZY and "_pending" in self.__dict__:
+            self._finish()
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _finish(self) -> None:
+        """Wait for the data (its errors are raised here) and set the attributes."""
+        with self._lock:
+            pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        built = pending.result()
+        with self._lock:
+            if "_pending" not in self.__dict__:
+                return
+            self._built = built  # for share(): the same tensors, no copy
+            sizes, self.truth, gram, z, yy, self.w_star, self._w0 = (
+                built[k] for k in self._BUILT)
+            self.sizes = [int(s) for s in sizes]
+            self.gram, self.z, self.yy = gram, z, yy
+            self.inv_m = 1.0 / torch.tensor(self.sizes, dtype=torch.float64)
+            self._total = float(sum(self.sizes))
+            # the global objective sum_n (m_n / M) f_n = (w'Gw - 2 z'w + y'y) / M
+            self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
+            del self.__dict__["_pending"]
 
     def num_examples(self):
         return list(self.sizes)
@@ -82,9 +128,16 @@ class LinRegTask(Task):
         """The built data as a cache file in ``folder``: a Ray actor maps it
         instead of drawing N Gram matrices again (800 MB and seconds at
         N = 10,000, repeated by every actor). Nothing when the run keeps its
-        own ``data_cache``: the actors read that."""
+        own ``data_cache``: the actors read that. Asked while the data is
+        still being drawn, the file is written when it is done and before
+        anything in this process can read the data (the server reads it
+        before it sends the actors a message), so share() does not wait."""
         if self._data_cache:
             return {}
+        with self._lock:
+            if self._share_to is not None:
+                self._share_to.append(folder)
+                return {"data_cache": str(folder)}
         if not _cache_file(folder, self._args).exists():
             _save_cached(folder, self._args, self._built)
         return {"data_cache": str(folder)}
@@ -111,6 +164,10 @@ class LinRegTask(Task):
         quad = float(w @ (self._g_sum @ w)) - 2.0 * float(self._z_sum @ w) + self._yy_sum
         return {"loss": quad / self._total,
                 "gap": float(torch.linalg.vector_norm(w - self.w_star))}
+
+
+# the tasks' data, drawn one task at a time behind the process's back (LinRegTask._make)
+_BUILDER = ThreadPoolExecutor(1, thread_name_prefix="linreg-data")
 
 
 def _build(n, j, samples_per_worker, mean, sigma2, h2, noise_var, size_ratio, init, seed) -> dict:

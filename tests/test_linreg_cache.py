@@ -145,3 +145,17 @@ def test_a_background_build_is_the_same_data_and_shares_before_it_is_read(tmp_pa
         bad.num_examples()
     with pytest.raises(AttributeError, match="no_such_thing"):
         plain.no_such_thing
+
+
+def test_a_task_drawn_in_the_background_pickles_with_its_data(tmp_path):
+    """A task still drawing pickles once its data is there (the thread and
+    its lock stay behind), reads back bitwise and shares its data."""
+    import pickle
+
+    task = LinRegTask(**KW, background=True)
+    back = pickle.loads(pickle.dumps(task))
+    plain = LinRegTask(**KW)
+    _same(plain, back)
+    assert back.share(tmp_path) == {"data_cache": str(tmp_path)}
+    (f,) = tmp_path.glob("linreg-N7-J5-*.pt")
+    assert torch.equal(torch.load(f, weights_only=True)["gram"], plain.gram)

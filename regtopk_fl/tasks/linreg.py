@@ -121,6 +121,16 @@ class LinRegTask(Task):
             self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
             del self.__dict__["_pending"]
 
+    def __getstate__(self) -> dict:  # pickled with its data, not the thread making it
+        self._finish()
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def num_examples(self):
         return list(self.sizes)
 

@@ -81,7 +81,6 @@ import torch
 from omegaconf import OmegaConf
 
 from .aggregate.base import lower_median  # the reference norm (shared with centered clipping)
-from .reuse import BufferPool
 
 log = logging.getLogger(__name__)
 
@@ -127,39 +126,19 @@ def upload_norm(reply) -> float:
 STACK_MAX = 1 << 16  # longer rows are reduced one by one: stacking them is a copy of them all
 
 
-def l2_norms(tensors, pool: BufferPool | None = None) -> list:
+def l2_norms(tensors) -> list:
     """The float64 L2 norm of each tensor, as :func:`upload_norm` computes it:
     one reduction over the rows of a stacked [R, n] matrix when they are
     equally long (each row reduced on its own, in the same order as alone:
     bitwise the same floats, tested on every CPU kernel path torch has
     here) when they are equally long and short (below ``STACK_MAX``
-    entries), else one by one (a dense upload of J entries: no stacked copy).
-    One by one, each tensor is converted into one float64 scratch vector
-    (from ``pool`` when given: reuse.py) where ``.to(torch.float64)`` made a
-    new one each: the same conversion and the same contiguous reduction, so
-    the same floats, without a fresh J-sized allocation and its page faults
-    per upload (up to 17 ms a round of ten dense uploads, issue #34)."""
+    entries), else one by one (a dense upload of J entries: no stacked copy)."""
     if len(tensors) > 1 and len({t.numel() for t in tensors}) == 1 and \
             0 < tensors[0].numel() < STACK_MAX:
         rows = torch.stack(tensors).reshape(len(tensors), -1).to(torch.float64)
         return torch.linalg.vector_norm(rows, dim=1).tolist()
-    out, scratch = [], None
-    for t in tensors:
-        n = t.numel()
-        if n == 0:
-            out.append(0.0)
-            continue
-        if t.dtype == torch.float64:
-            out.append(float(torch.linalg.vector_norm(t)))
-            continue
-        if scratch is None or scratch.numel() < n or scratch.device != t.device:
-            longest = max(x.numel() for x in tensors)
-            scratch = (pool.take((longest,), torch.float64, t.device) if pool is not None
-                       else torch.empty(longest, dtype=torch.float64, device=t.device))
-        vec = scratch[:n]
-        vec.copy_(t.reshape(-1))
-        out.append(float(torch.linalg.vector_norm(vec)))
-    return out
+    return [float(torch.linalg.vector_norm(t.to(torch.float64))) if t.numel() else 0.0
+            for t in tensors]
 
 
 def upload_entries(reply) -> int:
@@ -212,7 +191,6 @@ class Guard:
         self.deferred: dict = {}  # worker -> norm allowance deferred by refused rounds
         self.comebacks: list = []
         self._round = (0.0, {})  # (this round's reference norm, {accepted worker: norm})
-        self._scratch = BufferPool(1)  # l2_norms' float64 vector
 
     # -- which replies to believe --------------------------------------------
     def screen(self, replies: list) -> tuple:
@@ -224,7 +202,7 @@ class Guard:
                 ok.append(r)
             else:
                 rejected[r.worker] = why
-        norms = l2_norms([r.upload.values for r in ok], self._scratch)  # upload_norm of each
+        norms = l2_norms([r.upload.values for r in ok])  # upload_norm of each
         if p.max_upload_norm is not None:  # the absolute cap, before the median
             over = [norm > p.max_upload_norm for norm in norms]
             for r, norm, o in zip(ok, norms, over):

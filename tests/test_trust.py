@@ -338,32 +338,3 @@ def test_refused_rounds_defer_their_allowance():
     again = Coordinator(_server(sizes=(10, 10, 10, 10)))  # and it is in the checkpoint
     again.load_state_dict(coord.state_dict())
     assert again.server.trust.deferred == {3: 50.0}
-
-
-@pytest.mark.parametrize("pooled", [False, True])
-def test_dense_upload_norms_through_one_scratch_vector_are_upload_norm_bitwise(pooled):
-    """l2_norms' one-by-one path converts each long upload into one reused
-    float64 vector (no fresh J-sized copy per upload, issue #34): the floats
-    equal upload_norm's ``.to(torch.float64)`` exactly, for float32 uploads
-    of mixed lengths around the kernels' block sizes, signed zeros,
-    subnormals and huge values, and a float64 one that is not converted;
-    repeated calls through one pool reuse its vector and agree."""
-    from regtopk_fl.reuse import BufferPool
-
-    gen = torch.Generator().manual_seed(11)
-    pool = BufferPool(1) if pooled else None
-    for trial in range(3):
-        lengths = [70_001, 65_536 + 17, 1 << 17, 3, 0, 100_003][trial:] + [200_000]
-        vals = []
-        for m in lengths:
-            v = torch.randn(m, generator=gen) * 10.0 ** float(torch.randint(-30, 30, (1,),
-                                                                             generator=gen))
-            if m > 4:
-                v[:4] = torch.tensor([0.0, -0.0, 1e-42, 3e38])
-            vals.append(v)
-        vals.append(torch.randn(90_000, generator=gen, dtype=torch.float64))
-        replies = [Reply(i, Upload(v, None, max(v.numel(), 1)), 10) for i, v in enumerate(vals)]
-        got = l2_norms([r.upload.values for r in replies], pool)
-        assert got == [upload_norm(r) for r in replies], trial
-    if pooled:  # the scratch vector came from the pool, sized for the longest upload
-        assert [(tuple(b.shape), b.dtype) for b in pool._bufs] == [((200_000,), torch.float64)]

@@ -20,7 +20,7 @@ import math
 import threading
 import warnings
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,9 +71,7 @@ class LinRegTask(Task):
         if background:  # read through __getattr__ until it is done
             self._pending = _BUILDER.submit(self._make, threads)
         else:
-            self._pending = Future()
-            self._pending.set_result(self._make(threads))
-            self._finish()
+            self._populate(self._make(threads))
 
     def _make(self, threads: int) -> dict:
         if torch.get_num_threads() != threads:  # the caller's count: the same kernels and bits
@@ -108,18 +106,19 @@ class LinRegTask(Task):
             return
         built = pending.result()
         with self._lock:
-            if "_pending" not in self.__dict__:
-                return
-            self._built = built  # for share(): the same tensors, no copy
-            sizes, self.truth, gram, z, yy, self.w_star, self._w0 = (
-                built[k] for k in self._BUILT)
-            self.sizes = [int(s) for s in sizes]
-            self.gram, self.z, self.yy = gram, z, yy
-            self.inv_m = 1.0 / torch.tensor(self.sizes, dtype=torch.float64)
-            self._total = float(sum(self.sizes))
-            # the global objective sum_n (m_n / M) f_n = (w'Gw - 2 z'w + y'y) / M
-            self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
-            del self.__dict__["_pending"]
+            if "_pending" in self.__dict__:
+                self._populate(built)
+                del self.__dict__["_pending"]
+
+    def _populate(self, built: dict) -> None:
+        self._built = built  # for share(): the same tensors, no copy
+        sizes, self.truth, gram, z, yy, self.w_star, self._w0 = (built[k] for k in self._BUILT)
+        self.sizes = [int(s) for s in sizes]
+        self.gram, self.z, self.yy = gram, z, yy
+        self.inv_m = 1.0 / torch.tensor(self.sizes, dtype=torch.float64)
+        self._total = float(sum(self.sizes))
+        # the global objective sum_n (m_n / M) f_n = (w'Gw - 2 z'w + y'y) / M
+        self._g_sum, self._z_sum, self._yy_sum = gram.sum(0), z.sum(0), float(yy.sum())
 
     def __getstate__(self) -> dict:  # pickled with its data, not the thread making it
         self._finish()
